@@ -1,0 +1,34 @@
+/**
+ * What the rest of the server knows about a backbone: its linear modules as
+ * PEFT and OpenDelta name them, and a fingerprint of that structure.
+ */
+export type Family = 'llama' | 'gpt2' | string;
+
+export interface LinearModule {
+  /** Module path as PEFT writes it: `model.layers.0.self_attn.q_proj`, `transformer.h.0.attn.c_attn`. */
+  name: string;
+  kind: 'linear';
+  inFeatures: number;
+  outFeatures: number;
+  /** Layer index parsed from the path (`layers.3`, `h.3`), for `layers_to_transform`. */
+  layer: number | null;
+  /** Name of the graph initializer holding this module's bias, if it has one. */
+  biasInitializer: string | null;
+}
+
+export interface BackboneInfo {
+  /** The backbone's own name; a request naming it runs without a delta. */
+  name: string;
+  family: Family;
+  /** sha256 over the module names and shapes: a delta records it when registered. */
+  fingerprint: string;
+  modules: LinearModule[];
+  /** Default target module suffixes per delta kind, like OpenDelta's default configurations. */
+  defaultTargets: Record<string, string[]>;
+  hiddenSize: number;
+  numLayers: number;
+  vocabSize: number;
+  maxPositions: number;
+  /** The backbone's bias values for a module (BitFit stores tuned biases; the delta is the difference). */
+  biasOf(module: string): Float32Array | null;
+}
