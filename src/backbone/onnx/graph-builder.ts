@@ -1,0 +1,125 @@
+/**
+ * Builds ONNX graphs with the node and value names torch.onnx gives them
+ * (`/transformer/h.0/attn/c_attn/Gemm`, output `..._output_0`), so graphs we
+ * generate look to the rest of the server exactly like an Optimum export.
+ */
+import {
+  attribute,
+  DataType,
+  encodeModel,
+  floatTensor,
+  int64Tensor,
+  onnx,
+  valueInfo,
+  type AttrValue,
+  type AttributeProto,
+  type GraphProto,
+  type ModelProto,
+  type NodeProto,
+  type TensorProto,
+  type ValueInfoProto,
+} from './proto.js';
+
+export const OPSET = 17;
+
+export class GraphBuilder {
+  readonly nodes: NodeProto[] = [];
+  readonly initializers: TensorProto[] = [];
+  readonly inputs: ValueInfoProto[] = [];
+  readonly outputs: ValueInfoProto[] = [];
+  private readonly scopes: string[] = [];
+  private readonly used = new Map<string, number>();
+  private constCount = 0;
+
+  /** Runs `fn` with node names under the absolute module scope `/a/b`, as torch scopes modules. */
+  scope<T>(path: string, fn: () => T): T {
+    this.scopes.push(path);
+    try {
+      return fn();
+    } finally {
+      this.scopes.pop();
+    }
+  }
+
+  input(name: string, elemType: number, dims: (number | string)[]): string {
+    this.inputs.push(valueInfo(name, elemType, dims));
+    return name;
+  }
+
+  output(name: string, elemType: number, dims: (number | string)[]): void {
+    this.outputs.push(valueInfo(name, elemType, dims));
+  }
+
+  initializer(t: TensorProto): string {
+    this.initializers.push(t);
+    return t.name!;
+  }
+
+  weight(name: string, data: Float32Array, dims: number[]): string {
+    return this.initializer(floatTensor(name, data, dims));
+  }
+
+  /** A small constant, named the way torch names them. */
+  ints(values: number[], dims: number[] = [values.length]): string {
+    return this.initializer(int64Tensor(`onnx::Const_${this.constCount++}`, values, dims));
+  }
+
+  floats(values: number[], dims: number[] = [values.length]): string {
+    return this.weight(`onnx::Const_${this.constCount++}`, Float32Array.from(values), dims);
+  }
+
+  scalar(value: number): string {
+    return this.floats([value], []);
+  }
+
+  private uniqueName(opType: string): string {
+    const base = `${this.scopes.at(-1) ?? ''}/${opType}`;
+    const n = this.used.get(base) ?? 0;
+    this.used.set(base, n + 1);
+    return n === 0 ? base : `${base}_${n}`;
+  }
+
+  /** Adds a node; returns its output names. */
+  nodeN(opType: string, inputs: string[], nOutputs: number, attrs: Record<string, AttrValue | AttributeProto> = {}): string[] {
+    const name = this.uniqueName(opType);
+    const outputs = Array.from({ length: nOutputs }, (_, i) => `${name}_output_${i}`);
+    const attribute_ = Object.entries(attrs).map(([k, v]) =>
+      typeof v === 'object' && v !== null && 'type' in v && 'name' in v ? (v as AttributeProto) : attribute(k, v as AttrValue),
+    );
+    this.nodes.push({ name, opType, input: inputs, output: outputs, attribute: attribute_ });
+    return outputs;
+  }
+
+  op(opType: string, inputs: string[], attrs: Record<string, AttrValue | AttributeProto> = {}): string {
+    return this.nodeN(opType, inputs, 1, attrs)[0];
+  }
+
+  /** Adds a node whose output has a fixed name (a graph output). */
+  opNamed(opType: string, inputs: string[], output: string, attrs: Record<string, AttrValue | AttributeProto> = {}): string {
+    const name = this.uniqueName(opType);
+    const attribute_ = Object.entries(attrs).map(([k, v]) =>
+      typeof v === 'object' && v !== null && 'type' in v && 'name' in v ? (v as AttributeProto) : attribute(k, v as AttrValue),
+    );
+    this.nodes.push({ name, opType, input: inputs, output: [output], attribute: attribute_ });
+    return output;
+  }
+
+  graph(name: string): GraphProto {
+    return { name, node: this.nodes, initializer: this.initializers, input: this.inputs, output: this.outputs };
+  }
+
+  model(name: string, producer = 'deltaserve'): ModelProto {
+    return onnx.ModelProto.create({
+      irVersion: 8,
+      producerName: producer,
+      opsetImport: [{ domain: '', version: OPSET }],
+      graph: this.graph(name),
+    });
+  }
+
+  encode(name: string): Uint8Array {
+    return encodeModel(this.model(name));
+  }
+}
+
+export { DataType };

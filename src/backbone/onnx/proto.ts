@@ -1,0 +1,150 @@
+/**
+ * Thin helpers over onnx-proto (protobufjs with ONNX's schema): reading and
+ * writing models, and moving tensor data between TensorProto and typed arrays.
+ */
+import { readFileSync } from 'node:fs';
+import { dirname, join, resolve, relative, isAbsolute } from 'node:path';
+import onnxProto from 'onnx-proto';
+
+export const onnx = onnxProto.onnx;
+export type ModelProto = onnxProto.onnx.ModelProto;
+export type GraphProto = onnxProto.onnx.IGraphProto;
+export type NodeProto = onnxProto.onnx.INodeProto;
+export type TensorProto = onnxProto.onnx.ITensorProto;
+export type ValueInfoProto = onnxProto.onnx.IValueInfoProto;
+export type AttributeProto = onnxProto.onnx.IAttributeProto;
+
+export const DataType = onnx.TensorProto.DataType;
+
+export type AttrValue = number | string | number[] | Float32Array | { floats: number[] } | TensorProto;
+
+export function decodeModel(bytes: Uint8Array): ModelProto {
+  return onnx.ModelProto.decode(bytes);
+}
+
+export function encodeModel(model: onnxProto.onnx.IModelProto): Uint8Array {
+  return onnx.ModelProto.encode(model).finish();
+}
+
+/**
+ * Reads a model and inlines tensors stored as external data, refusing paths
+ * that leave the model's folder (a crafted model must not read arbitrary files).
+ */
+export function readModel(path: string, { inlineExternal = true } = {}): ModelProto {
+  const model = decodeModel(readFileSync(path));
+  if (inlineExternal) inlineExternalData(model, dirname(resolve(path)));
+  return model;
+}
+
+function inlineExternalData(model: ModelProto, baseDir: string): void {
+  const files = new Map<string, Buffer>();
+  for (const t of model.graph?.initializer ?? []) {
+    if (t.dataLocation !== onnx.TensorProto.DataLocation.EXTERNAL) continue;
+    const kv = Object.fromEntries((t.externalData ?? []).map((e) => [e.key, e.value]));
+    const location = kv.location ?? '';
+    const file = resolve(baseDir, location);
+    const rel = relative(baseDir, file);
+    if (rel.startsWith('..') || isAbsolute(rel)) {
+      throw new Error(`tensor ${t.name} points at external data outside the model folder: ${location}`);
+    }
+    let buf = files.get(file);
+    if (!buf) {
+      buf = readFileSync(join(baseDir, rel));
+      files.set(file, buf);
+    }
+    const offset = Number(kv.offset ?? 0);
+    const length = kv.length !== undefined ? Number(kv.length) : buf.length - offset;
+    if (offset + length > buf.length) throw new Error(`tensor ${t.name}: external data past the end of ${location}`);
+    t.rawData = buf.subarray(offset, offset + length);
+    t.dataLocation = onnx.TensorProto.DataLocation.DEFAULT;
+    t.externalData = [];
+  }
+}
+
+export function dimsOf(t: TensorProto): number[] {
+  return (t.dims ?? []).map((d) => Number(d));
+}
+
+/** A float tensor's values as float32 (copies only when the data is not aligned raw float32). */
+export function floatData(t: TensorProto): Float32Array {
+  const n = dimsOf(t).reduce((a, b) => a * b, 1);
+  if (t.dataType === DataType.FLOAT) {
+    if (t.rawData && t.rawData.length) {
+      const raw = t.rawData;
+      if (raw.byteOffset % 4 === 0) return new Float32Array(raw.buffer, raw.byteOffset, n);
+      return new Float32Array(raw.slice().buffer, 0, n);
+    }
+    return Float32Array.from(t.floatData ?? []);
+  }
+  throw new Error(`tensor ${t.name} has data type ${t.dataType}; expected float32`);
+}
+
+export function int64Data(t: TensorProto): bigint[] {
+  if (t.rawData && t.rawData.length) {
+    const copy = t.rawData.slice();
+    return Array.from(new BigInt64Array(copy.buffer, 0, copy.length / 8));
+  }
+  return (t.int64Data ?? []).map((v) => BigInt(v.toString()));
+}
+
+export function floatTensor(name: string, data: Float32Array, dims: number[]): TensorProto {
+  return {
+    name,
+    dataType: DataType.FLOAT,
+    dims,
+    rawData: new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
+  };
+}
+
+export function int64Tensor(name: string, values: (number | bigint)[], dims: number[]): TensorProto {
+  const arr = BigInt64Array.from(values.map((v) => BigInt(v)));
+  return { name, dataType: DataType.INT64, dims, rawData: new Uint8Array(arr.buffer) };
+}
+
+export function attribute(name: string, value: AttrValue): AttributeProto {
+  const T = onnx.AttributeProto.AttributeType;
+  if (typeof value === 'number') {
+    return Number.isInteger(value) && !Object.is(value, -0)
+      ? { name, type: T.INT, i: value }
+      : { name, type: T.FLOAT, f: value };
+  }
+  if (typeof value === 'string') return { name, type: T.STRING, s: new TextEncoder().encode(value) };
+  if (Array.isArray(value)) return { name, type: T.INTS, ints: value };
+  if (value instanceof Float32Array) return { name, type: T.FLOATS, floats: Array.from(value) };
+  if ('floats' in value) return { name, type: T.FLOATS, floats: value.floats };
+  return { name, type: T.TENSOR, t: value };
+}
+
+/** A float attribute that happens to hold an integral value (epsilon 1, alpha 2). */
+export function floatAttr(name: string, value: number): AttributeProto {
+  return { name, type: onnx.AttributeProto.AttributeType.FLOAT, f: value };
+}
+
+export function attrInts(node: NodeProto, name: string): number[] | undefined {
+  const a = node.attribute?.find((x) => x.name === name);
+  return a?.ints?.map((v) => Number(v));
+}
+
+export function attrInt(node: NodeProto, name: string): number | undefined {
+  const a = node.attribute?.find((x) => x.name === name);
+  return a && a.i !== undefined && a.i !== null ? Number(a.i) : undefined;
+}
+
+export function valueInfo(name: string, elemType: number, dims: (number | string)[]): ValueInfoProto {
+  return {
+    name,
+    type: {
+      tensorType: {
+        elemType,
+        shape: { dim: dims.map((d) => (typeof d === 'number' ? { dimValue: d } : { dimParam: d })) },
+      },
+    },
+  };
+}
+
+/** Dimensions of a graph input/output: numbers where fixed, names where symbolic. */
+export function shapeOf(v: ValueInfoProto): (number | string)[] {
+  return (v.type?.tensorType?.shape?.dim ?? []).map((d) =>
+    d.dimParam ? d.dimParam : d.dimValue !== undefined && d.dimValue !== null ? Number(d.dimValue) : '?',
+  );
+}
