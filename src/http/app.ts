@@ -1,0 +1,63 @@
+/**
+ * The express application, built from its dependencies only, so that the
+ * server and the tests (supertest) run exactly the same thing.
+ */
+import express, { type Express } from 'express';
+import type { BackboneInfo } from '../backbone/types.js';
+import type { Config } from '../config.js';
+import type { DeltaRegistry } from '../deltas/types.js';
+import type { Generator } from '../engine/types.js';
+import { createHttpLogger, type Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import { adminAuth, socketAddress, type RemoteAddress } from './auth.js';
+import type { ChatTemplate } from './chat-template.js';
+import { errorHandler, notFoundHandler } from './errors.js';
+import type { Readiness } from './lifecycle.js';
+import { backboneRoutes } from './routes/backbone.js';
+import { deltaRoutes } from './routes/deltas.js';
+import { generateRoutes } from './routes/generate.js';
+import { healthRoutes } from './routes/health.js';
+import { metricsRoutes } from './routes/metrics.js';
+import { openaiRoutes } from './routes/openai.js';
+
+/** At most this many files in one delta upload; real deltas have two or three. */
+const MAX_UPLOAD_FILES = 16;
+
+export interface AppDeps {
+  generator: Generator;
+  registry: DeltaRegistry;
+  backbone: BackboneInfo;
+  metrics: Metrics;
+  config: Pick<Config, 'adminToken' | 'importDir' | 'maxBodyBytes' | 'maxUploadBytes'>;
+  readiness: Readiness;
+  chatTemplate: ChatTemplate;
+  logger: Logger;
+  /** Where admin auth reads the peer's address; defaults to the socket. Tests substitute it. */
+  remoteAddress?: RemoteAddress;
+}
+
+export function createApp(deps: AppDeps): Express {
+  const { generator, registry, backbone, metrics, config, readiness, chatTemplate, logger } = deps;
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('etag', false);
+  app.use(createHttpLogger(logger));
+  app.use(express.json({ limit: config.maxBodyBytes }));
+
+  app.use(healthRoutes(readiness));
+  app.use(metricsRoutes(metrics, registry));
+  app.use(backboneRoutes(backbone));
+  app.use(generateRoutes({ generator, metrics, backbone, readiness }));
+  app.use(openaiRoutes({ generator, metrics, backbone, registry, readiness, chatTemplate }));
+  app.use(deltaRoutes({
+    registry,
+    backbone,
+    importDir: config.importDir,
+    upload: { maxBytes: config.maxUploadBytes, maxFiles: MAX_UPLOAD_FILES },
+    auth: adminAuth(config.adminToken, deps.remoteAddress ?? socketAddress),
+  }));
+
+  app.use(notFoundHandler);
+  app.use(errorHandler(logger));
+  return app;
+}

@@ -1,0 +1,108 @@
+/**
+ * What the generation routes share: admission while starting or draining,
+ * task resolution, and running one request against the generator with
+ * cancellation on client disconnect and the request-level metrics.
+ */
+import { performance } from 'node:perf_hooks';
+import type { RequestHandler, Response } from 'express';
+import type { BackboneInfo } from '../backbone/types.js';
+import type { GenerationResult, Generator, SamplingParams, TokenEvent } from '../engine/types.js';
+import { ServeError } from '../errors.js';
+import { OTHER_TASK_LABEL, type Metrics } from '../metrics.js';
+import { toServeError } from './errors.js';
+import type { Readiness } from './lifecycle.js';
+import { TASK_ID, TASK_ID_RULE } from './schemas.js';
+
+/** Seconds a refused client should wait: long enough for a load balancer to move it elsewhere. */
+const RETRY_AFTER_S = 5;
+/** nginx's code for "client closed the request"; there is no standard one. */
+const CLIENT_CLOSED = 499;
+
+export function admit(readiness: Readiness): RequestHandler {
+  return (_req, _res, next) => {
+    if (readiness.draining()) {
+      throw new ServeError(503, 'draining', 'the server is shutting down; retry on another replica', undefined, RETRY_AFTER_S);
+    }
+    if (!readiness.ready()) {
+      throw new ServeError(503, 'not_ready', 'the backbone is still loading; retry shortly', undefined, RETRY_AFTER_S);
+    }
+    next();
+  };
+}
+
+/** A request naming no task, or the backbone itself, runs the bare backbone (null). */
+export function resolveTask(name: string | null | undefined, backbone: BackboneInfo, field: string): string | null {
+  if (name === null || name === undefined || name === '' || name === backbone.name) return null;
+  if (!TASK_ID.test(name)) {
+    throw new ServeError(400, 'bad_request', `${field}: expected ${TASK_ID_RULE}, or the backbone's name "${backbone.name}"`);
+  }
+  return name;
+}
+
+export function samplingParams(p: Partial<SamplingParams> & { maxNewTokens: number }): SamplingParams {
+  return {
+    maxNewTokens: p.maxNewTokens,
+    temperature: p.temperature ?? 0,
+    topK: p.topK ?? 0,
+    topP: p.topP ?? 1,
+    repetitionPenalty: p.repetitionPenalty ?? 1,
+    seed: p.seed ?? null,
+    stop: p.stop ?? [],
+  };
+}
+
+export interface GenerationDeps {
+  generator: Generator;
+  metrics: Metrics;
+}
+
+export interface Run {
+  task: string | null;
+  prompt: string;
+  params: SamplingParams;
+  onToken?: (t: TokenEvent) => void;
+}
+
+/**
+ * Runs one generation. A client that goes away aborts the request's signal, so
+ * its batch row is freed; the rejection that follows is the caller's to drop.
+ */
+export async function runGeneration(deps: GenerationDeps, res: Response, run: Run): Promise<GenerationResult> {
+  const abort = new AbortController();
+  const onClose = () => {
+    if (!res.writableFinished) abort.abort();
+  };
+  res.on('close', onClose);
+  const start = performance.now();
+  let firstToken: number | null = null;
+  try {
+    const result = await deps.generator.generate(
+      { task: run.task, prompt: run.prompt, params: run.params, signal: abort.signal },
+      (t) => {
+        firstToken ??= performance.now();
+        run.onToken?.(t);
+      },
+    );
+    record(deps.metrics, run.task, abort.signal.aborted ? CLIENT_CLOSED : 200, start, firstToken, result);
+    return result;
+  } catch (err) {
+    const e = toServeError(err);
+    const status = abort.signal.aborted ? CLIENT_CLOSED : e.status;
+    record(deps.metrics, e.code === 'task_not_found' ? OTHER_TASK_LABEL : run.task, status, start, firstToken, null);
+    throw err;
+  } finally {
+    res.off('close', onClose);
+  }
+}
+
+function record(metrics: Metrics, task: string | null, status: number, start: number, firstToken: number | null, result: GenerationResult | null) {
+  const end = performance.now();
+  // observeRequest first: it is what ranks a task into its own label.
+  metrics.observeRequest(task, status, (end - start) / 1000);
+  if (firstToken !== null) metrics.observeTtft(task, (firstToken - start) / 1000);
+  if (!result) return;
+  if (firstToken !== null && result.generatedTokens > 1) {
+    metrics.observeTpot(task, (end - firstToken) / 1000 / (result.generatedTokens - 1));
+  }
+  metrics.addTokens(task, result.promptTokens, result.generatedTokens);
+}

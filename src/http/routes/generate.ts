@@ -1,0 +1,76 @@
+/** POST /v1/generate: TGI-style generation, as JSON or as one SSE event per token. */
+import { Router } from 'express';
+import type { BackboneInfo } from '../../backbone/types.js';
+import type { GenerationResult } from '../../engine/types.js';
+import { errorBody, toServeError } from '../errors.js';
+import { admit, resolveTask, runGeneration, samplingParams, type GenerationDeps } from '../generation.js';
+import type { Readiness } from '../lifecycle.js';
+import { generateBody, parseBody } from '../schemas.js';
+import { SseStream } from '../sse.js';
+
+/** TGI's default when a client gives no max_new_tokens. */
+const DEFAULT_MAX_NEW_TOKENS = 100;
+
+export interface GenerateRouteDeps extends GenerationDeps {
+  backbone: BackboneInfo;
+  readiness: Readiness;
+}
+
+interface TokenEventBody {
+  token: { id: number; text: string } | null;
+  generated_text: string | null;
+}
+
+const details = (r: GenerationResult) => ({
+  finish_reason: r.finishReason,
+  generated_tokens: r.generatedTokens,
+  prompt_tokens: r.promptTokens,
+});
+
+export function generateRoutes(deps: GenerateRouteDeps): Router {
+  const router = Router();
+  router.post('/v1/generate', admit(deps.readiness), async (req, res) => {
+    const body = parseBody(generateBody, req.body);
+    const task = resolveTask(body.task, deps.backbone, 'task');
+    const p = body.parameters ?? {};
+    const params = samplingParams({
+      maxNewTokens: p.max_new_tokens ?? DEFAULT_MAX_NEW_TOKENS,
+      temperature: p.temperature ?? 0,
+      topK: p.top_k ?? 0,
+      topP: p.top_p ?? 1,
+      repetitionPenalty: p.repetition_penalty ?? 1,
+      seed: p.seed ?? null,
+      stop: p.stop ?? [],
+    });
+    req.log.debug({ task, promptChars: body.inputs.length, params }, 'generate');
+
+    if (!body.stream) {
+      const r = await runGeneration(deps, res, { task, prompt: body.inputs, params });
+      res.json({ task: r.task, generated_text: r.generatedText, details: details(r) });
+      return;
+    }
+
+    // Each token event waits for the next token, so the last one can carry
+    // generated_text and details as the contract wants (TGI's framing): one
+    // decode step of delay per event, none in throughput.
+    const sse = new SseStream(res);
+    let held: TokenEventBody | null = null;
+    try {
+      const r = await runGeneration(deps, res, {
+        task, prompt: body.inputs, params,
+        onToken: (t) => {
+          if (held) sse.send(held);
+          held = { token: { id: t.id, text: t.text }, generated_text: null };
+        },
+      });
+      const last: TokenEventBody = held ?? { token: null, generated_text: null };
+      sse.send({ ...last, generated_text: r.generatedText, details: details(r) });
+      sse.end();
+    } catch (err) {
+      if (!sse.started) throw err;
+      sse.send(errorBody(toServeError(err), 'native'));
+      sse.end();
+    }
+  });
+  return router;
+}

@@ -1,0 +1,123 @@
+/**
+ * Request bodies. Unknown fields are dropped rather than refused, because
+ * TGI and OpenAI clients send fields we do not use (do_sample, user, ...);
+ * fields we cannot honour are refused with a message, below, when set to
+ * anything but their neutral value.
+ */
+import { z } from 'zod';
+import { ServeError } from '../errors.js';
+import { fromZod } from './errors.js';
+
+export const TASK_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+export const TASK_ID_RULE = 'a task id: 1-128 characters of letters, digits, ".", "_" or "-", starting with a letter or digit';
+
+export const taskId = z.string().regex(TASK_ID, `expected ${TASK_ID_RULE}`);
+
+const maxTokens = z.number().int().min(1);
+const temperature = z.number().min(0).max(100);
+const topP = z.number().gt(0).max(1);
+const topK = z.number().int().min(0);
+const seed = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
+const repetitionPenalty = z.number().gt(0);
+const stopList = z.array(z.string().min(1, 'a stop sequence must not be empty')).max(16);
+
+// --- POST /v1/generate (TGI-style) -------------------------------------------
+
+export const generateBody = z.object({
+  task: z.string().nullish(),
+  inputs: z.string(),
+  parameters: z
+    .object({
+      max_new_tokens: maxTokens.nullish(),
+      temperature: temperature.nullish(),
+      top_k: topK.nullish(),
+      top_p: topP.nullish(),
+      seed: seed.nullish(),
+      stop: stopList.nullish(),
+      repetition_penalty: repetitionPenalty.nullish(),
+    })
+    .nullish(),
+  stream: z.boolean().nullish(),
+});
+export type GenerateBody = z.infer<typeof generateBody>;
+
+// --- OpenAI ----------------------------------------------------------------
+
+/** Fields OpenAI defines that we do not implement; refused unless neutral, so nobody gets silently different output. */
+const unsupported = {
+  frequency_penalty: z.number().nullish(),
+  presence_penalty: z.number().nullish(),
+  logit_bias: z.record(z.string(), z.number()).nullish(),
+  logprobs: z.union([z.boolean(), z.number()]).nullish(),
+  top_logprobs: z.number().nullish(),
+};
+
+const openaiCommon = {
+  model: z.string().min(1),
+  temperature: temperature.nullish(),
+  top_p: topP.nullish(),
+  seed: seed.nullish(),
+  stop: z.union([z.string().min(1), stopList]).nullish(),
+  n: z.number().int().nullish(),
+  stream: z.boolean().nullish(),
+  stream_options: z.object({ include_usage: z.boolean().nullish() }).nullish(),
+  // vLLM's extra sampling parameters, which its users send through `extra_body`.
+  top_k: topK.nullish(),
+  repetition_penalty: repetitionPenalty.nullish(),
+  ...unsupported,
+};
+
+export const completionBody = z.object({
+  ...openaiCommon,
+  prompt: z.union([z.string(), z.array(z.string()).length(1, 'deltaserve takes one prompt per request')]),
+  max_tokens: maxTokens.nullish(),
+  echo: z.boolean().nullish(),
+  best_of: z.number().int().nullish(),
+  suffix: z.string().nullish(),
+});
+export type CompletionBody = z.infer<typeof completionBody>;
+
+const textPart = z.object({ type: z.literal('text'), text: z.string() });
+
+export const chatMessage = z.object({
+  role: z.enum(['system', 'developer', 'user', 'assistant', 'tool']),
+  content: z.union([z.string(), z.array(textPart)]).nullish(),
+  name: z.string().nullish(),
+});
+
+export const chatBody = z.object({
+  ...openaiCommon,
+  messages: z.array(chatMessage).min(1),
+  max_tokens: maxTokens.nullish(),
+  max_completion_tokens: maxTokens.nullish(),
+  tools: z.array(z.unknown()).nullish(),
+  response_format: z.object({ type: z.string() }).nullish(),
+});
+export type ChatBody = z.infer<typeof chatBody>;
+
+// --- delta admin -----------------------------------------------------------
+
+export const importBody = z.object({ id: taskId, path: z.string().min(1) });
+
+export const loadLoraBody = z.object({
+  lora_name: taskId,
+  lora_path: z.string().min(1),
+  /** vLLM's name for replacing an adapter that is already loaded. */
+  load_inplace: z.boolean().nullish(),
+});
+
+export const unloadLoraBody = z.object({ lora_name: taskId });
+
+export const replaceQuery = z.object({
+  replace: z.enum(['true', 'false', '1', '0'], { message: 'expected true or false' }).optional(),
+});
+
+/** Validates a parsed JSON body; a missing body means the client did not send JSON at all. */
+export function parseBody<S extends z.ZodType>(schema: S, body: unknown): z.infer<S> {
+  if (body === undefined) {
+    throw new ServeError(400, 'bad_request', 'expected a JSON body with "Content-Type: application/json"');
+  }
+  const parsed = schema.safeParse(body);
+  if (!parsed.success) throw fromZod(parsed.error);
+  return parsed.data;
+}
