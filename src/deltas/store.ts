@@ -1,0 +1,258 @@
+/**
+ * The delta store: one folder per delta under the deltas dir, holding the
+ * files as uploaded plus manifest.json. It is the source of truth and may be
+ * shared by replicas, so nothing is cached here: every read goes to disk.
+ *
+ * Crash safety comes from rename(2) being atomic:
+ *   register  write `.tmp-<rand>/` (files, fsync, manifest last), rename it to `<id>`
+ *   replace   rename `<id>` to `.old-<id>.<rand>`, rename the temp to `<id>`, remove the old
+ *   remove    rename `<id>` to `.trash-<rand>`, then remove that
+ * A crash leaves either the old or the new state, plus dot-folders that
+ * `open` cleans up (an `.old-` with no `<id>` beside it is renamed back).
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ServeError } from '../errors.js';
+import type { SiteSummary } from './validate.js';
+import type { DeltaFormat, DeltaRecord, DeltaType } from './types.js';
+
+export const TASK_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+export const MANIFEST = 'manifest.json';
+const TMP = '.tmp-';
+const OLD = '.old-';
+const TRASH = '.trash-';
+
+export interface Manifest {
+  id: string;
+  type: DeltaType;
+  format: DeltaFormat;
+  rank: number;
+  /** sha256 of each stored file, by name. */
+  files: Record<string, string>;
+  fingerprint: string;
+  created_at: string;
+  /** Bytes of parameter data once loaded (what the cache charges). */
+  bytes: number;
+  /** Bytes of the stored files. */
+  file_bytes: number;
+  sites: SiteSummary[];
+}
+
+export interface StoredDelta {
+  manifest: Manifest;
+  /** sha256 of manifest.json: the delta's version. */
+  sha256: string;
+}
+
+/** Points where a test can stop a write to check what a crash there leaves behind. */
+export type WriteStep = 'temp-partial' | 'temp-written' | 'old-aside' | 'new-in';
+
+export interface StoreOptions {
+  /** Leftover temp folders younger than this may belong to a replica still writing; default 10 minutes. */
+  staleTempMs?: number;
+  onStep?: (step: WriteStep) => Promise<void> | void;
+}
+
+export const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
+
+export function recordOf(stored: StoredDelta): DeltaRecord {
+  const m = stored.manifest;
+  return { id: m.id, type: m.type, format: m.format, rank: m.rank, bytes: m.bytes, sha256: stored.sha256, createdAt: m.created_at, sites: m.sites };
+}
+
+async function writeDurably(path: string, bytes: Uint8Array): Promise<void> {
+  const fh = await open(path, 'wx');
+  try {
+    await fh.writeFile(bytes);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** A rename is durable only once the folder holding the entry is synced. */
+async function syncDir(path: string): Promise<void> {
+  const fh = await open(path, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+const isMissing = (err: unknown) => (err as NodeJS.ErrnoException).code === 'ENOENT';
+
+export class DeltaStore {
+  private constructor(
+    readonly dir: string,
+    private readonly opts: StoreOptions,
+  ) {}
+
+  static async open(dir: string, opts: StoreOptions = {}): Promise<DeltaStore> {
+    await mkdir(dir, { recursive: true });
+    const store = new DeltaStore(dir, opts);
+    await store.recover();
+    return store;
+  }
+
+  private async recover(): Promise<void> {
+    const staleMs = this.opts.staleTempMs ?? 10 * 60_000;
+    const entries = await readdir(this.dir);
+    const ids = new Set(entries.filter((e) => TASK_ID.test(e)));
+    for (const entry of entries) {
+      const path = join(this.dir, entry);
+      if (entry.startsWith(OLD)) {
+        const id = entry.slice(OLD.length, entry.lastIndexOf('.'));
+        // No `<id>`: the crash came between the two renames of a replace, so the old version is still the truth.
+        if (!ids.has(id) && TASK_ID.test(id)) {
+          await rename(path, join(this.dir, id));
+          ids.add(id);
+        } else {
+          await rm(path, { recursive: true, force: true });
+        }
+      } else if (entry.startsWith(TRASH)) {
+        await rm(path, { recursive: true, force: true });
+      } else if (entry.startsWith(TMP)) {
+        const age = Date.now() - (await stat(path)).mtimeMs;
+        if (age >= staleMs) await rm(path, { recursive: true, force: true });
+      }
+    }
+    await syncDir(this.dir);
+  }
+
+  async ids(): Promise<string[]> {
+    return (await readdir(this.dir)).filter((e) => TASK_ID.test(e)).sort();
+  }
+
+  /** The delta's manifest, or null. During another process's replace it reads the version being replaced. */
+  async read(id: string): Promise<StoredDelta | null> {
+    const folder = await this.locate(id);
+    if (!folder) return null;
+    try {
+      const bytes = await readFile(join(folder, MANIFEST));
+      return { manifest: JSON.parse(bytes.toString('utf8')) as Manifest, sha256: sha256(bytes) };
+    } catch (err) {
+      if (isMissing(err)) return null;
+      throw err;
+    }
+  }
+
+  /** The manifest and every file, each checked against its recorded sha256. */
+  async readFiles(id: string): Promise<(StoredDelta & { files: Map<string, Uint8Array> }) | null> {
+    // A replace elsewhere may move the folder between our reads: retry once from the top.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const stored = await this.read(id);
+        if (!stored) return null;
+        const folder = (await this.locate(id))!;
+        const files = new Map<string, Uint8Array>();
+        for (const [name, hash] of Object.entries(stored.manifest.files)) {
+          const bytes = await readFile(join(folder, name));
+          if (sha256(bytes) !== hash) {
+            throw new ServeError(500, 'internal_error', `stored delta '${id}' is corrupt: ${name} does not match its sha256 in the manifest`);
+          }
+          files.set(name, bytes);
+        }
+        return { ...stored, files };
+      } catch (err) {
+        if (attempt > 0 || !isMissing(err)) throw err;
+      }
+    }
+  }
+
+  private async locate(id: string): Promise<string | null> {
+    if (!TASK_ID.test(id)) return null;
+    const path = join(this.dir, id);
+    if (await exists(path)) return path;
+    const aside = (await readdir(this.dir)).find((e) => e.startsWith(`${OLD}${id}.`));
+    return aside ? join(this.dir, aside) : null;
+  }
+
+  /** Writes a delta atomically. Throws 409 when it exists and `replace` is false. */
+  async write(
+    id: string,
+    files: Map<string, Uint8Array>,
+    manifest: Omit<Manifest, 'id' | 'files' | 'file_bytes' | 'created_at'>,
+    opts: { replace: boolean },
+  ): Promise<StoredDelta> {
+    const target = join(this.dir, id);
+    if (!opts.replace && (await exists(target))) throw exists409(id);
+    const full: Manifest = {
+      id,
+      ...manifest,
+      files: Object.fromEntries([...files].map(([name, bytes]) => [name, sha256(bytes)])),
+      file_bytes: [...files.values()].reduce((n, b) => n + b.byteLength, 0),
+      created_at: new Date().toISOString(),
+    };
+    const manifestBytes = Buffer.from(JSON.stringify(full, null, 2) + '\n', 'utf8');
+
+    const temp = join(this.dir, `${TMP}${randomBytes(8).toString('hex')}`);
+    await mkdir(temp);
+    try {
+      for (const [name, bytes] of files) {
+        await writeDurably(join(temp, name), bytes);
+        await this.opts.onStep?.('temp-partial');
+      }
+      // The manifest goes last: a folder with a manifest is a complete delta.
+      await writeDurably(join(temp, MANIFEST), manifestBytes);
+      await syncDir(temp);
+      await this.opts.onStep?.('temp-written');
+      await this.swapIn(id, temp, opts.replace);
+    } catch (err) {
+      await rm(temp, { recursive: true, force: true });
+      throw err;
+    }
+    return { manifest: full, sha256: sha256(manifestBytes) };
+  }
+
+  private async swapIn(id: string, temp: string, replace: boolean): Promise<void> {
+    const target = join(this.dir, id);
+    let aside: string | null = null;
+    if (replace && (await exists(target))) {
+      aside = join(this.dir, `${OLD}${id}.${randomBytes(8).toString('hex')}`);
+      await rename(target, aside);
+      await this.opts.onStep?.('old-aside');
+    }
+    try {
+      // rename(2) refuses to replace a non-empty folder, so two replicas registering one id cannot both win.
+      await rename(temp, target);
+    } catch (err) {
+      if (aside) await rename(aside, target);
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOTEMPTY' || code === 'EEXIST') throw exists409(id);
+      throw err;
+    }
+    await syncDir(this.dir);
+    await this.opts.onStep?.('new-in');
+    if (aside) await rm(aside, { recursive: true, force: true });
+  }
+
+  /** Removes a delta; false when there was none. */
+  async remove(id: string): Promise<boolean> {
+    if (!TASK_ID.test(id)) return false;
+    const trash = join(this.dir, `${TRASH}${randomBytes(8).toString('hex')}`);
+    try {
+      await rename(join(this.dir, id), trash);
+    } catch (err) {
+      if (isMissing(err)) return false;
+      throw err;
+    }
+    await syncDir(this.dir);
+    await rm(trash, { recursive: true, force: true });
+    return true;
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch (err) {
+    if (isMissing(err)) return false;
+    throw err;
+  }
+}
+
+const exists409 = (id: string) =>
+  new ServeError(409, 'delta_exists', `delta '${id}' already exists; register with replace=true to replace it`);
