@@ -4,6 +4,7 @@
  */
 import { DataType, GraphBuilder } from '../onnx/graph-builder.js';
 import { floatAttr } from '../onnx/proto.js';
+export { geluNew, silu } from '../onnx/activations.js';
 
 /** Lets tests build a model with a delta merged into it, as an independent reference. */
 export interface BuildHooks {
@@ -73,18 +74,6 @@ export function rmsNorm(g: GraphBuilder, module: string, x: string, dim: number,
     const std = g.op('Sqrt', [g.op('Add', [mean, g.scalar(eps)])]);
     return g.op('Mul', [w, g.op('Div', [x, std])]);
   });
-}
-
-/** GPT-2's gelu_new: the tanh approximation. */
-export function geluNew(g: GraphBuilder, x: string): string {
-  const cube = g.op('Pow', [x, g.scalar(3)]);
-  const inner = g.op('Add', [x, g.op('Mul', [cube, g.scalar(0.044715)])]);
-  const t = g.op('Tanh', [g.op('Mul', [inner, g.scalar(Math.sqrt(2 / Math.PI))])]);
-  return g.op('Mul', [g.op('Mul', [x, g.scalar(0.5)]), g.op('Add', [t, g.scalar(1)])]);
-}
-
-export function silu(g: GraphBuilder, x: string): string {
-  return g.op('Mul', [x, g.op('Sigmoid', [x])]);
 }
 
 /** Optimum's decoder inputs. */

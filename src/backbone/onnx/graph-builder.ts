@@ -30,6 +30,8 @@ export class GraphBuilder {
   private readonly scopes: string[] = [];
   private readonly used = new Map<string, number>();
   private constCount = 0;
+  /** Rewrites add constants to someone else's graph: their names must not collide. */
+  protected constPrefix = 'onnx::Const_';
 
   /** Runs `fn` with node names under the absolute module scope `/a/b`, as torch scopes modules. */
   scope<T>(path: string, fn: () => T): T {
@@ -61,11 +63,11 @@ export class GraphBuilder {
 
   /** A small constant, named the way torch names them. */
   ints(values: number[], dims: number[] = [values.length]): string {
-    return this.initializer(int64Tensor(`onnx::Const_${this.constCount++}`, values, dims));
+    return this.initializer(int64Tensor(`${this.constPrefix}${this.constCount++}`, values, dims));
   }
 
   floats(values: number[], dims: number[] = [values.length]): string {
-    return this.weight(`onnx::Const_${this.constCount++}`, Float32Array.from(values), dims);
+    return this.weight(`${this.constPrefix}${this.constCount++}`, Float32Array.from(values), dims);
   }
 
   scalar(value: number): string {

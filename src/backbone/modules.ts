@@ -1,0 +1,93 @@
+/**
+ * The backbone's module tree, recovered from the exporter's node scopes: which
+ * linear modules exist, their shapes and their bias, named as PEFT and
+ * OpenDelta name them.
+ */
+import { createHash } from 'node:crypto';
+import { GraphIndex, modulePathOf } from './onnx/graph-index.js';
+import { attrInt, dimsOf, floatData, type GraphProto, type NodeProto } from './onnx/proto.js';
+import type { LinearModule } from './types.js';
+
+export interface LinearSite extends LinearModule {
+  /** The MatMul or Gemm computing `x · W`. */
+  node: NodeProto;
+  /** The tensor carrying the module's full output (after its bias Add when the bias is a separate node). */
+  output: string;
+  /** Gemm nodes see a 2-D view [batch*seq, in] of the input. */
+  twoD: boolean;
+}
+
+function layerOf(path: string): number | null {
+  const m = /(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)(?:\.|$)/.exec(path);
+  return m ? Number(m[1]) : null;
+}
+
+/** Finds every MatMul/Gemm against a 2-D weight initializer and names it by its scope. */
+export function findLinearModules(graph: GraphProto): LinearSite[] {
+  const index = new GraphIndex(graph);
+  const found: LinearSite[] = [];
+  const seen = new Set<string>();
+  for (const node of graph.node ?? []) {
+    if (node.opType !== 'MatMul' && node.opType !== 'Gemm') continue;
+    const weight = index.initializers.get(node.input?.[1] ?? '');
+    if (!weight || dimsOf(weight).length !== 2) continue;
+    const name = modulePathOf(node.name ?? '');
+    if (!name || seen.has(name)) continue;
+    const [d0, d1] = dimsOf(weight);
+    const transB = node.opType === 'Gemm' && attrInt(node, 'transB') === 1;
+    const inFeatures = transB ? d1 : d0;
+    const outFeatures = transB ? d0 : d1;
+    let biasInitializer: string | null = null;
+    let output = node.output![0];
+    if (node.opType === 'Gemm' && node.input?.[2] && index.initializers.has(node.input[2])) {
+      biasInitializer = node.input[2];
+    } else {
+      // An ORT-optimised or folded Linear: MatMul followed by Add of a 1-D initializer.
+      const next = index.consumersOf(output);
+      if (next.length === 1 && next[0].opType === 'Add') {
+        const other = next[0].input!.find((i) => i !== output)!;
+        const b = index.initializers.get(other);
+        if (b && dimsOf(b).length === 1 && dimsOf(b)[0] === outFeatures) {
+          biasInitializer = other;
+          output = next[0].output![0];
+        }
+      }
+    }
+    seen.add(name);
+    found.push({
+      name, kind: 'linear', inFeatures, outFeatures, layer: layerOf(name), biasInitializer,
+      node, output, twoD: node.opType === 'Gemm',
+    });
+  }
+  return found;
+}
+
+export function fingerprintOf(modules: LinearModule[]): string {
+  const lines = modules.map((m) => `${m.name}:${m.inFeatures}:${m.outFeatures}`).sort();
+  return createHash('sha256').update(lines.join('\n')).digest('hex');
+}
+
+export function biasReader(graph: GraphProto) {
+  const index = new GraphIndex(graph);
+  return (initializer: string | null): Float32Array | null => {
+    if (!initializer) return null;
+    const t = index.initializers.get(initializer);
+    return t ? floatData(t) : null;
+  };
+}
+
+/** Default targets per family and delta kind, as OpenDelta's default configurations pick them. */
+export function defaultTargetsFor(family: string): Record<string, string[]> {
+  if (family === 'gpt2') return { lora: ['c_attn'], adapter: ['attn.c_proj', 'mlp.c_proj'], bitfit: ['c_attn', 'c_proj', 'c_fc'] };
+  return {
+    lora: ['q_proj', 'v_proj'],
+    adapter: ['self_attn.o_proj', 'mlp.down_proj'],
+    bitfit: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+  };
+}
+
+export function familyOf(modelType: string | undefined, modules: LinearModule[]): string {
+  if (modelType) return modelType;
+  if (modules.some((m) => m.name.startsWith('transformer.h.'))) return 'gpt2';
+  return 'llama';
+}

@@ -1,0 +1,41 @@
+/**
+ * Only the last position's logits leave the graph: the hidden state is sliced
+ * before lm_head, so a prefill of S tokens pays for one row of the vocabulary
+ * projection instead of S, and returns [batch, vocab] instead of [batch, S, vocab].
+ */
+import { DataType } from '../onnx/graph-builder.js';
+import { attrInt, dimsOf, valueInfo, type NodeProto } from '../onnx/proto.js';
+import type { GraphEditor } from './editor.js';
+
+const SHAPE_OPS = new Set(['Reshape', 'Flatten', 'Squeeze', 'Unsqueeze', 'Identity']);
+
+export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
+  const idx = g.index();
+  // Walk back from `logits` through views to the vocabulary projection.
+  let node: NodeProto | undefined = idx.producer.get('logits');
+  while (node && SHAPE_OPS.has(node.opType!)) node = idx.producer.get(node.input![0]);
+  if (!node || (node.opType !== 'MatMul' && node.opType !== 'Gemm')) {
+    throw new Error('cannot find the lm_head MatMul/Gemm that produces logits');
+  }
+  const weight = idx.initializers.get(node.input![1]);
+  if (!weight) throw new Error(`lm_head ${node.name} has no weight initializer`);
+  const transB = node.opType === 'Gemm' && attrInt(node, 'transB') === 1;
+  const hidden = transB ? dimsOf(weight)[1] : dimsOf(weight)[0];
+  // The 3-D hidden state [batch, seq, hidden], before any 2-D view for a Gemm.
+  let h = node.input![0];
+  const viewNode = idx.producer.get(h);
+  if (viewNode && (viewNode.opType === 'Reshape' || viewNode.opType === 'Flatten')) h = viewNode.input![0];
+
+  g.removeOutput('logits');
+  g.scope('/deltaserve/lm_head', () => {
+    const last = g.op('Slice', [h, g.ints([-1]), g.ints([Number.MAX_SAFE_INTEGER]), g.ints([1])]);
+    const x2 = g.op('Reshape', [last, g.ints([-1, hidden])]);
+    const extra = node.opType === 'Gemm' ? (node.input!.slice(2)) : [];
+    const attrs = Object.fromEntries((node.attribute ?? []).map((a) => [a.name!, a]));
+    g.opNamed(node.opType!, [x2, node.input![1], ...extra], 'logits', node.opType === 'Gemm' ? attrs : {});
+  });
+  g.outputs.push(valueInfo('logits', DataType.FLOAT, ['batch_size', vocabSize]));
+  // The old logits chain is now unread; pruneDead() removes it.
+  const old = idx.producer.get('logits')!;
+  old.output = old.output!.map((o) => (o === 'logits' ? `${o}/unused` : o));
+}
