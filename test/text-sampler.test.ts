@@ -170,6 +170,24 @@ test('same seed, same tokens; different seed, different tokens; the logits buffe
   assert.deepEqual(logits, before);
 });
 
+test('a seeded row draws the same tokens alone and interleaved with other rows of a batch', () => {
+  const vocab = 3000;
+  const batch = randomLogits(vocab * 4, 17, 2);
+  const shapes: SamplerParams[] = [
+    { temperature: 0.9, topK: 0, topP: 0.8, repetitionPenalty: 1.2, seed: 5 },
+    { temperature: 1.1, topK: 20, topP: 1, repetitionPenalty: 1, seed: 6 },
+    { temperature: 0.7, topK: 0, topP: 1, repetitionPenalty: 1.1, seed: 7 },
+    { ...GREEDY, repetitionPenalty: 1.5 },
+  ];
+  const alone = shapes.map((params, row) => drawMany(params, batch, 50, row * vocab, vocab));
+  const samplers = shapes.map((params) => new RowSampler(params, []));
+  const together: number[][] = shapes.map(() => []);
+  for (let step = 0; step < 50; step++) {
+    samplers.forEach((s, row) => together[row].push(s.sample(batch, row * vocab, vocab)));
+  }
+  assert.deepEqual(together, alone);
+});
+
 test('repetition penalty changes the argmax in a constructed case, from prompt and from generated ids', () => {
   // Positive logits are divided, negative multiplied (HF/CTRL).
   const logits = new Float32Array([2.0, 1.5, -0.5, -0.4]);
