@@ -38,10 +38,17 @@ function isIndex(x: unknown): x is number {
   return typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
 }
 
-/** Parses and bounds-checks a whole safetensors file held in memory. Throws a 422 listing every problem. */
-export function parseSafetensors(buf: Uint8Array, file: string): SafeTensors {
-  const problems: Problems = new Problems();
-  const subject = `safetensors file '${file}'`;
+/**
+ * Parses and bounds-checks a whole safetensors file held in memory. Throws a
+ * 422 listing every problem, together with any a caller already collected.
+ */
+export function parseSafetensors(
+  buf: Uint8Array,
+  file: string,
+  problems: Problems = new Problems(),
+  subject = `safetensors file '${file}'`,
+): SafeTensors {
+  const before = problems.count;
   if (buf.byteLength < 8) problems.fail(subject, `${file} is ${buf.byteLength} bytes, too short for the 8-byte header length`);
   const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   const headerLen = Number(view.getBigUint64(0, true));
@@ -109,7 +116,8 @@ export function parseSafetensors(buf: Uint8Array, file: string): SafeTensors {
       problems.invalid(`${file}: tensors '${sorted[i - 1].name}' and '${sorted[i].name}' overlap in the data region`);
     }
   }
-  problems.throwIfAny(subject);
+  // Only this file's problems stop here; the caller's own go on to be collected with the rest.
+  if (problems.count > before) throw problems.toError(subject);
 
   return {
     metadata,

@@ -130,7 +130,7 @@ export function parseOpenDelta(
     );
   }
   const targets = buildTargets(cfg, type, problems);
-  const st = parseSafetensors(files.get(weightsFile)!, weightsFile);
+  const st = parseSafetensors(files.get(weightsFile)!, weightsFile, problems, subject);
 
   const byModule = new Map<string, Map<string, Tensor>>();
   for (const info of st.tensors.values()) {

@@ -153,7 +153,7 @@ export function parsePeftLora(files: Map<string, Uint8Array>, problems: Problems
   const cfg = parseConfig(files.get(PEFT_CONFIG)!, problems, subject);
   refuseUnsupported(cfg, problems);
   const targets = buildTargets(cfg, problems);
-  const st = parseSafetensors(files.get(PEFT_WEIGHTS)!, PEFT_WEIGHTS);
+  const st = parseSafetensors(files.get(PEFT_WEIGHTS)!, PEFT_WEIGHTS, problems, subject);
 
   const factors = new Map<string, { a?: Tensor; b?: Tensor }>();
   for (const info of st.tensors.values()) {
