@@ -114,8 +114,8 @@ export class DeltaStore {
       } else if (entry.startsWith(TRASH)) {
         await rm(path, { recursive: true, force: true });
       } else if (entry.startsWith(TMP)) {
-        const age = Date.now() - (await stat(path)).mtimeMs;
-        if (age >= staleMs) await rm(path, { recursive: true, force: true });
+        // staleMs 0 means this process knows it is alone (file times can be a tick ahead of Date.now()).
+        if (staleMs <= 0 || Date.now() - (await stat(path)).mtimeMs >= staleMs) await rm(path, { recursive: true, force: true });
       }
     }
     await syncDir(this.dir);
