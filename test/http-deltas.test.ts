@@ -125,6 +125,9 @@ async function importFixture() {
   await writeFile(join(root, 'good', 'adapter_model.safetensors'), WEIGHTS);
   await writeFile(join(outside, 'adapter_config.json'), CONFIG);
   await symlink(outside, join(root, 'link-out'));
+  // Its listing would show nothing to refuse: only the folder's own real path can.
+  await mkdir(join(base, 'outside-empty'));
+  await symlink(join(base, 'outside-empty'), join(root, 'link-empty-out'));
   await mkdir(join(root, 'file-link'));
   await symlink(join(outside, 'adapter_config.json'), join(root, 'file-link', 'adapter_config.json'));
   return { base, root, outside };
@@ -146,7 +149,7 @@ test('import by path: relative and absolute inside the folder work; outside, "..
   assert.deepEqual(registry.received.get('rel')!.map((f) => f.name), ['adapter_config.json', 'adapter_model.safetensors']);
   await request(app).post('/v1/deltas').send({ id: 'abs', path: join(root, 'good') }).expect(201);
 
-  for (const path of [outside, join(root, '..', 'outside'), '../outside', 'link-out', 'file-link', '/etc']) {
+  for (const path of [outside, join(root, '..', 'outside'), '../outside', 'link-out', 'link-empty-out', 'file-link', '/etc']) {
     const res = await request(app).post('/v1/deltas').send({ id: 'evil', path });
     assert.equal(res.status, 403, path);
     assert.equal(res.body.error.code, 'forbidden');
