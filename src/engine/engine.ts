@@ -1,0 +1,290 @@
+/**
+ * The engine: one ORT session over the rewritten graph, stepping a batch of
+ * rows that each carry their own delta. Each step runs at most one prefill
+ * chunk for newly admitted rows and one decode step for the running rows, so a
+ * long prompt never stalls the batch for longer than a chunk.
+ *
+ * Rows live in the same order in the KV pool, the delta banks and `rows`;
+ * every structure removes a row by moving the last one into its place.
+ */
+import * as ort from 'onnxruntime-node';
+import type { DecoderIO } from '../backbone/decoder-io.js';
+import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
+import { newKvName } from '../backbone/rewrite/kv-cache.js';
+import { DeltaBanks } from './banks.js';
+import { KvPool } from './kv-pool.js';
+import type { EngineFinish, RowRequest, StepResult } from './protocol.js';
+import { RowSampler } from './sampler.js';
+
+export interface EngineOptions {
+  maxBatch: number;
+  /** Padded prompt tokens per prefill run; longer prompts are prefilled in chunks. */
+  prefillChunkTokens: number;
+  eosTokenIds: readonly number[];
+  /** The backbone's context length: a row that reaches it finishes with `length`. */
+  maxPositions: number;
+}
+
+interface Row {
+  req: RowRequest;
+  sampler: RowSampler;
+  generated: number;
+  lastToken: number;
+}
+
+/** Rows being prefilled together, left-padded to the longest prompt. */
+interface PrefillGroup {
+  rows: Row[];
+  pads: number[];
+  padded: number;
+  /** Padded positions already run. */
+  done: number;
+  kv: KvPool;
+  banks: DeltaBanks;
+}
+
+const i64 = (values: ArrayLike<number>, dims: number[]) =>
+  new ort.Tensor('int64', BigInt64Array.from(Array.from(values, (v) => BigInt(v))), dims);
+
+export class Engine {
+  private readonly pool: KvPool;
+  private readonly banks: DeltaBanks;
+  private readonly rows: Row[] = [];
+  private readonly pending: Row[] = [];
+  private group: PrefillGroup | null = null;
+  private readonly cancelled = new Set<number>();
+  private readonly eos: Set<number>;
+
+  constructor(
+    private readonly session: ort.InferenceSession,
+    private readonly io: DecoderIO,
+    private readonly sites: SiteLayout[],
+    private readonly opts: EngineOptions,
+  ) {
+    this.pool = new KvPool(io);
+    this.banks = new DeltaBanks(sites);
+    this.eos = new Set(opts.eosTokenIds);
+  }
+
+  add(req: RowRequest): void {
+    this.pending.push({ req, sampler: new RowSampler(req.sampling, req.promptIds), generated: 0, lastToken: -1 });
+  }
+
+  cancel(rowId: number): void {
+    this.cancelled.add(rowId);
+  }
+
+  get idle(): boolean {
+    return this.rows.length === 0 && this.pending.length === 0 && !this.group;
+  }
+
+  /** Row ids currently held (decoding, prefilling or waiting for prefill). */
+  rowIds(): number[] {
+    return [...this.rows, ...(this.group?.rows ?? []), ...this.pending].map((r) => r.req.rowId);
+  }
+
+  get kvBytes(): number {
+    return this.pool.bytesAllocated + (this.group?.kv.bytesAllocated ?? 0);
+  }
+
+  async step(): Promise<StepResult> {
+    const result: StepResult = {
+      tokens: [], finished: [], rows: [],
+      stats: { decodeRows: 0, prefillRows: 0, prefillTokens: 0, decodeMs: 0, prefillMs: 0, kvTokens: 0, kvBytes: 0, transferBytes: 0, runningDeltas: [] },
+    };
+    this.applyCancellations(result);
+    if (!this.group) this.formGroup();
+    if (this.group) await this.prefillChunk(this.group, result);
+    if (this.rows.length) await this.decode(result);
+    result.rows = this.rowIds();
+    result.stats.kvTokens = this.pool.tokensHeld;
+    result.stats.kvBytes = this.kvBytes;
+    result.stats.runningDeltas = [...new Set([...this.rows, ...(this.group?.rows ?? [])]
+      .map((r) => r.req.delta?.id).filter((id): id is string => !!id))];
+    return result;
+  }
+
+  private applyCancellations(result: StepResult): void {
+    if (!this.cancelled.size) return;
+    const done = (r: Row) => result.finished.push({ rowId: r.req.rowId, reason: 'cancelled', generated: r.generated });
+    for (let i = this.pending.length - 1; i >= 0; i--) {
+      if (this.cancelled.has(this.pending[i].req.rowId)) done(this.pending.splice(i, 1)[0]);
+    }
+    const g = this.group;
+    if (g) {
+      for (let i = g.rows.length - 1; i >= 0; i--) {
+        if (!this.cancelled.has(g.rows[i].req.rowId)) continue;
+        done(g.rows[i]);
+        moveLastInto(g.rows, i);
+        moveLastInto(g.pads, i);
+        g.kv.removeRow(i);
+        g.banks.removeRow(i);
+      }
+      if (g.rows.length === 0) this.group = null;
+    }
+    for (let i = this.rows.length - 1; i >= 0; i--) {
+      if (this.cancelled.has(this.rows[i].req.rowId)) {
+        done(this.rows[i]);
+        this.removeDecodeRow(i);
+      }
+    }
+    this.cancelled.clear();
+  }
+
+  private formGroup(): void {
+    const room = this.opts.maxBatch - this.rows.length;
+    if (room <= 0 || !this.pending.length) return;
+    const rows = this.pending.splice(0, room);
+    const padded = Math.max(...rows.map((r) => r.req.promptIds.length));
+    const kv = new KvPool(this.io);
+    kv.ensure(rows.length, padded);
+    const banks = new DeltaBanks(this.sites);
+    rows.forEach((r, i) => {
+      kv.addEmptyRow();
+      banks.setRow(i, r.req.delta);
+    });
+    this.group = { rows, pads: rows.map((r) => padded - r.req.promptIds.length), padded, done: 0, kv, banks };
+  }
+
+  private pastFeeds(feeds: Record<string, ort.Tensor>, rows: number, kv: KvPool | null): void {
+    const { layers, kvHeads, headDim } = this.io;
+    const cap = kv ? kv.capacity : 0;
+    for (let l = 0; l < layers; l++) {
+      for (const t of ['key', 'value'] as const) {
+        const data = kv ? kv.pastView(l, t) : new Float32Array(0);
+        feeds[`past_key_values.${l}.${t}`] = new ort.Tensor('float32', data, [rows, kvHeads, cap, headDim]);
+      }
+    }
+  }
+
+  private async run(feeds: Record<string, ort.Tensor>, stats: StepResult['stats']) {
+    const out = await this.session.run(feeds);
+    for (const t of [...Object.values(feeds), ...Object.values(out)]) {
+      stats.transferBytes += (t.data as ArrayBufferView).byteLength;
+    }
+    const { layers } = this.io;
+    const data = (name: string) => out[name].data as Float32Array;
+    return {
+      logits: data('logits'),
+      keys: Array.from({ length: layers }, (_, l) => data(newKvName(l, 'key'))),
+      values: Array.from({ length: layers }, (_, l) => data(newKvName(l, 'value'))),
+    };
+  }
+
+  private async prefillChunk(g: PrefillGroup, result: StepResult): Promise<void> {
+    const n = g.rows.length;
+    const start = g.done;
+    const chunk = Math.min(g.padded - start, Math.max(1, Math.floor(this.opts.prefillChunkTokens / n)));
+    const ids = new Array<number>(n * chunk);
+    const pos = new Array<number>(n * chunk);
+    for (let b = 0; b < n; b++) {
+      const prompt = g.rows[b].req.promptIds;
+      for (let i = 0; i < chunk; i++) {
+        const j = start + i - g.pads[b];
+        ids[b * chunk + i] = j >= 0 ? prompt[j] : 0;
+        pos[b * chunk + i] = Math.max(0, j);
+      }
+    }
+    // Past is the group's buffer (full capacity, masked) once a chunk has run.
+    const pastLen = start === 0 ? 0 : g.kv.capacity;
+    const mask = new Array<number>(n * (pastLen + chunk));
+    for (let b = 0; b < n; b++) {
+      const row = b * (pastLen + chunk);
+      for (let j = 0; j < pastLen; j++) mask[row + j] = j < start && j >= g.pads[b] ? 1 : 0;
+      for (let i = 0; i < chunk; i++) mask[row + pastLen + i] = start + i >= g.pads[b] ? 1 : 0;
+    }
+    const feeds: Record<string, ort.Tensor> = {
+      input_ids: i64(ids, [n, chunk]),
+      attention_mask: i64(mask, [n, pastLen + chunk]),
+      ...g.banks.feeds(n),
+    };
+    if (this.io.hasPositionIds) feeds.position_ids = i64(pos, [n, chunk]);
+    this.pastFeeds(feeds, n, start === 0 ? null : g.kv);
+    const t0 = performance.now();
+    const out = await this.run(feeds, result.stats);
+    result.stats.prefillMs = performance.now() - t0;
+    result.stats.prefillRows = n;
+    result.stats.prefillTokens = n * chunk;
+    g.kv.append(out.keys, out.values, chunk);
+    g.done += chunk;
+    if (g.done < g.padded) return;
+
+    // Prompt done: the first token comes from the prefill's logits, then the row joins the decode batch.
+    this.group = null;
+    const V = this.io.vocabSize;
+    for (let b = 0; b < n; b++) {
+      const row = g.rows[b];
+      const token = this.emit(row, out.logits, b * V, result);
+      const promptLen = row.req.promptIds.length;
+      const reason = this.finishReason(row, token, promptLen + 1);
+      if (reason) {
+        result.finished.push({ rowId: row.req.rowId, reason, generated: row.generated });
+        continue;
+      }
+      this.pool.addRow(promptLen, { keys: g.kv.keys, values: g.kv.values, capacity: g.kv.capacity, row: b, start: g.pads[b] });
+      this.banks.setRow(this.rows.length, row.req.delta);
+      this.rows.push(row);
+    }
+  }
+
+  private emit(row: Row, logits: Float32Array, offset: number, result: StepResult): number {
+    const token = row.sampler.sample(logits, offset, this.io.vocabSize);
+    row.generated++;
+    row.lastToken = token;
+    result.tokens.push({ rowId: row.req.rowId, token });
+    return token;
+  }
+
+  private finishReason(row: Row, token: number, totalTokens: number): EngineFinish | null {
+    if (this.eos.has(token)) return 'eos_token';
+    if (row.generated >= row.req.maxNewTokens || totalTokens >= this.opts.maxPositions) return 'length';
+    return null;
+  }
+
+  private async decode(result: StepResult): Promise<void> {
+    const B = this.rows.length;
+    const maxLen = Math.max(...this.pool.len);
+    this.pool.ensure(B, maxLen + 1);
+    const C = this.pool.capacity;
+    const mask = new BigInt64Array(B * (C + 1));
+    for (let b = 0; b < B; b++) {
+      mask.fill(1n, b * (C + 1), b * (C + 1) + this.pool.len[b]);
+      mask[b * (C + 1) + C] = 1n;
+    }
+    const feeds: Record<string, ort.Tensor> = {
+      input_ids: i64(this.rows.map((r) => r.lastToken), [B, 1]),
+      attention_mask: new ort.Tensor('int64', mask, [B, C + 1]),
+      ...this.banks.feeds(B),
+    };
+    if (this.io.hasPositionIds) feeds.position_ids = i64(this.pool.len, [B, 1]);
+    this.pastFeeds(feeds, B, this.pool);
+    const t0 = performance.now();
+    const out = await this.run(feeds, result.stats);
+    result.stats.decodeMs = performance.now() - t0;
+    result.stats.decodeRows = B;
+    this.pool.append(out.keys, out.values);
+    const V = this.io.vocabSize;
+    const done: number[] = [];
+    for (let b = 0; b < B; b++) {
+      const row = this.rows[b];
+      const token = this.emit(row, out.logits, b * V, result);
+      const reason = this.finishReason(row, token, this.pool.len[b] + 1);
+      if (reason) {
+        result.finished.push({ rowId: row.req.rowId, reason, generated: row.generated });
+        done.push(b);
+      }
+    }
+    for (let i = done.length - 1; i >= 0; i--) this.removeDecodeRow(done[i]);
+  }
+
+  private removeDecodeRow(i: number): void {
+    moveLastInto(this.rows, i);
+    this.pool.removeRow(i);
+    this.banks.removeRow(i);
+  }
+}
+
+function moveLastInto<T>(arr: T[], i: number): void {
+  const last = arr.pop()!;
+  if (i < arr.length) arr[i] = last;
+}

@@ -1,0 +1,61 @@
+/** What crosses between the scheduler (main thread) and the engine (worker thread). */
+import type { SitePlanOptions } from '../backbone/rewrite/index.js';
+import type { ExecutionProvider } from '../backbone/session.js';
+import type { LoadedDelta } from '../deltas/types.js';
+import type { SamplerParams } from './sampler.js';
+
+export interface RowRequest {
+  rowId: number;
+  promptIds: number[];
+  sampling: SamplerParams;
+  maxNewTokens: number;
+  delta: LoadedDelta | null;
+}
+
+export type EngineFinish = 'eos_token' | 'length' | 'cancelled';
+
+export interface StepStats {
+  /** Rows decoded this step. */
+  decodeRows: number;
+  /** Rows in the prefill chunk run this step (0 if none). */
+  prefillRows: number;
+  prefillTokens: number;
+  decodeMs: number;
+  prefillMs: number;
+  kvTokens: number;
+  kvBytes: number;
+  /** Bytes of feeds given to and outputs taken from the session: what crosses the bus on a GPU. */
+  transferBytes: number;
+  /** Delta ids (task ids) of the rows now running. */
+  runningDeltas: string[];
+}
+
+export interface StepResult {
+  tokens: { rowId: number; token: number }[];
+  finished: { rowId: number; reason: EngineFinish; generated: number }[];
+  /** Row ids in the engine after this step (decoding or prefilling). */
+  rows: number[];
+  stats: StepStats;
+}
+
+export interface EngineInit {
+  /** A model directory or embedded backbone name, loaded again inside the worker. */
+  model: string;
+  cacheDir?: string;
+  tokenizerPath?: string;
+  sites: SitePlanOptions;
+  ep: ExecutionProvider;
+  threads?: number;
+  maxBatch: number;
+  prefillChunkTokens: number;
+}
+
+export type ToEngine =
+  | { type: 'init'; init: EngineInit }
+  | { type: 'add'; row: RowRequest }
+  | { type: 'cancel'; rowId: number };
+
+export type FromEngine =
+  | { type: 'ready'; sites: number; splitLayers: number }
+  | { type: 'step'; result: StepResult }
+  | { type: 'error'; message: string; rowId?: number };
