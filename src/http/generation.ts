@@ -86,10 +86,10 @@ export async function runGeneration(deps: GenerationDeps, res: Response, run: Ru
     record(deps.metrics, run.task, abort.signal.aborted ? CLIENT_CLOSED : 200, start, firstToken, result);
     return result;
   } catch (err) {
-    const e = toServeError(err);
-    const status = abort.signal.aborted ? CLIENT_CLOSED : e.status;
-    record(deps.metrics, e.code === 'task_not_found' ? OTHER_TASK_LABEL : run.task, status, start, firstToken, null);
-    throw err;
+    // Whatever the engine threw on a cancelled row, the cause is the client leaving: not a server error.
+    const e = abort.signal.aborted ? new ServeError(CLIENT_CLOSED, 'cancelled', 'the client closed the request') : toServeError(err);
+    record(deps.metrics, e.code === 'task_not_found' ? OTHER_TASK_LABEL : run.task, e.status, start, firstToken, null);
+    throw e.status === 500 ? err : e;
   } finally {
     res.off('close', onClose);
   }

@@ -7,7 +7,7 @@ import { createApp } from '../../src/http/app.js';
 import type { RemoteAddress } from '../../src/http/auth.js';
 import { createChatTemplate, type ChatTemplate } from '../../src/http/chat-template.js';
 import { Lifecycle } from '../../src/http/lifecycle.js';
-import { createLogger } from '../../src/log.js';
+import { createLogger, type Logger } from '../../src/log.js';
 import { Metrics } from '../../src/metrics.js';
 import { EchoGenerator, MemoryRegistry, TEST_BACKBONE, type EchoOptions } from './http-fakes.js';
 
@@ -17,6 +17,7 @@ export interface TestAppOptions {
   ready?: boolean;
   echo?: EchoOptions;
   chatTemplate?: ChatTemplate;
+  logger?: Logger;
 }
 
 export interface TestApp {
@@ -43,7 +44,7 @@ export function testApp(opts: TestAppOptions = {}): TestApp {
     config,
     readiness: lifecycle,
     chatTemplate: opts.chatTemplate ?? createChatTemplate(),
-    logger: createLogger('silent'),
+    logger: opts.logger ?? createLogger('silent'),
     remoteAddress: opts.remoteAddress,
   });
   return { app, config, generator, registry, metrics, lifecycle };
