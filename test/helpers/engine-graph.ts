@@ -16,6 +16,8 @@ import { DEMO_SPECS, type DemoSpec } from '../../src/backbone/demo/spec.js';
 import { encodeModel } from '../../src/backbone/onnx/proto.js';
 import type { GraphBuilder } from '../../src/backbone/onnx/graph-builder.js';
 import { createSession } from '../../src/backbone/session.js';
+import type { SiteLayout } from '../../src/backbone/rewrite/delta-sites.js';
+import { DeltaBanks } from '../../src/engine/banks.js';
 import type { Activation, AdapterSite, BiasSite, LoadedDelta, LoraSite } from '../../src/deltas/types.js';
 
 export type Session = ort.InferenceSession;
@@ -290,4 +292,11 @@ export function targets(bb: Backbone) {
   return bb.info.family === 'gpt2'
     ? { lora4: ['c_attn'], lora16: ['attn.c_proj', 'mlp.c_fc'], adapter: ['attn.c_proj', 'mlp.c_proj'], bitfit: ['c_attn', 'c_fc'] }
     : { lora4: ['q_proj', 'v_proj'], lora16: ['o_proj', 'gate_proj', 'down_proj'], adapter: ['o_proj', 'down_proj'], bitfit: ['k_proj', 'up_proj'] };
+}
+
+/** Banks for `rows` rows, none with a delta: every site fed empty. */
+export function bareBanks(sites: SiteLayout[], rows: number): DeltaBanks {
+  const banks = new DeltaBanks(sites);
+  for (let r = 0; r < rows; r++) banks.setRow(r, null);
+  return banks;
 }
