@@ -59,7 +59,7 @@ test('filenames with path separators or ".." are refused and nothing is register
   assert.deepEqual(registry.received.get('x')!.map((f) => f.name), ['config.json']);
 });
 
-test('upload problems: missing or bad id 400, no files 400, duplicate file 400, existing id 409, ?replace=true 201', async () => {
+test('upload problems: missing or bad id 400, no files 400, duplicate file 400, existing id 409, ?replace=true 201, backbone name 400', async () => {
   const { app } = testApp();
   let res = await request(app).post('/v1/deltas').attach('f', CONFIG, 'config.json');
   assert.equal(res.status, 400);
@@ -80,7 +80,8 @@ test('upload problems: missing or bad id 400, no files 400, duplicate file 400, 
   res = await request(app).post('/v1/deltas?replace=maybe').field('id', 'dup').attach('f', CONFIG, 'config.json');
   assert.equal(res.status, 400);
   res = await request(app).post('/v1/deltas').field('id', 'test-backbone').attach('f', CONFIG, 'config.json');
-  assert.equal(res.status, 409);
+  assert.equal(res.status, 400);
+  assert.match(res.body.error.message, /backbone's own name/);
 });
 
 test('an upload over DELTASERVE_MAX_UPLOAD_BYTES is 413 and leaves nothing behind', async () => {

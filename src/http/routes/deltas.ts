@@ -30,7 +30,9 @@ function checkId(id: unknown, backbone: BackboneInfo, field = 'id'): string {
   if (typeof id !== 'string' || !TASK_ID.test(id)) {
     throw new ServeError(400, 'bad_request', `${field}: expected ${TASK_ID_RULE}`);
   }
-  if (id === backbone.name) throw new ServeError(409, 'delta_exists', `${field}: "${id}" is the backbone's own name`);
+  if (id === backbone.name) {
+    throw new ServeError(400, 'bad_request', `${field}: "${id}" is the backbone's own name, which always runs the bare backbone; choose another id`);
+  }
   return id;
 }
 
