@@ -3,7 +3,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { Registry } from '../src/deltas/registry.js';
-import { makeDemoDeltas } from '../scripts/make-demo-deltas.js';
+import { makeDemoDeltas } from '../src/deltas/demo-deltas.js';
 import { gpt2Like, llamaLike } from './helpers/backbone-info.js';
 import { tempDir } from './helpers/deltas.js';
 

@@ -7,10 +7,10 @@
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { BackboneInfo, LinearModule } from '../src/backbone/types.js';
-import { Registry } from '../src/deltas/registry.js';
-import { encodeSafetensors, type TensorToWrite } from '../src/deltas/safetensors.js';
-import type { DeltaRecord } from '../src/deltas/types.js';
+import type { BackboneInfo, LinearModule } from '../backbone/types.js';
+import { Registry } from './registry.js';
+import { encodeSafetensors, type TensorToWrite } from './safetensors.js';
+import type { DeltaRecord } from './types.js';
 
 /** Where each kind goes when the backbone names no default targets of its own. */
 const FALLBACK_TARGETS: Record<string, Record<string, string[]>> = {

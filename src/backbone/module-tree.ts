@@ -1,0 +1,41 @@
+/**
+ * The backbone's modules as a tree, with the delta sites each one carries:
+ * what OpenDelta's `delta.log()` shows, for a whole ONNX model.
+ */
+import type { SiteKind } from './rewrite/delta-sites.js';
+import type { BackboneInfo } from './types.js';
+
+interface TreeNode {
+  children: Map<string, TreeNode>;
+  label?: string;
+}
+
+export function renderModuleTree(info: BackboneInfo, plan: Map<string, SiteKind[]>): string {
+  const root: TreeNode = { children: new Map() };
+  for (const m of info.modules) {
+    // `layers.0` stays one segment, as torch scopes it.
+    const parts = m.name.split('.').reduce<string[]>((acc, p) => {
+      if (/^\d+$/.test(p) && acc.length) acc[acc.length - 1] += '.' + p;
+      else acc.push(p);
+      return acc;
+    }, []);
+    let node = root;
+    for (const p of parts) {
+      if (!node.children.has(p)) node.children.set(p, { children: new Map() });
+      node = node.children.get(p)!;
+    }
+    const sites = plan.get(m.name);
+    node.label = `Linear ${m.inFeatures}→${m.outFeatures}${sites?.length ? `  [sites: ${sites.join(', ')}]` : ''}`;
+  }
+  const lines = [`${info.name} (${info.family}, ${info.modules.length} linear modules, fingerprint ${info.fingerprint.slice(0, 12)})`];
+  const walk = (node: TreeNode, prefix: string) => {
+    const entries = [...node.children];
+    entries.forEach(([name, child], i) => {
+      const last = i === entries.length - 1;
+      lines.push(`${prefix}${last ? '└── ' : '├── '}${name}${child.label ? ` — ${child.label}` : ''}`);
+      walk(child, prefix + (last ? '    ' : '│   '));
+    });
+  };
+  walk(root, '');
+  return lines.join('\n');
+}

@@ -1,0 +1,93 @@
+/** The main thread's handle on the engine worker. */
+import { EventEmitter } from 'node:events';
+import { Worker } from 'node:worker_threads';
+import type { LoadedDelta } from '../deltas/types.js';
+import type { EngineInit, FromEngine, RowRequest, StepResult, ToEngine } from './protocol.js';
+
+/**
+ * Delta tensors are copied once into shared memory, so every request that
+ * carries the delta to the worker shares it instead of cloning megabytes.
+ */
+const shared = new WeakMap<LoadedDelta, LoadedDelta>();
+
+function toShared(a: Float32Array): Float32Array {
+  if (a.buffer instanceof SharedArrayBuffer) return a;
+  const out = new Float32Array(new SharedArrayBuffer(a.byteLength));
+  out.set(a);
+  return out;
+}
+
+export function shareDelta(delta: LoadedDelta): LoadedDelta {
+  let s = shared.get(delta);
+  if (!s) {
+    s = {
+      ...delta,
+      sites: delta.sites.map((site) => {
+        switch (site.kind) {
+          case 'lora':
+            return { ...site, a: toShared(site.a), b: toShared(site.b) };
+          case 'adapter':
+            return { ...site, down: toShared(site.down), downBias: toShared(site.downBias), up: toShared(site.up), upBias: toShared(site.upBias) };
+          case 'bitfit':
+            return { ...site, bias: toShared(site.bias) };
+        }
+      }),
+    };
+    shared.set(delta, s);
+  }
+  return s;
+}
+
+export interface EngineClientEvents {
+  step: [StepResult];
+  error: [string];
+}
+
+export class EngineClient extends EventEmitter<EngineClientEvents> {
+  private constructor(private readonly worker: Worker) {
+    super();
+  }
+
+  static start(init: EngineInit): Promise<{ client: EngineClient; sites: number; splitLayers: number }> {
+    // The worker is TypeScript too. Node 20 applies --import loaders to a worker's imports but not
+    // to its entry file, so a one-line bootstrap registers tsx and then imports the worker.
+    const api = JSON.stringify(import.meta.resolve('tsx/esm/api'));
+    const entry = JSON.stringify(new URL('./worker.ts', import.meta.url).href);
+    const worker = new Worker(`import(${api}).then(({ register }) => { register(); return import(${entry}); })`, { eval: true });
+    const client = new EngineClient(worker);
+    return new Promise((resolve, reject) => {
+      const onMessage = (m: FromEngine) => {
+        if (m.type === 'ready') {
+          worker.off('message', onMessage);
+          worker.on('message', (msg: FromEngine) => client.dispatch(msg));
+          resolve({ client, sites: m.sites, splitLayers: m.splitLayers });
+        } else if (m.type === 'error') {
+          worker.off('message', onMessage);
+          void worker.terminate();
+          reject(new Error(m.message));
+        }
+      };
+      worker.on('message', onMessage);
+      worker.once('error', reject);
+      worker.postMessage({ type: 'init', init } satisfies ToEngine);
+    });
+  }
+
+  private dispatch(m: FromEngine): void {
+    if (m.type === 'step') this.emit('step', m.result);
+    else if (m.type === 'error') this.emit('error', m.message);
+  }
+
+  add(row: RowRequest): void {
+    const msg: ToEngine = { type: 'add', row: { ...row, delta: row.delta ? shareDelta(row.delta) : null } };
+    this.worker.postMessage(msg);
+  }
+
+  cancel(rowId: number): void {
+    this.worker.postMessage({ type: 'cancel', rowId } satisfies ToEngine);
+  }
+
+  async close(): Promise<void> {
+    await this.worker.terminate();
+  }
+}

@@ -1,0 +1,71 @@
+/**
+ * The engine's thread. onnxruntime-node runs a session synchronously on the
+ * calling thread, so the engine lives here and the main thread stays free for
+ * HTTP, SSE and /metrics while every core computes.
+ */
+import { parentPort } from 'node:worker_threads';
+import { loadBackbone } from '../backbone/backbone.js';
+import { buildEngineGraph } from '../backbone/rewrite/index.js';
+import { createSession } from '../backbone/session.js';
+import { Engine } from './engine.js';
+import type { EngineInit, FromEngine, ToEngine } from './protocol.js';
+
+const port = parentPort!;
+const post = (m: FromEngine) => port.postMessage(m);
+
+let engine: Engine | null = null;
+let wake: (() => void) | null = null;
+let running = false;
+
+async function init(init: EngineInit): Promise<void> {
+  const backbone = await loadBackbone({ model: init.model, cacheDir: init.cacheDir, tokenizerPath: init.tokenizerPath });
+  const graph = buildEngineGraph(backbone, init.sites);
+  const session = await createSession(graph.bytes, { ep: init.ep, threads: init.threads });
+  engine = new Engine(session, backbone.io, graph.sites, {
+    maxBatch: init.maxBatch,
+    prefillChunkTokens: init.prefillChunkTokens,
+    eosTokenIds: backbone.tokenizer.eosTokenIds,
+    maxPositions: backbone.info.maxPositions,
+  });
+  post({ type: 'ready', sites: graph.sites.length, splitLayers: graph.splitLayers });
+}
+
+/** Steps while there is work; yields to the event loop between steps so adds and cancels land. */
+async function loop(): Promise<void> {
+  if (running || !engine) return;
+  running = true;
+  try {
+    for (;;) {
+      if (engine.idle) {
+        await new Promise<void>((resolve) => (wake = resolve));
+        wake = null;
+        continue;
+      }
+      try {
+        const result = await engine.step();
+        post({ type: 'step', result });
+      } catch (e) {
+        post({ type: 'error', message: (e as Error).message });
+        for (const rowId of engine.rowIds()) engine.cancel(rowId);
+      }
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+  } finally {
+    running = false;
+  }
+}
+
+port.on('message', (m: ToEngine) => {
+  switch (m.type) {
+    case 'init':
+      init(m.init).then(loop, (e) => post({ type: 'error', message: `engine failed to start: ${(e as Error).message}` }));
+      return;
+    case 'add':
+      engine!.add(m.row);
+      break;
+    case 'cancel':
+      engine!.cancel(m.rowId);
+      break;
+  }
+  wake?.();
+});

@@ -1,0 +1,135 @@
+/**
+ * Process wiring: backbone → delta registry → engine worker → scheduler →
+ * HTTP app. `startServices` is what `deltaserve serve` runs and what
+ * end-to-end tests start in-process.
+ */
+import type { Express } from 'express';
+import { loadBackbone, type Backbone } from './backbone/backbone.js';
+import { planSites, type SitePlanOptions } from './backbone/rewrite/index.js';
+import type { Config } from './config.js';
+import { Registry } from './deltas/registry.js';
+import { EngineClient } from './engine/engine-client.js';
+import { Scheduler } from './engine/scheduler.js';
+import { createApp } from './http/app.js';
+import { chatTemplateFromTokenizerConfig } from './http/chat-template.js';
+import { Lifecycle } from './http/lifecycle.js';
+import { serve, type RunningServer } from './http/server.js';
+import type { Logger } from './log.js';
+import { Metrics } from './metrics.js';
+import { ServeError } from './errors.js';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+export interface Services {
+  backbone: Backbone;
+  registry: Registry;
+  engine: EngineClient;
+  scheduler: Scheduler;
+  metrics: Metrics;
+  lifecycle: Lifecycle;
+  app: Express;
+  close(): Promise<void>;
+}
+
+export interface ServiceOptions {
+  config: Config;
+  logger: Logger;
+  /** For tests: model cache folder, a real tokenizer for demo:gpt2-small, site plan, remote address. */
+  cacheDir?: string;
+  tokenizerPath?: string;
+  sites?: SitePlanOptions;
+  defaultMetrics?: boolean;
+  remoteAddress?: Parameters<typeof createApp>[0]['remoteAddress'];
+}
+
+/** Bytes of the backbone's weights, to size the delta cache when it is not configured. */
+function weightBytes(backbone: Backbone): number {
+  return (backbone.source.model.graph?.initializer ?? []).reduce((n, t) => n + (t.rawData?.length ?? 0), 0);
+}
+
+export function defaultCacheBytes(backbone: Backbone): number {
+  return Math.max(256 * 2 ** 20, Math.floor(weightBytes(backbone) / 4));
+}
+
+/** KV tokens the running batch may hold: every row at full context, capped at 4 GiB of cache. */
+export function kvBudgetTokens(backbone: Backbone, config: Pick<Config, 'maxBatch'>): number {
+  const bytesPerToken = 2 * backbone.io.layers * backbone.io.kvHeads * backbone.io.headDim * 4;
+  const full = config.maxBatch * backbone.info.maxPositions;
+  return Math.max(backbone.info.maxPositions, Math.min(full, Math.floor(4 * 2 ** 30 / bytesPerToken)));
+}
+
+export async function startServices(opts: ServiceOptions): Promise<Services> {
+  const { config, logger } = opts;
+  const lifecycle = new Lifecycle();
+  const metrics = new Metrics({ maxTaskLabels: config.metricsTaskLabels, maxLoras: config.maxLoras, defaultMetrics: opts.defaultMetrics });
+  const backbone = await loadBackbone({ model: config.model, cacheDir: opts.cacheDir, tokenizerPath: opts.tokenizerPath });
+  logger.info({ backbone: backbone.info.name, family: backbone.info.family, modules: backbone.info.modules.length }, 'backbone loaded');
+
+  const registry = await Registry.open({
+    dir: config.deltasDir,
+    backbone: backbone.info,
+    cacheBytes: config.cacheBytes ?? defaultCacheBytes(backbone),
+    maxRank: config.maxRank,
+    hooks: {
+      onHit: () => metrics.cacheHit(),
+      onMiss: () => metrics.cacheMiss(),
+      onEvict: () => metrics.cacheEvict(),
+      onBytes: (b) => metrics.setCacheBytes(b),
+      onLoadSeconds: (s) => metrics.observeDeltaLoad(s),
+      onRegistered: (n) => metrics.setDeltasRegistered(n),
+    },
+  });
+
+  const sites = opts.sites ?? {};
+  const started = await EngineClient.start({
+    model: config.model, cacheDir: opts.cacheDir, tokenizerPath: opts.tokenizerPath, sites,
+    ep: config.ep, maxBatch: config.maxBatch, prefillChunkTokens: 512,
+  });
+  const engine = started.client;
+  engine.on('error', (message) => logger.error({ message }, 'engine step failed'));
+  logger.info({ sites: started.sites, splitAttentionLayers: started.splitLayers, ep: config.ep }, 'engine ready');
+
+  const plan = planSites(backbone, sites);
+  const kindOf = { lora: 'lora', adapter: 'adapter', bitfit: 'bias' } as const;
+  const scheduler = new Scheduler(engine, backbone.tokenizer, {
+    acquire: async (id) => {
+      const lease = await registry.acquire(id);
+      const missing = lease.delta.sites.filter((s) => !plan.get(s.module)?.includes(kindOf[s.kind]));
+      if (missing.length) {
+        lease.release();
+        throw new ServeError(422, 'unsupported_delta',
+          `delta '${id}' needs ${missing.length} delta site(s) this server was started without (e.g. ${missing[0].module} ${missing[0].kind})`);
+      }
+      return lease;
+    },
+    exists: async (id) => (await registry.get(id)) !== null,
+  }, metrics, {
+    maxBatch: config.maxBatch,
+    maxQueue: config.maxQueue,
+    maxLoras: config.maxLoras,
+    kvBudgetTokens: kvBudgetTokens(backbone, config),
+    maxPositions: backbone.info.maxPositions,
+    backboneName: backbone.info.name,
+  });
+
+  const tokenizerConfig = JSON.parse(readFileSync(join(backbone.source.dir, 'tokenizer_config.json'), 'utf8'));
+  const app = createApp({
+    generator: scheduler, registry, backbone: backbone.info, metrics, config, readiness: lifecycle,
+    chatTemplate: chatTemplateFromTokenizerConfig(tokenizerConfig), logger, remoteAddress: opts.remoteAddress,
+  });
+
+  // One short generation warms ORT's kernels before the server says it is ready.
+  await scheduler.generate({ task: null, prompt: 'warm up', params: {
+    maxNewTokens: 2, temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, seed: 0, stop: [],
+  } });
+  lifecycle.markReady();
+  return {
+    backbone, registry, engine, scheduler, metrics, lifecycle, app,
+    close: () => engine.close(),
+  };
+}
+
+export async function runServer(config: Config, logger: Logger): Promise<RunningServer> {
+  const services = await startServices({ config, logger });
+  return serve(services.app, config, { lifecycle: services.lifecycle, logger, onShutdown: () => services.close() });
+}
