@@ -35,6 +35,23 @@ const int = (min: number, max = Number.MAX_SAFE_INTEGER) =>
     return n;
   });
 
+const SITE_KINDS = ['lora', 'adapter', 'bias'] as const;
+export type SitePlan = Partial<Record<(typeof SITE_KINDS)[number], string[] | 'all'>>;
+
+/** `lora:all,adapter:c_proj+down_proj,bias:none` → { lora: 'all', adapter: ['c_proj', 'down_proj'], bias: [] } */
+const sitePlan = z.string().trim().transform((s, ctx) => {
+  const plan: SitePlan = {};
+  for (const part of s.split(',').map((p) => p.trim()).filter(Boolean)) {
+    const [kind, targets] = part.split(':').map((x) => x.trim());
+    if (!(SITE_KINDS as readonly string[]).includes(kind) || !targets) {
+      ctx.addIssue({ code: 'custom', message: `expected kind:targets with kind one of ${SITE_KINDS.join(', ')}, got "${part}"` });
+      return z.NEVER;
+    }
+    plan[kind as (typeof SITE_KINDS)[number]] = targets === 'all' ? 'all' : targets === 'none' ? [] : targets.split('+');
+  }
+  return plan;
+});
+
 const text = z.string();
 const optionalText = z.string().transform((s) => (s === '' ? null : s));
 
@@ -103,6 +120,20 @@ export const CONFIG_OPTIONS = {
   drainSeconds: spec({
     env: 'DELTASERVE_DRAIN_SECONDS', flag: '--drain-seconds <s>', help: 'on SIGTERM, how long running requests may finish before the server closes',
     defaultText: '30', schema: int(0, 86400), fallback: 30,
+  }),
+  sites: spec({
+    env: 'DELTASERVE_SITES', flag: '--sites <plan>',
+    help: 'which linear modules get delta sites of each kind: kind:targets pairs, targets all, none or module suffixes joined by +, e.g. lora:all,adapter:c_proj+down_proj,bias:all',
+    defaultText: 'lora:all,adapter:all,bias:all', schema: sitePlan, fallback: {} as SitePlan,
+  }),
+  prefillChunkTokens: spec({
+    env: 'DELTASERVE_PREFILL_CHUNK_TOKENS', flag: '--prefill-chunk-tokens <n>',
+    help: 'padded prompt tokens per prefill run; longer prompts are prefilled in chunks between decode steps',
+    defaultText: '512', schema: int(1, 1 << 20), fallback: 512,
+  }),
+  threads: spec({
+    env: 'DELTASERVE_THREADS', flag: '--threads <n>', help: 'ORT intra-op threads (0 = one per core)',
+    defaultText: '0', schema: int(0, 1024), fallback: 0,
   }),
   metricsTaskLabels: spec({
     env: 'DELTASERVE_METRICS_TASK_LABELS', flag: '--metrics-task-labels <n>',

@@ -80,10 +80,10 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
     },
   });
 
-  const sites = opts.sites ?? {};
+  const sites = opts.sites ?? config.sites;
   const started = await EngineClient.start({
     model: config.model, cacheDir: opts.cacheDir, tokenizerPath: opts.tokenizerPath, sites,
-    ep: config.ep, maxBatch: config.maxBatch, prefillChunkTokens: 512,
+    ep: config.ep, threads: config.threads || undefined, maxBatch: config.maxBatch, prefillChunkTokens: config.prefillChunkTokens,
   });
   const engine = started.client;
   engine.on('error', (message) => logger.error({ message }, 'engine step failed'));

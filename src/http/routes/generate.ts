@@ -50,23 +50,33 @@ export function generateRoutes(deps: GenerateRouteDeps): Router {
       return;
     }
 
-    // Each token event waits for the next token, so the last one can carry
-    // generated_text and details as the contract wants (TGI's framing): one
-    // decode step of delay per event, none in throughput.
+    // The last token event must carry generated_text and details (TGI's framing).
+    // The scheduler settles a request in the same turn that delivers its last
+    // token, so a token is held only until the event loop turns (setImmediate):
+    // if the result arrives first, that token was the last one.
     const sse = new SseStream(res);
     let held: TokenEventBody | null = null;
+    let release: NodeJS.Immediate | undefined;
+    const sendHeld = () => {
+      if (held) sse.send(held);
+      held = null;
+    };
     try {
       const r = await runGeneration(deps, res, {
         task, prompt: body.inputs, params,
         onToken: (t) => {
-          if (held) sse.send(held);
+          clearImmediate(release);
+          sendHeld();
           held = { token: { id: t.id, text: t.text }, generated_text: null };
+          release = setImmediate(sendHeld);
         },
       });
+      clearImmediate(release);
       const last: TokenEventBody = held ?? { token: null, generated_text: null };
       sse.send({ ...last, generated_text: r.generatedText, details: details(r) });
       sse.end();
     } catch (err) {
+      clearImmediate(release);
       if (!sse.started) throw err;
       sse.send(errorBody(toServeError(err), 'native'));
       sse.end();
