@@ -15,7 +15,7 @@ import type { WeightSource } from './layers.js';
 import type { DemoSpec } from './spec.js';
 
 /** Bump when the demo graphs change, so stale cached models are not reused. */
-const DEMO_VERSION = 1;
+const DEMO_VERSION = 2;
 
 export function defaultCacheDir(): string {
   return process.env.DELTASERVE_CACHE_DIR
