@@ -124,7 +124,7 @@ export const CONFIG_OPTIONS = {
   sites: spec({
     env: 'DELTASERVE_SITES', flag: '--sites <plan>',
     help: 'which linear modules get delta sites of each kind: kind:targets pairs, targets all, none or module suffixes joined by +, e.g. lora:all,adapter:c_proj+down_proj,bias:all',
-    defaultText: 'lora:all,adapter:all,bias:all', schema: sitePlan, fallback: {} as SitePlan,
+    defaultText: 'lora:all,bias:all, adapters on each block\'s output linears', schema: sitePlan, fallback: {} as SitePlan,
   }),
   prefillChunkTokens: spec({
     env: 'DELTASERVE_PREFILL_CHUNK_TOKENS', flag: '--prefill-chunk-tokens <n>',

@@ -3,7 +3,7 @@
  * HTTP app. `startServices` is what `deltaserve serve` runs and what
  * end-to-end tests start in-process.
  */
-import type { Express } from 'express';
+import express, { type Express } from 'express';
 import { loadBackbone, type Backbone } from './backbone/backbone.js';
 import { planSites, type SitePlanOptions } from './backbone/rewrite/index.js';
 import type { Config } from './config.js';
@@ -12,7 +12,9 @@ import { EngineClient } from './engine/engine-client.js';
 import { Scheduler } from './engine/scheduler.js';
 import { createApp } from './http/app.js';
 import { chatTemplateFromTokenizerConfig } from './http/chat-template.js';
+import { sendError } from './http/errors.js';
 import { Lifecycle } from './http/lifecycle.js';
+import { healthRoutes } from './http/routes/health.js';
 import { serve, type RunningServer } from './http/server.js';
 import type { Logger } from './log.js';
 import { Metrics } from './metrics.js';
@@ -40,6 +42,8 @@ export interface ServiceOptions {
   sites?: SitePlanOptions;
   defaultMetrics?: boolean;
   remoteAddress?: Parameters<typeof createApp>[0]['remoteAddress'];
+  /** Readiness shared with a server that already listens while the services start (runServer). */
+  lifecycle?: Lifecycle;
 }
 
 /** Bytes of the backbone's weights, to size the delta cache when it is not configured. */
@@ -60,12 +64,24 @@ export function kvBudgetTokens(backbone: Backbone, config: Pick<Config, 'maxBatc
 
 export async function startServices(opts: ServiceOptions): Promise<Services> {
   const { config, logger } = opts;
-  const lifecycle = new Lifecycle();
+  const lifecycle = opts.lifecycle ?? new Lifecycle();
   const metrics = new Metrics({ maxTaskLabels: config.metricsTaskLabels, maxLoras: config.maxLoras, defaultMetrics: opts.defaultMetrics });
   const backbone = await loadBackbone({ model: config.model, cacheDir: opts.cacheDir, tokenizerPath: opts.tokenizerPath });
   logger.info({ backbone: backbone.info.name, family: backbone.info.family, modules: backbone.info.modules.length }, 'backbone loaded');
 
+  const sites = opts.sites ?? config.sites;
+  const plan = planSites(backbone, sites);
+  const kindOf = { lora: 'lora', adapter: 'adapter', bitfit: 'bias' } as const;
+  const unplaceable = (delta: { sites: { module: string; kind: 'lora' | 'adapter' | 'bitfit' }[] }) => {
+    const missing = delta.sites.filter((s) => !plan.get(s.module)?.includes(kindOf[s.kind]));
+    if (!missing.length) return [];
+    const kinds = [...new Set(missing.map((s) => kindOf[s.kind]))];
+    return [`this server has no ${kinds.join('/')} delta site on ${missing.map((s) => s.module).join(', ')}: ` +
+      `restart it with DELTASERVE_SITES naming those modules (e.g. ${kinds[0]}:all), or target modules it serves (GET /v1/backbone)`];
+  };
+
   const registry = await Registry.open({
+    unplaceable,
     dir: config.deltasDir,
     backbone: backbone.info,
     cacheBytes: config.cacheBytes ?? defaultCacheBytes(backbone),
@@ -80,7 +96,6 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
     },
   });
 
-  const sites = opts.sites ?? config.sites;
   const started = await EngineClient.start({
     model: config.model, cacheDir: opts.cacheDir, tokenizerPath: opts.tokenizerPath, sites,
     ep: config.ep, threads: config.threads || undefined, maxBatch: config.maxBatch, prefillChunkTokens: config.prefillChunkTokens,
@@ -89,16 +104,14 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
   engine.on('error', (message) => logger.error({ message }, 'engine step failed'));
   logger.info({ sites: started.sites, splitAttentionLayers: started.splitLayers, ep: config.ep }, 'engine ready');
 
-  const plan = planSites(backbone, sites);
-  const kindOf = { lora: 'lora', adapter: 'adapter', bitfit: 'bias' } as const;
   const scheduler = new Scheduler(engine, backbone.tokenizer, {
+    // A delta registered by a replica with other sites can still reach this one through the shared store.
     acquire: async (id) => {
       const lease = await registry.acquire(id);
-      const missing = lease.delta.sites.filter((s) => !plan.get(s.module)?.includes(kindOf[s.kind]));
-      if (missing.length) {
+      const problems = unplaceable(lease.delta);
+      if (problems.length) {
         lease.release();
-        throw new ServeError(422, 'unsupported_delta',
-          `delta '${id}' needs ${missing.length} delta site(s) this server was started without (e.g. ${missing[0].module} ${missing[0].kind})`);
+        throw new ServeError(422, 'unsupported_delta', `delta '${id}' cannot run here: ${problems[0]}`);
       }
       return lease;
     },
@@ -129,7 +142,22 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
   };
 }
 
+/**
+ * Listens first, then loads: while the backbone loads and warms (minutes for a
+ * big model), /healthz answers 200, /readyz 503 and everything else 503
+ * not_ready, as the contract says; then the real app takes every request.
+ */
 export async function runServer(config: Config, logger: Logger): Promise<RunningServer> {
-  const services = await startServices({ config, logger });
-  return serve(services.app, config, { lifecycle: services.lifecycle, logger, onShutdown: () => services.close() });
+  const lifecycle = new Lifecycle();
+  let services: Services | null = null;
+  const app = express();
+  app.disable('x-powered-by');
+  app.use((req, res, next) => (services ? services.app(req, res, next) : next()));
+  app.use(healthRoutes(lifecycle));
+  app.use((req, res) => sendError(req, res, lifecycle.draining()
+    ? new ServeError(503, 'draining', 'the server is shutting down; retry on another replica', undefined, 5)
+    : new ServeError(503, 'not_ready', 'the backbone is still loading; retry shortly', undefined, 5)));
+  const running = await serve(app, config, { lifecycle, logger, onShutdown: () => services?.close() });
+  services = await startServices({ config, logger, lifecycle });
+  return running;
 }

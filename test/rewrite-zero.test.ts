@@ -36,10 +36,14 @@ for (const model of FAMILIES) {
       original = await originalSession(bb);
     });
 
-    test('default plan: every linear but lm_head carries lora, adapter and bias sites', () => {
+    test('default plan: every linear but lm_head carries lora and bias sites, block outputs carry adapters', () => {
       const expected = bb.info.modules.filter((m) => !m.name.endsWith('lm_head')).map((m) => m.name).sort();
       assert.deepEqual(sites.map((s) => s.module).sort(), expected);
-      for (const s of sites) assert.deepEqual(s.kinds, ['lora', 'adapter', 'bias']);
+      const blockOutput = /(attn\.c_proj|mlp\.c_proj|self_attn\.o_proj|mlp\.down_proj)$/;
+      for (const s of sites) {
+        assert.deepEqual(s.kinds, blockOutput.test(s.module) ? ['lora', 'adapter', 'bias'] : ['lora', 'bias'], s.module);
+      }
+      assert.ok(sites.some((s) => s.kinds.includes('adapter')), 'some module carries adapter sites');
     });
 
     test('every site fed empty equals no sites (≤ 1e-6) and the original last logits (≤ 1e-4), prefill and decode', async () => {

@@ -26,6 +26,11 @@ export interface RegistryOptions {
     onRegistered?(count: number): void;
   };
   store?: StoreOptions;
+  /**
+   * Problems with a delta this server's engine cannot place (modules it has
+   * no site of that kind for); each becomes a 422 detail at registration.
+   */
+  unplaceable?: (delta: ValidDelta) => string[];
 }
 
 const notFound = (id: string) => new ServeError(404, 'delta_not_found', `no delta '${id}' is registered`);
@@ -70,6 +75,12 @@ export class Registry implements DeltaRegistry {
       const contents = new Map<string, Uint8Array>();
       for (const name of selection.keep) contents.set(name, await readFile(byName.get(name)!));
       const valid = this.parseAndValidate(subject, selection, contents);
+      const unplaceable = this.opts.unplaceable?.(valid) ?? [];
+      if (unplaceable.length) {
+        const problems = new Problems();
+        for (const p of unplaceable) problems.unsupported(p);
+        throw problems.toError(subject);
+      }
 
       const stored = await this.store.write(
         id,

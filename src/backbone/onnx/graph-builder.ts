@@ -106,6 +106,18 @@ export class GraphBuilder {
     return output;
   }
 
+  /**
+   * A subgraph (an If branch) that reads this graph's tensors by name. Its
+   * constants get their own prefix: ONNX forbids a subgraph to shadow a name.
+   */
+  subgraph(name: string, scope: string, build: (sub: GraphBuilder) => string[]): GraphProto {
+    const sub = new GraphBuilder();
+    sub.constPrefix = `${this.constPrefix}${name}::`;
+    const outputs = sub.scope(scope, () => build(sub));
+    sub.outputs.push(...outputs.map((o) => ({ name: o, type: { tensorType: { elemType: DataType.FLOAT } } })));
+    return sub.graph(name);
+  }
+
   graph(name: string): GraphProto {
     return { name, node: this.nodes, initializer: this.initializers, input: this.inputs, output: this.outputs };
   }

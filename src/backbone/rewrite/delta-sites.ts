@@ -11,7 +11,10 @@
  * step. A site no row uses is fed a zero-size rank (ORT skips the MatMuls) and
  * a batch dimension of 1 (broadcast), so it costs next to nothing.
  */
-import { DataType } from '../onnx/graph-builder.js';
+import { DataType, type GraphBuilder } from '../onnx/graph-builder.js';
+import { onnx } from '../onnx/proto.js';
+
+const GRAPH_ATTR = onnx.AttributeProto.AttributeType.GRAPH;
 import type { LinearSite } from '../modules.js';
 import { geluErf, geluNew, silu } from '../onnx/activations.js';
 import type { GraphEditor } from './editor.js';
@@ -37,23 +40,43 @@ export interface SiteLayout {
   kinds: SiteKind[];
 }
 
-function activationMix(g: GraphEditor, z: string): string {
+function activationMix(g: GraphBuilder, z: string): string {
   const relu = g.op('Relu', [z]);
   const acts = [relu, geluErf(g, z), geluNew(g, z), silu(g, z)];
   const parts = acts.map((a, i) => g.op('Mul', [a, siteInput.activation(ACTIVATIONS[i])]));
   return parts.reduce((acc, p) => g.op('Add', [acc, p]));
 }
 
+/**
+ * Adapter and bias branches sit inside an If on `delta.extras_on`: a step
+ * with no adapter or BitFit row skips them whole, where empty tensors would
+ * still cost a few dozen kernel launches per site.
+ */
+export const EXTRAS_ON = 'delta.extras_on';
+
 export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Map<string, SiteKind[]>): SiteLayout[] {
   const layouts: SiteLayout[] = [];
   const floatIn = (name: string, dims: (number | string)[]) => g.input(name, DataType.FLOAT, dims);
-  let batchDim: string | null = null;
-  const batch = () => (batchDim ??= g.scope('/deltaserve', () =>
-    g.op('Slice', [g.op('Shape', ['input_ids']), g.ints([0]), g.ints([1]), g.ints([0])])));
+  const shapes = new Map<number, string>();
+  // [batch, -1, features]: GPT-2's Gemm sees [batch*seq, features]; per-row banks need the rows back.
+  const shape3d = (features: number) => {
+    let s = shapes.get(features);
+    if (!s) {
+      s = g.scope('/deltaserve', () => {
+        const batch = g.op('Slice', [g.op('Shape', ['input_ids']), g.ints([0]), g.ints([1]), g.ints([0])]);
+        return g.op('Concat', [batch, g.ints([-1, features])], { axis: 0 });
+      });
+      shapes.set(features, s);
+    }
+    return s;
+  };
+  const needsExtras = [...plan.values()].some((k) => k.includes('adapter') || k.includes('bias'));
+  if (needsExtras) g.input(EXTRAS_ON, DataType.BOOL, []);
   if ([...plan.values()].some((k) => k.includes('adapter'))) {
     for (const a of ACTIVATIONS) floatIn(siteInput.activation(a), ['delta_batch', 1, 1]);
   }
 
+  let siteNo = 0;
   for (const site of linear) {
     const kinds = plan.get(site.name);
     if (!kinds?.length) continue;
@@ -64,32 +87,39 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Map
     const producer = g.nodes.find((n) => n.output?.includes(out))!;
     const base = `${out}/base`;
     producer.output = producer.output!.map((o) => (o === out ? base : o));
-    const to3d = (t: string, features: number) =>
-      site.twoD ? g.op('Reshape', [t, g.op('Concat', [batch(), g.ints([-1, features])], { axis: 0 })]) : t;
-    const from3d = (t: string, features: number) => (site.twoD ? g.op('Reshape', [t, g.ints([-1, features])]) : t);
+    const scope = `/deltaserve/${m}`;
 
-    g.scope(`/deltaserve/${m}`, () => {
-      let y = base;
-      const adds: string[] = [];
+    g.scope(scope, () => {
+      let y = site.twoD ? g.op('Reshape', [base, shape3d(outF)]) : base;
       if (kinds.includes('lora')) {
         const a = floatIn(siteInput.loraA(m), ['delta_batch', inF, 'lora_rank']);
         const b = floatIn(siteInput.loraB(m), ['delta_batch', 'lora_rank', outF]);
-        const xa = g.op('MatMul', [to3d(site.node.input![0], inF), a]);
-        adds.push(from3d(g.op('MatMul', [xa, b]), outF));
+        const x = site.twoD ? g.op('Reshape', [site.node.input![0], shape3d(inF)]) : site.node.input![0];
+        y = g.op('Add', [y, g.op('MatMul', [g.op('MatMul', [x, a]), b])]);
       }
-      if (adds.length) y = g.op('Add', [y, adds[0]]);
-      if (kinds.includes('adapter')) {
-        const down = floatIn(siteInput.adapterDown(m), ['delta_batch', outF, 'adapter_rank']);
-        const downBias = floatIn(siteInput.adapterDownBias(m), ['delta_batch', 1, 'adapter_rank']);
-        const up = floatIn(siteInput.adapterUp(m), ['delta_batch', 'adapter_rank', outF]);
-        const z = g.op('Add', [g.op('MatMul', [to3d(y, outF), down]), downBias]);
-        y = g.op('Add', [y, from3d(g.op('MatMul', [activationMix(g, z), up]), outF)]);
+      if (kinds.includes('adapter') || kinds.includes('bias')) {
+        const h = y;
+        const inputs = {
+          down: kinds.includes('adapter') ? floatIn(siteInput.adapterDown(m), ['delta_batch', outF, 'adapter_rank']) : '',
+          downBias: kinds.includes('adapter') ? floatIn(siteInput.adapterDownBias(m), ['delta_batch', 1, 'adapter_rank']) : '',
+          up: kinds.includes('adapter') ? floatIn(siteInput.adapterUp(m), ['delta_batch', 'adapter_rank', outF]) : '',
+          bias: kinds.includes('bias') ? floatIn(siteInput.bias(m), ['delta_batch', 1, outF]) : '',
+        };
+        const n = siteNo++;
+        const thenBranch = g.subgraph(`site${n}_then`, `${scope}/extras`, (sub) => {
+          let t = h;
+          if (inputs.down) {
+            const z = sub.op('Add', [sub.op('MatMul', [t, inputs.down]), inputs.downBias]);
+            t = sub.op('Add', [t, sub.op('MatMul', [activationMix(sub, z), inputs.up])]);
+          }
+          if (inputs.bias) t = sub.op('Add', [t, inputs.bias]);
+          return [t];
+        });
+        const elseBranch = g.subgraph(`site${n}_else`, `${scope}/bare`, (sub) => [sub.op('Identity', [h])]);
+        const graphAttr = (name: string, graph: typeof thenBranch) => ({ name, type: GRAPH_ATTR, g: graph });
+        y = g.op('If', [EXTRAS_ON], { then_branch: graphAttr('then_branch', thenBranch), else_branch: graphAttr('else_branch', elseBranch) });
       }
-      if (kinds.includes('bias')) {
-        const b = floatIn(siteInput.bias(m), ['delta_batch', 1, outF]);
-        y = from3d(g.op('Add', [to3d(y, outF), b]), outF);
-      }
-      g.opNamed('Identity', [y], out);
+      g.opNamed(site.twoD ? 'Reshape' : 'Identity', site.twoD ? [y, g.ints([-1, outF])] : [y], out);
     });
   }
   return layouts;

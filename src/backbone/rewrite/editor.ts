@@ -4,7 +4,7 @@
  * are shared with the original model, never copied.
  */
 import { GraphBuilder } from '../onnx/graph-builder.js';
-import { GraphIndex } from '../onnx/graph-index.js';
+import { GraphIndex, nodeReads } from '../onnx/graph-index.js';
 import { encodeModel, type ModelProto, type NodeProto } from '../onnx/proto.js';
 
 export class GraphEditor extends GraphBuilder {
@@ -42,7 +42,7 @@ export class GraphEditor extends GraphBuilder {
       if (dead.size === 0) break;
       this.removeNodes(dead);
     }
-    const read = new Set(this.nodes.flatMap((n) => n.input ?? []));
+    const read = new Set(this.nodes.flatMap(nodeReads));
     const live = this.initializers.filter((t) => read.has(t.name!));
     this.initializers.length = 0;
     this.initializers.push(...live);
@@ -59,14 +59,14 @@ export class GraphEditor extends GraphBuilder {
       const before = pending.length;
       for (let i = 0; i < pending.length;) {
         const n = pending[i];
-        if ((n.input ?? []).every((x) => available.has(x))) {
+        if (nodeReads(n).every((x) => available.has(x))) {
           sorted.push(n);
           for (const o of n.output ?? []) available.add(o);
           pending.splice(i, 1);
         } else i++;
       }
       if (pending.length === before) {
-        throw new Error(`graph rewrite left unresolved inputs at ${pending[0].name}: ${(pending[0].input ?? []).filter((x) => !available.has(x)).join(', ')}`);
+        throw new Error(`graph rewrite left unresolved inputs at ${pending[0].name}: ${nodeReads(pending[0]).filter((x) => !available.has(x)).join(', ')}`);
       }
     }
     this.nodes.length = 0;

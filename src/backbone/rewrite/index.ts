@@ -9,6 +9,12 @@ import { insertDeltaSites, type SiteKind, type SiteLayout } from './delta-sites.
 import { rewriteKvCache } from './kv-cache.js';
 import { rewriteLastLogits } from './last-logits.js';
 
+/**
+ * Which linear modules get which kinds of delta site. Defaults, by measurement
+ * (README, "Deltas inside the graph"): LoRA and bias sites on every linear
+ * (unused, they cost ~nothing), adapter sites on each block's output linears,
+ * where OpenDelta puts bottleneck adapters by default.
+ */
 export interface SitePlanOptions {
   /** Module name suffixes (whole segments) that get each kind of site; `all` = every linear but lm_head. */
   lora?: string[] | 'all';
@@ -29,8 +35,9 @@ export const matchesSuffix = (module: string, suffix: string) =>
 export function planSites(backbone: Backbone, opts: SitePlanOptions = {}): Map<string, SiteKind[]> {
   const plan = new Map<string, SiteKind[]>();
   const candidates = backbone.linear.filter((m) => !/(^|\.)lm_head$/.test(m.name));
+  const defaults = { lora: 'all', adapter: backbone.info.defaultTargets.adapter ?? 'all', bias: 'all' } as const;
   for (const kind of ['lora', 'adapter', 'bias'] as const) {
-    const sel = opts[kind] ?? 'all';
+    const sel = opts[kind] ?? defaults[kind];
     for (const m of candidates) {
       if (sel === 'all' || sel.some((s) => matchesSuffix(m.name, s))) plan.set(m.name, [...(plan.get(m.name) ?? []), kind]);
     }
