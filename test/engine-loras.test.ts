@@ -48,9 +48,9 @@ describe('max_loras=2 on demo:llama', () => {
     const firstTokenStep = new Map<string, number>();
     const doneStep = new Map<string, number>();
     const runs: Promise<Run>[] = [];
-    const enqueue = async (name: string, task: string) => {
+    const enqueue = async (name: string, task: string, maxNewTokens: number) => {
       const waiting = sched.waiting;
-      runs.push(generate(stack.services, task, prompt(8, name.length), params({ maxNewTokens: 10 }), {
+      runs.push(generate(stack.services, task, prompt(8, name.length), params({ maxNewTokens }), {
         onToken: () => {
           if (!firstTokenStep.has(name)) firstTokenStep.set(name, stack.steps.mark());
         },
@@ -64,9 +64,11 @@ describe('max_loras=2 on demo:llama', () => {
     };
     const popular = Array.from({ length: 8 }, (_, i) => `pop${i}`);
     const later = Array.from({ length: 8 }, (_, i) => `late${i}`);
-    for (const [i, name] of popular.entries()) await enqueue(name, i % 2 ? b : a);
-    await enqueue('rare', rare);
-    for (const name of later) await enqueue(name, a);
+    // Long A rows and short B rows desynchronise the batch: the rare task reaches the head of the queue while
+    // both popular tasks run and rows are free, the moment a scheduler that skips it would admit later A rows.
+    for (const [i, name] of popular.entries()) await enqueue(name, i % 2 ? b : a, i % 2 ? 5 : 30);
+    await enqueue('rare', rare, 10);
+    for (const name of later) await enqueue(name, a, 10);
     assert.equal(sched.runningCount, 4, 'the blockers finished before the queue was built; the order is not known');
     assert.equal(sched.waiting, 17);
 
