@@ -229,9 +229,11 @@ export interface Child {
 
 /** Spawns a command in the repo as the leader of its own process group, with pino logs on stdout. */
 export function spawnInRepo(command: string, args: string[], env: Record<string, string>): Child {
+  // What a fresh shell would have: none of the server's variables leak in from the test's environment.
+  const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^(DELTASERVE_|HOST$|PORT$|LOG_LEVEL$)/.test(k)));
   const child = spawn(command, args, {
     cwd: REPO, detached: true, stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, LOG_LEVEL: 'info', ...env },
+    env: { ...clean, LOG_LEVEL: 'info', ...env },
   });
   let out = '';
   let onUrl!: (u: string) => void;
@@ -280,4 +282,20 @@ export function spawnInRepo(command: string, args: string[], env: Record<string,
 export async function scratch(label: string): Promise<{ dir: string; remove(): Promise<void> }> {
   const dir = await mkdtemp(join(tmpdir(), `deltaserve-e2e-${label}-`));
   return { dir, remove: () => rm(dir, { recursive: true, force: true }) };
+}
+
+/** Polls until `url` answers; returns every status seen (connection refusals are not statuses). */
+export async function pollUntil(url: string, done: (status: number) => boolean, timeoutMs = 60_000): Promise<number[]> {
+  const seen: number[] = [];
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      const r = await fetch(url);
+      await r.arrayBuffer();
+      seen.push(r.status);
+      if (done(r.status)) return seen;
+    } catch { /* not listening yet */ }
+    if (Date.now() > until) throw new Error(`timed out polling ${url}; statuses seen: ${seen.join(',')}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
 }
