@@ -13,7 +13,8 @@ import {
   deltaFiles, encodeTensors, generate, params, prompt, registerDelta, startStack, type Run, type Stack, type TaskSpec,
 } from './helpers/engine-stack.js';
 
-const N = 48;
+// Long enough that the streams outlast an upload (about 0.1 s here with its fsyncs).
+const N = 160;
 
 /** A delta upload as multipart parts, the way a client sends it. */
 function upload(stack: Stack, id: string, spec: TaskSpec, replace: boolean) {
@@ -66,7 +67,9 @@ describe('deltas registered, replaced and deleted while requests stream (demo:ll
     const old = prompts.map((p) => stream(stack, 'hot', p));
     await Promise.all(old.map((o) => o.started));
 
+    const t0 = performance.now();
     const replaced = await upload(stack, 'hot', v2(), true);
+    t.diagnostic(`replace took ${(performance.now() - t0).toFixed(1)} ms`);
     assert.equal(replaced.status, 201, JSON.stringify(replaced.body));
     const oldStillRunning = old.filter((o) => !o.state.done).length;
 
@@ -87,12 +90,12 @@ describe('deltas registered, replaced and deleted while requests stream (demo:ll
     // Every request completes (a rejection fails the test here), on the version it started with.
     const [oldRuns, nextRuns, freshRuns] = await Promise.all([Promise.all(old.map((o) => o.run)), Promise.all(next.map((o) => o.run)), Promise.all(onFresh.map((o) => o.run))]);
     t.diagnostic(`still streaming when the replace returned: ${oldStillRunning}/8; when the delete returned: ${nextStillRunning}/8`);
-    assert.ok(oldStillRunning > 0, 'every old request had finished before the replace returned: nothing overlapped');
-    assert.ok(nextStillRunning > 0, 'every new request had finished before the delete returned: nothing overlapped');
     prompts.forEach((_, i) => {
       assert.deepEqual(oldRuns[i].tokens, aloneV1[i].tokens, `request ${i} started before the replace did not finish on version 1`);
       assert.deepEqual(nextRuns[i].tokens, aloneV2[i].tokens, `request ${i} started after the replace did not finish on version 2`);
     });
+    assert.ok(oldStillRunning > 0, 'every old request had finished before the replace returned: nothing overlapped');
+    assert.ok(nextStillRunning > 0, 'every new request had finished before the delete returned: nothing overlapped');
     for (const [i, r] of freshRuns.entries()) {
       const ref = await generate(stack.services, 'fresh', prompts[i], params({ maxNewTokens: N }));
       assert.deepEqual(r.tokens, ref.tokens, `request ${i} on the delta registered mid-stream`);
