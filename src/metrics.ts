@@ -131,6 +131,17 @@ export class Metrics {
     registers: [this.registry],
   });
   private readonly deltasRegistered = this.gauge('deltaserve_deltas_registered', 'Deltas in the store.');
+  // Beyond the contract: what each engine step costs, and what would cross a GPU's bus.
+  private readonly engineStep = new Histogram({
+    name: 'deltaserve_engine_step_seconds',
+    help: 'Time of one engine run, by phase (prefill chunk or decode).',
+    labelNames: ['phase'] as const,
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+    registers: [this.registry],
+  });
+  private readonly transferBytes = this.counter('deltaserve_engine_transfer_bytes_total',
+    'Bytes of feeds given to and outputs taken from the ORT session (KV, banks, ids, logits): what crosses the bus on a GPU.');
+  private readonly kvBytes = this.gauge('deltaserve_kv_cache_bytes', 'Bytes of KV cache buffers the engine holds.');
 
   constructor(opts: MetricsOptions = {}) {
     this.tasks = new TaskLabeler(opts.maxTaskLabels ?? 20, (task) => this.forget(task));
@@ -175,6 +186,13 @@ export class Metrics {
 
   observeBatch(rows: number): void {
     this.batchSize.observe(rows);
+  }
+
+  observeEngineStep(stats: { prefillMs: number; decodeMs: number; prefillRows: number; decodeRows: number; transferBytes: number; kvBytes: number }): void {
+    if (stats.prefillRows) this.engineStep.observe({ phase: 'prefill' }, stats.prefillMs / 1000);
+    if (stats.decodeRows) this.engineStep.observe({ phase: 'decode' }, stats.decodeMs / 1000);
+    this.transferBytes.inc(stats.transferBytes);
+    this.kvBytes.set(stats.kvBytes);
   }
 
   // --- HTTP layer ----------------------------------------------------------
