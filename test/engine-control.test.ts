@@ -9,6 +9,9 @@
  * a few requests fill the batch and the queue.
  */
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { createServer, request as httpRequest, type IncomingMessage } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import request from 'supertest';
 import type { StepResult } from '../src/engine/protocol.js';
@@ -179,6 +182,41 @@ describe('request control on demo:llama', () => {
       lease.release();
       other.release();
       await session.release();
+    }
+  });
+
+  test('a client that closes its SSE connection mid-stream frees its row within one step', async () => {
+    const server = createServer(stack.services.app).listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    try {
+      const w = watch(stack);
+      let closedAt: Promise<number> | null = null;
+      // The server side of the socket closing is when the HTTP layer aborts the request.
+      server.on('connection', (socket) => socket.on('close', () => (closedAt ??= afterBacklog(w.seen))));
+      const before = new Set(stack.services.scheduler.runningRowIds());
+      const req = httpRequest({
+        host: '127.0.0.1', port: (server.address() as AddressInfo).port, method: 'POST', path: '/v1/generate',
+        headers: { 'content-type': 'application/json' },
+      });
+      req.end(JSON.stringify({ task, inputs: prompt(12, 80), parameters: { max_new_tokens: 400 }, stream: true }));
+      const [res] = (await once(req, 'response')) as [IncomingMessage];
+      assert.equal(res.statusCode, 200);
+      assert.match(String(res.headers['content-type']), /text\/event-stream/);
+      await once(res, 'data');
+      const fresh = stack.services.scheduler.runningRowIds().filter((id) => !before.has(id));
+      assert.equal(fresh.length, 1, `rows running: ${fresh}`);
+      const rowId = fresh[0];
+      req.on('error', () => {});
+      req.destroy();
+      const freed = await stack.steps.next((s) => s.finished.some((f) => f.rowId === rowId));
+      w.stop();
+      assert.ok(closedAt, 'the server never saw the connection close');
+      assertFreedWithinOneStep(w.seen, await closedAt, rowId);
+      const generated = freed.finished.find((f) => f.rowId === rowId)!.generated;
+      assert.ok(generated < 400, `the row ran to the end (${generated} tokens)`);
+    } finally {
+      server.closeAllConnections();
+      server.close();
     }
   });
 
