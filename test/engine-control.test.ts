@@ -237,8 +237,9 @@ describe('request control on demo:llama', () => {
   });
 
   test('a full queue answers 429 queue_full with Retry-After; the admitted requests all complete', async () => {
-    const max = 80;
-    const admitted = Array.from({ length: 8 }, (_, i) => generate(stack.services, null, prompt(6 + i, 40 + i), params({ maxNewTokens: max })));
+    // The first four (admitted at once) run long, so the four behind them are still queued when the HTTP request lands.
+    const max = (i: number) => (i < 4 ? 240 : 20);
+    const admitted = Array.from({ length: 8 }, (_, i) => generate(stack.services, null, prompt(6 + i, 40 + i), params({ maxNewTokens: max(i) })));
     assert.equal(stack.services.scheduler.runningCount, 4);
     assert.equal(stack.services.scheduler.waiting, 4);
     await assert.rejects(
@@ -250,10 +251,11 @@ describe('request control on demo:llama', () => {
     assert.equal(res.status, 429, JSON.stringify(res.body));
     assert.equal(res.body.error.code, 'queue_full');
     assert.ok(Number(res.headers['retry-after']) >= 1, `Retry-After: ${res.headers['retry-after']}`);
+    assert.equal(stack.services.scheduler.waiting, 4, 'the queue drained before the HTTP request was answered');
     const done = await Promise.all(admitted);
-    for (const d of done) {
-      assert.ok(d.result.finishReason === 'length' ? d.result.generatedTokens === max : d.result.finishReason === 'eos_token');
-    }
+    done.forEach((d, i) => {
+      assert.ok(d.result.finishReason === 'length' ? d.result.generatedTokens === max(i) : d.result.finishReason === 'eos_token');
+    });
     assert.equal(stack.services.scheduler.waiting, 0);
   });
 
