@@ -130,7 +130,9 @@ export class Scheduler implements Generator {
       throw new ServeError(422, 'prompt_too_long',
         `the prompt is ${promptIds.length} tokens and the backbone's context is ${this.opts.maxPositions}: shorten the prompt to at most ${this.opts.maxPositions - 1} tokens`);
     }
-    if (this.queue.length >= this.opts.maxQueue) {
+    // The limit is on requests that must wait: one that can start now is never refused.
+    const canStartNow = this.queue.length === 0 && this.running.size < this.opts.maxBatch;
+    if (this.queue.length >= this.opts.maxQueue && !canStartNow) {
       throw new ServeError(429, 'queue_full',
         `${this.queue.length} requests are already waiting (DELTASERVE_MAX_QUEUE=${this.opts.maxQueue}); retry after ${RETRY_AFTER_S}s`,
         undefined, RETRY_AFTER_S);
