@@ -41,8 +41,10 @@ describe('max_loras=2 on demo:llama', () => {
   test('a rare task behind many popular-task requests is served before the requests that arrived after it', async () => {
     const sched = stack.services.scheduler;
     const [a, b, rare] = ids;
-    // Four long bare rows fill the batch, so the queue's order is exactly the order of arrival below.
-    const blockers = [0, 1, 2, 3].map((i) => generate(stack.services, null, prompt(6, i), params({ maxNewTokens: 120 })));
+    // Four bare rows fill the batch until they are cancelled, so the queue's order is exactly the order of arrival below.
+    const stopBlockers = new AbortController();
+    const blockers = [0, 1, 2, 3].map((i) =>
+      generate(stack.services, null, prompt(6, i), params({ maxNewTokens: 900 }), { signal: stopBlockers.signal }));
     assert.equal(sched.runningCount, 4);
 
     const firstTokenStep = new Map<string, number>();
@@ -60,7 +62,7 @@ describe('max_loras=2 on demo:llama', () => {
       }));
       // The task's existence check reads the store: wait for this request to reach the queue before the next one.
       while (sched.waiting === waiting) await new Promise((r) => setImmediate(r));
-      assert.equal(sched.waiting, waiting + 1);
+      assert.equal(sched.waiting, waiting + 1, `${name} did not join the queue behind the others`);
     };
     const popular = Array.from({ length: 8 }, (_, i) => `pop${i}`);
     const later = Array.from({ length: 8 }, (_, i) => `late${i}`);
@@ -69,10 +71,11 @@ describe('max_loras=2 on demo:llama', () => {
     for (const [i, name] of popular.entries()) await enqueue(name, i % 2 ? b : a, i % 2 ? 5 : 30);
     await enqueue('rare', rare, 10);
     for (const name of later) await enqueue(name, a, 10);
-    assert.equal(sched.runningCount, 4, 'the blockers finished before the queue was built; the order is not known');
+    assert.equal(sched.runningCount, 4);
     assert.equal(sched.waiting, 17);
 
     const mark = stack.steps.mark();
+    stopBlockers.abort();
     await Promise.all([...blockers, ...runs]);
     const steps = stack.steps.since(mark);
     assert.ok(steps.every((s) => s.stats.runningDeltas.length <= 2));
