@@ -43,6 +43,9 @@ interface PrefillGroup {
   banks: DeltaBanks;
 }
 
+/** Padded tokens a prefill group may run per real prompt token. */
+const PADDING_LIMIT = 1.5;
+
 const i64 = (values: ArrayLike<number>, dims: number[]) =>
   new ort.Tensor('int64', BigInt64Array.from(Array.from(values, (v) => BigInt(v))), dims);
 
@@ -134,8 +137,22 @@ export class Engine {
   private formGroup(): void {
     const room = this.opts.maxBatch - this.rows.length;
     if (room <= 0 || !this.pending.length) return;
-    const rows = this.pending.splice(0, room);
-    const padded = Math.max(...rows.map((r) => r.req.promptIds.length));
+    // Rows of one group are left-padded to its longest prompt: a row joins only while
+    // padding stays under half the real tokens, so one long prompt cannot make every
+    // short one pay for its length (it gets a group of its own, next).
+    let take = 1;
+    let longest = this.pending[0].req.promptIds.length;
+    let real = longest;
+    while (take < Math.min(room, this.pending.length)) {
+      const len = this.pending[take].req.promptIds.length;
+      const nextLongest = Math.max(longest, len);
+      if (nextLongest * (take + 1) > PADDING_LIMIT * (real + len)) break;
+      longest = nextLongest;
+      real += len;
+      take++;
+    }
+    const rows = this.pending.splice(0, take);
+    const padded = longest;
     const kv = new KvPool(this.io);
     kv.ensure(rows.length, padded);
     const banks = new DeltaBanks(this.sites);
