@@ -24,10 +24,10 @@ before(async () => {
 
 const prompt = (n: number, seed: number) => Array.from({ length: n }, (_, i) => 32 + ((i * 7 + seed) % 90));
 
-async function run(engine: Engine, lengths: number[]): Promise<{ steps: StepResult[]; tokens: Map<number, number[]> }> {
+async function run(engine: Engine, prompts: number[][]): Promise<{ steps: StepResult[]; tokens: Map<number, number[]> }> {
   const tokens = new Map<number, number[]>();
-  lengths.forEach((n, i) => {
-    engine.add({ rowId: i, promptIds: prompt(n, i), sampling: greedy, maxNewTokens: 4, delta: null });
+  prompts.forEach((promptIds, i) => {
+    engine.add({ rowId: i, promptIds, sampling: greedy, maxNewTokens: 4, delta: null });
     tokens.set(i, []);
   });
   const steps: StepResult[] = [];
@@ -40,7 +40,8 @@ async function run(engine: Engine, lengths: number[]): Promise<{ steps: StepResu
 }
 
 test('a long prompt gets a prefill group of its own; short ones are not padded to it', async () => {
-  const { steps, tokens } = await run(make(), [5, 6, 300, 4]);
+  const prompts = [5, 6, 300, 4].map(prompt);
+  const { steps, tokens } = await run(make(), prompts);
   assert.equal(steps[0].stats.prefillRows, 2, 'the two short prompts before the long one go together');
   assert.equal(steps[0].stats.prefillTokens, 2 * 6, 'padded to the longer of the two short prompts only');
   // (Rows that finish prefill also decode in the same step, so each short row has two tokens here.)
@@ -49,14 +50,14 @@ test('a long prompt gets a prefill group of its own; short ones are not padded t
   assert.equal(steps[1].stats.prefillTokens, 300);
 
   // Grouping changes only the schedule: every row's tokens equal its alone run.
-  for (const [i, n] of [5, 6, 300, 4].entries()) {
-    const alone = await run(make(), [n]);
+  for (const [i, p] of prompts.entries()) {
+    const alone = await run(make(), [p]);
     assert.deepEqual(tokens.get(i), alone.tokens.get(0), `row ${i}`);
   }
 });
 
 test('prompts of similar length share one group', async () => {
-  const { steps } = await run(make(), [10, 12, 11, 9]);
+  const { steps } = await run(make(), [10, 12, 11, 9].map(prompt));
   assert.equal(steps[0].stats.prefillRows, 4);
   assert.equal(steps[0].stats.prefillTokens, 4 * 12);
 });
