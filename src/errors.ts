@@ -38,5 +38,3 @@ export class ServeError extends Error {
 }
 
 export const badRequest = (message: string) => new ServeError(400, 'bad_request', message);
-export const unprocessable = (code: ErrorCode, message: string, details?: string[]) =>
-  new ServeError(422, code, message, details);

@@ -5,7 +5,6 @@
  * of tensor data is touched.
  */
 import { endianness } from 'node:os';
-import { writeFile } from 'node:fs/promises';
 import { Problems } from './problems.js';
 
 export type Dtype = 'F32' | 'F16' | 'BF16';
@@ -230,12 +229,4 @@ export function encodeSafetensors(
     }
   }
   return out;
-}
-
-export async function writeSafetensors(
-  path: string,
-  tensors: Record<string, TensorToWrite>,
-  metadata?: Record<string, string>,
-): Promise<void> {
-  await writeFile(path, encodeSafetensors(tensors, metadata));
 }

@@ -18,7 +18,7 @@ export interface WeightSource {
   (name: string, n: number, kind: 'linear' | 'bias' | 'embedding' | 'norm_weight' | 'norm_bias'): Float32Array;
 }
 
-export const scopeOf = (module: string) => '/' + module.split('.').reduce<string[]>((acc, part) => {
+const scopeOf = (module: string) => '/' + module.split('.').reduce<string[]>((acc, part) => {
   // torch scopes keep `layers.0` together: `/model/layers.0/self_attn/q_proj`.
   if (/^\d+$/.test(part) && acc.length) acc[acc.length - 1] += '.' + part;
   else acc.push(part);

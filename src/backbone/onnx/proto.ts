@@ -79,14 +79,6 @@ export function floatData(t: TensorProto): Float32Array {
   throw new Error(`tensor ${t.name} has data type ${t.dataType}; expected float32`);
 }
 
-export function int64Data(t: TensorProto): bigint[] {
-  if (t.rawData && t.rawData.length) {
-    const copy = t.rawData.slice();
-    return Array.from(new BigInt64Array(copy.buffer, 0, copy.length / 8));
-  }
-  return (t.int64Data ?? []).map((v) => BigInt(v.toString()));
-}
-
 export function floatTensor(name: string, data: Float32Array, dims: number[]): TensorProto {
   return {
     name,

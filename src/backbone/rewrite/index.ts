@@ -29,7 +29,7 @@ export interface EngineGraph {
   splitLayers: number;
 }
 
-export const matchesSuffix = (module: string, suffix: string) =>
+const matchesSuffix = (module: string, suffix: string) =>
   module === suffix || module.endsWith('.' + suffix);
 
 export function planSites(backbone: Backbone, opts: SitePlanOptions = {}): Map<string, SiteKind[]> {
