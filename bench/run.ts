@@ -74,12 +74,12 @@ const cfg = {
   kv: {
     batch: 32,
     contexts: (arg('contexts') ?? (QUICK ? '64,256' : '64,256,512')).split(',').map(Number),
-    rounds: QUICK ? 2 : 3, perBlock: QUICK ? 3 : 4, originalRuns: QUICK ? 2 : 3, prefillChunkTokens: 4096,
+    rounds: QUICK ? 2 : 4, perBlock: QUICK ? 3 : 5, originalRuns: QUICK ? 2 : 3, prefillChunkTokens: 4096,
   },
-  reps: num('reps', QUICK ? 1 : 3),
+  reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
-  naive: num('naive', QUICK ? 1 : 4),
+  naive: num('naive', QUICK ? 2 : STREAMS),
   sequential: num('sequential', QUICK ? 4 : STREAMS),
 };
 const OUT = arg('out') ?? fileURLToPath(new URL('./results.md', import.meta.url));
@@ -194,7 +194,7 @@ async function main(): Promise<void> {
       `(a) is the original Optimum graph (returns present = Concat and [B,1,V] logits); (a') the engine graph with no sites (same I/O as the engine: new K/V only, last logits). ` +
       `Context 64, random past, all-ones mask; banks built outside the timed step, as the engine does; at B=1 the LoRA rows hold one LoRA, at B=8 eight.`,
       rewriteTables(rewrite).trim(),
-    ].join('\n'));
+    ].join('\n\n'));
   }
 
   if (sections.has('kv')) {

@@ -122,6 +122,8 @@ export interface RunResult {
   /** Session.run of decode-only steps with every row decoding, as the worker reported it. */
   fullDecodeMs: number[];
   maxRows: number;
+  /** Each prefill run: rows in it and its session.run ms. */
+  prefills: { rows: number; tokens: number; ms: number }[];
   /** Generated ids per request index. */
   outputs: Map<number, number[]>;
 }
@@ -132,9 +134,10 @@ const tokensPerSecond = (r: { tokens: number; wallMs: number }) => r.tokens / (r
 async function runRequests(
   stack: BenchStack, label: string, reqs: BenchRequest[], mixed: boolean, maxNew: number, sequential = false,
 ): Promise<RunResult> {
-  const res: RunResult = { label, wallMs: 0, tokens: 0, requests: reqs.length, finish: {}, ttftMs: [], fullDecodeMs: [], maxRows: 0, outputs: new Map() };
+  const res: RunResult = { label, wallMs: 0, tokens: 0, requests: reqs.length, finish: {}, ttftMs: [], fullDecodeMs: [], maxRows: 0, prefills: [], outputs: new Map() };
   const onStep = (s: StepResult) => {
     res.maxRows = Math.max(res.maxRows, s.stats.decodeRows + s.stats.prefillRows);
+    if (s.stats.prefillRows) res.prefills.push({ rows: s.stats.prefillRows, tokens: s.stats.prefillTokens, ms: s.stats.prefillMs });
     if (s.stats.prefillRows === 0 && s.stats.decodeRows === (sequential ? 1 : reqs.length)) res.fullDecodeMs.push(s.stats.decodeMs);
   };
   stack.services.engine.on('step', onStep);
@@ -344,6 +347,7 @@ export function throughputTable(tp: ThroughputResult): string {
     return [
       label, runs.length, fmt(median(tps)), fmt(maximum(tps)), fmt(median(runs.map((r) => r.wallMs / 1000)), 2),
       runs.at(-1)!.tokens, finish, fmt(median(runs.flatMap((r) => r.fullDecodeMs))), fmt(median(runs.flatMap((r) => r.ttftMs)), 0),
+      runs.at(-1)!.prefills.map((p) => `${p.rows} (${fmt(p.ms, 0)})`).join(', '),
     ];
   };
   const bareTps = tp.bare.map(tokensPerSecond);
@@ -351,7 +355,7 @@ export function throughputTable(tp: ThroughputResult): string {
   const n = tp.bare[0]?.requests ?? 0;
   return [
     mdTable(
-      ['32 concurrent streams', 'runs', 'tokens/s (median)', 'tokens/s (best)', 'wall s (median)', 'tokens per run', 'finish reasons', 'decode step ms at full batch (worker, median)', 'TTFT ms (median)'],
+      ['32 concurrent streams', 'runs', 'tokens/s (median)', 'tokens/s (best)', 'wall s (median)', 'tokens per run', 'finish reasons', 'decode step ms at full batch (worker, median)', 'TTFT ms (median)', 'prefill runs of the last run: rows (ms)'],
       [row('all on the bare backbone', tp.bare), row(`spread over ${n} distinct r${LORA_RANK} LoRAs on c_attn`, tp.mixed)],
     ),
     '',
