@@ -74,7 +74,7 @@ const cfg = {
   kv: {
     batch: 32,
     contexts: (arg('contexts') ?? (QUICK ? '64,256' : '64,256,512')).split(',').map(Number),
-    rounds: QUICK ? 2 : 4, perBlock: QUICK ? 3 : 5, originalRuns: QUICK ? 2 : 3, prefillChunkTokens: 4096,
+    rounds: QUICK ? 2 : 6, perBlock: QUICK ? 3 : 3, originalRuns: QUICK ? 2 : 3, prefillChunkTokens: 4096,
   },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
