@@ -72,7 +72,8 @@ export function floatData(t: TensorProto): Float32Array {
     if (t.rawData && t.rawData.length) {
       const raw = t.rawData;
       if (raw.byteOffset % 4 === 0) return new Float32Array(raw.buffer, raw.byteOffset, n);
-      return new Float32Array(raw.slice().buffer, 0, n);
+      // Buffer#slice is a view, not a copy: copy through Uint8Array's own slice.
+      return new Float32Array(Uint8Array.prototype.slice.call(raw).buffer, 0, n);
     }
     return Float32Array.from(t.floatData ?? []);
   }
