@@ -10,7 +10,7 @@
  * in place.
  */
 import * as ort from 'onnxruntime-node';
-import { ACTIVATIONS, EXTRAS_ON, siteInput, type SiteLayout } from '../backbone/rewrite/delta-sites.js';
+import { ACTIVATIONS, ADAPTERS_ON, siteInput, type SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import type { AdapterSite, BiasSite, LoadedDelta, LoraSite } from '../deltas/types.js';
 
 type Dims = readonly number[];
@@ -132,7 +132,6 @@ export class DeltaBanks {
   private readonly rows: (LoadedDelta | null)[] = [];
   private readonly activation = new FlatBank(ACTIVATIONS.length);
   private readonly hasAdapterSites: boolean;
-  private readonly hasExtraSites: boolean;
   private readonly empty = new Map<string, ort.Tensor>();
 
   constructor(layouts: SiteLayout[]) {
@@ -149,7 +148,6 @@ export class DeltaBanks {
       });
     }
     this.hasAdapterSites = layouts.some((l) => l.kinds.includes('adapter'));
-    this.hasExtraSites = layouts.some((l) => l.kinds.includes('adapter') || l.kinds.includes('bias'));
   }
 
   get size(): number {
@@ -287,11 +285,9 @@ export class DeltaBanks {
         f[siteInput.bias(m)] = s.biasRows > 0 ? tensor(s.bias.view(batch), [batch, 1, o]) : this.emptyTensor(`z${o}`, [1, 1, o]);
       }
     }
-    if (this.hasExtraSites) {
-      const on = [...this.sites.values()].some((s) => s.adapterRows > 0 || s.biasRows > 0);
-      f[EXTRAS_ON] = new ort.Tensor('bool', [on], []);
-    }
     if (this.hasAdapterSites) {
+      const on = [...this.sites.values()].some((s) => s.adapterRows > 0);
+      f[ADAPTERS_ON] = new ort.Tensor('bool', [on], []);
       for (let k = 0; k < ACTIVATIONS.length; k++) {
         f[siteInput.activation(ACTIVATIONS[k])] = this.activation.used > 0
           ? tensor(this.activationColumn(batch, k), [batch, 1, 1])

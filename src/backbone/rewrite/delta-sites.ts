@@ -48,11 +48,11 @@ function activationMix(g: GraphBuilder, z: string): string {
 }
 
 /**
- * Adapter and bias branches sit inside an If on `delta.extras_on`: a step
- * with no adapter or BitFit row skips them whole, where empty tensors would
- * still cost a few dozen kernel launches per site.
+ * Adapter branches sit inside an If on `delta.adapters_on`: a step with no
+ * adapter row skips them whole, where empty tensors would still cost a few
+ * dozen kernel launches per site (the activation mix above all).
  */
-export const EXTRAS_ON = 'delta.extras_on';
+export const ADAPTERS_ON = 'delta.adapters_on';
 
 export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Map<string, SiteKind[]>): SiteLayout[] {
   const layouts: SiteLayout[] = [];
@@ -70,9 +70,8 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Map
     }
     return s;
   };
-  const needsExtras = [...plan.values()].some((k) => k.includes('adapter') || k.includes('bias'));
-  if (needsExtras) g.input(EXTRAS_ON, DataType.BOOL, []);
   if ([...plan.values()].some((k) => k.includes('adapter'))) {
+    g.input(ADAPTERS_ON, DataType.BOOL, []);
     for (const a of ACTIVATIONS) floatIn(siteInput.activation(a), ['delta_batch', 1, 1]);
   }
 
@@ -97,28 +96,22 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Map
         const x = site.twoD ? g.op('Reshape', [site.node.input![0], shape3d(inF)]) : site.node.input![0];
         y = g.op('Add', [y, g.op('MatMul', [g.op('MatMul', [x, a]), b])]);
       }
-      if (kinds.includes('adapter') || kinds.includes('bias')) {
+      if (kinds.includes('adapter')) {
         const h = y;
-        const inputs = {
-          down: kinds.includes('adapter') ? floatIn(siteInput.adapterDown(m), ['delta_batch', outF, 'adapter_rank']) : '',
-          downBias: kinds.includes('adapter') ? floatIn(siteInput.adapterDownBias(m), ['delta_batch', 1, 'adapter_rank']) : '',
-          up: kinds.includes('adapter') ? floatIn(siteInput.adapterUp(m), ['delta_batch', 'adapter_rank', outF]) : '',
-          bias: kinds.includes('bias') ? floatIn(siteInput.bias(m), ['delta_batch', 1, outF]) : '',
-        };
+        const down = floatIn(siteInput.adapterDown(m), ['delta_batch', outF, 'adapter_rank']);
+        const downBias = floatIn(siteInput.adapterDownBias(m), ['delta_batch', 1, 'adapter_rank']);
+        const up = floatIn(siteInput.adapterUp(m), ['delta_batch', 'adapter_rank', outF]);
         const n = siteNo++;
-        const thenBranch = g.subgraph(`site${n}_then`, `${scope}/extras`, (sub) => {
-          let t = h;
-          if (inputs.down) {
-            const z = sub.op('Add', [sub.op('MatMul', [t, inputs.down]), inputs.downBias]);
-            t = sub.op('Add', [t, sub.op('MatMul', [activationMix(sub, z), inputs.up])]);
-          }
-          if (inputs.bias) t = sub.op('Add', [t, inputs.bias]);
-          return [t];
+        const thenBranch = g.subgraph(`site${n}_then`, `${scope}/adapter`, (sub) => {
+          const z = sub.op('Add', [sub.op('MatMul', [h, down]), downBias]);
+          return [sub.op('Add', [h, sub.op('MatMul', [activationMix(sub, z), up])])];
         });
         const elseBranch = g.subgraph(`site${n}_else`, `${scope}/bare`, (sub) => [sub.op('Identity', [h])]);
         const graphAttr = (name: string, graph: typeof thenBranch) => ({ name, type: GRAPH_ATTR, g: graph });
-        y = g.op('If', [EXTRAS_ON], { then_branch: graphAttr('then_branch', thenBranch), else_branch: graphAttr('else_branch', elseBranch) });
+        y = g.op('If', [ADAPTERS_ON], { then_branch: graphAttr('then_branch', thenBranch), else_branch: graphAttr('else_branch', elseBranch) });
       }
+      // After the adapter: the bias bank holds adapters' up-projection bias as well as BitFit's.
+      if (kinds.includes('bias')) y = g.op('Add', [y, floatIn(siteInput.bias(m), ['delta_batch', 1, outF])]);
       g.opNamed(site.twoD ? 'Reshape' : 'Identity', site.twoD ? [y, g.ints([-1, outF])] : [y], out);
     });
   }
