@@ -11,6 +11,7 @@ import * as ort from 'onnxruntime-node';
 import type { DecoderIO } from '../backbone/decoder-io.js';
 import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import { newKvName } from '../backbone/rewrite/kv-cache.js';
+import { GREEDY_TOKEN } from '../backbone/rewrite/last-logits.js';
 import { DeltaBanks } from './banks.js';
 import { KvPool } from './kv-pool.js';
 import type { EngineFinish, RowRequest, StepResult } from './protocol.js';
@@ -174,15 +175,24 @@ export class Engine {
     }
   }
 
-  private async run(feeds: Record<string, ort.Tensor>, stats: StepResult['stats']) {
-    const out = await this.session.run(feeds);
+  /**
+   * Runs the session. When every row is greedy it fetches the in-graph argmax
+   * instead of the logits: [batch] ids cross into JavaScript, not [batch, vocab] floats.
+   */
+  private async run(feeds: Record<string, ort.Tensor>, rows: Row[], stats: StepResult['stats']) {
+    const greedy = rows.every((r) => r.sampler.greedy);
+    const { layers } = this.io;
+    const kvNames = Array.from({ length: layers }, (_, l) => [newKvName(l, 'key'), newKvName(l, 'value')]).flat();
+    const out = await this.session.run(feeds, [greedy ? GREEDY_TOKEN : 'logits', ...kvNames]);
     for (const t of [...Object.values(feeds), ...Object.values(out)]) {
       stats.transferBytes += (t.data as ArrayBufferView).byteLength;
     }
-    const { layers } = this.io;
     const data = (name: string) => out[name].data as Float32Array;
     return {
-      logits: data('logits'),
+      /** Row b's next token: the graph's argmax, or sampled from row b's logits. */
+      next: greedy
+        ? (b: number) => Number((out[GREEDY_TOKEN].data as BigInt64Array)[b])
+        : (b: number) => rows[b].sampler.sample(data('logits'), b * this.io.vocabSize, this.io.vocabSize),
       keys: Array.from({ length: layers }, (_, l) => data(newKvName(l, 'key'))),
       values: Array.from({ length: layers }, (_, l) => data(newKvName(l, 'value'))),
     };
@@ -218,7 +228,7 @@ export class Engine {
     if (this.io.hasPositionIds) feeds.position_ids = i64(pos, [n, chunk]);
     this.pastFeeds(feeds, n, start === 0 ? null : g.kv);
     const t0 = performance.now();
-    const out = await this.run(feeds, result.stats);
+    const out = await this.run(feeds, g.rows, result.stats);
     result.stats.prefillMs = performance.now() - t0;
     result.stats.prefillRows = n;
     result.stats.prefillTokens = n * chunk;
@@ -228,10 +238,9 @@ export class Engine {
 
     // Prompt done: the first token comes from the prefill's logits, then the row joins the decode batch.
     this.group = null;
-    const V = this.io.vocabSize;
     for (let b = 0; b < n; b++) {
       const row = g.rows[b];
-      const token = this.emit(row, out.logits, b * V, result);
+      const token = this.emit(row, out.next(b), result);
       const promptLen = row.req.promptIds.length;
       const reason = this.finishReason(row, token, promptLen + 1);
       if (reason) {
@@ -244,8 +253,7 @@ export class Engine {
     }
   }
 
-  private emit(row: Row, logits: Float32Array, offset: number, result: StepResult): number {
-    const token = row.sampler.sample(logits, offset, this.io.vocabSize);
+  private emit(row: Row, token: number, result: StepResult): number {
     row.generated++;
     row.lastToken = token;
     result.tokens.push({ rowId: row.req.rowId, token });
@@ -276,15 +284,14 @@ export class Engine {
     if (this.io.hasPositionIds) feeds.position_ids = i64(this.pool.len, [B, 1]);
     this.pastFeeds(feeds, B, this.pool);
     const t0 = performance.now();
-    const out = await this.run(feeds, result.stats);
+    const out = await this.run(feeds, this.rows, result.stats);
     result.stats.decodeMs = performance.now() - t0;
     result.stats.decodeRows = B;
     this.pool.append(out.keys, out.values);
-    const V = this.io.vocabSize;
     const done: number[] = [];
     for (let b = 0; b < B; b++) {
       const row = this.rows[b];
-      const token = this.emit(row, out.logits, b * V, result);
+      const token = this.emit(row, out.next(b), result);
       const reason = this.finishReason(row, token, this.pool.len[b] + 1);
       if (reason) {
         result.finished.push({ rowId: row.req.rowId, reason, generated: row.generated });

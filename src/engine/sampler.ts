@@ -295,6 +295,12 @@ export class RowSampler {
     this.seen = new Set(params.repetitionPenalty !== 1 ? promptIds : []);
   }
 
+  /** True when the next token is the plain argmax of the logits, which the graph computes itself. */
+  get greedy(): boolean {
+    const { temperature, topK, repetitionPenalty } = this.params;
+    return (!(temperature > 0) || topK === 1) && repetitionPenalty === 1;
+  }
+
   /** Picks the next token from logits[offset .. offset+vocab) and records it as generated. */
   sample(logits: Float32Array, offset: number, vocab: number): number {
     const id = this.pick(logits, offset, vocab);

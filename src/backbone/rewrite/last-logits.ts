@@ -2,12 +2,15 @@
  * Only the last position's logits leave the graph: the hidden state is sliced
  * before lm_head, so a prefill of S tokens pays for one row of the vocabulary
  * projection instead of S, and returns [batch, vocab] instead of [batch, S, vocab].
+ * It also returns the argmax, so an all-greedy step fetches [batch] ids only.
  */
 import { DataType } from '../onnx/graph-builder.js';
 import { attrInt, dimsOf, valueInfo, type NodeProto } from '../onnx/proto.js';
 import type { GraphEditor } from './editor.js';
 
 const SHAPE_OPS = new Set(['Reshape', 'Flatten', 'Squeeze', 'Unsqueeze', 'Identity']);
+
+export const GREEDY_TOKEN = 'greedy_token';
 
 export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
   const idx = g.index();
@@ -35,6 +38,9 @@ export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
     g.opNamed(node.opType!, [x2, node.input![1], ...extra], 'logits', node.opType === 'Gemm' ? attrs : {});
   });
   g.outputs.push(valueInfo('logits', DataType.FLOAT, ['batch_size', vocabSize]));
+  // A step whose rows are all greedy fetches only this: [batch] ids instead of [batch, vocab] floats.
+  g.scope('/deltaserve/lm_head', () => g.opNamed('ArgMax', ['logits'], GREEDY_TOKEN, { axis: -1, keepdims: 0 }));
+  g.outputs.push(valueInfo(GREEDY_TOKEN, DataType.INT64, ['batch_size']));
   // The old logits chain is now unread; pruneDead() removes it.
   const old = idx.producer.get('logits')!;
   old.output = old.output!.map((o) => (o === 'logits' ? `${o}/unused` : o));
