@@ -31,7 +31,8 @@ class RankedBank {
   ensure(rows: number, rank: number): void {
     if (rank <= this.rank && rows <= this.rowsCap) return;
     const newRank = Math.max(rank, this.rank);
-    const newRows = Math.max(rows, this.rowsCap);
+    // Rows join one at a time: grow geometrically, or a batch filling up copies O(rows²).
+    const newRows = rows > this.rowsCap ? Math.max(rows, this.rowsCap * 2) : this.rowsCap;
     const next = new Float32Array(newRows * this.rowLen(newRank));
     if (this.rank > 0) {
       for (let r = 0; r < this.rowsCap; r++) this.copyRowInto(this.buf, r, this.rank, next, r, newRank);
@@ -85,10 +86,11 @@ class FlatBank {
 
   ensure(rows: number): void {
     if (rows <= this.rowsCap) return;
-    const next = new Float32Array(rows * this.n);
+    const cap = Math.max(rows, this.rowsCap * 2);
+    const next = new Float32Array(cap * this.n);
     next.set(this.buf);
     this.buf = next;
-    this.rowsCap = rows;
+    this.rowsCap = cap;
   }
 
   write(row: number, data: Float32Array | null, add?: Float32Array | null): void {

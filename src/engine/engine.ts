@@ -65,7 +65,7 @@ export class Engine {
     private readonly sites: SiteLayout[],
     private readonly opts: EngineOptions,
   ) {
-    this.pool = new KvPool(io);
+    this.pool = new KvPool(io, opts.maxBatch);
     this.banks = new DeltaBanks(sites);
     this.eos = new Set(opts.eosTokenIds);
   }

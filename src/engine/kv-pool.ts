@@ -27,7 +27,8 @@ export class KvPool {
   capacity = 0;
   private rowsCap = 0;
 
-  constructor(readonly shape: KvShape) {}
+  /** `maxRows` caps the geometric growth of the row capacity (the engine's max batch). */
+  constructor(readonly shape: KvShape, private readonly maxRows = Infinity) {}
 
   get rows(): number {
     return this.len.length;
@@ -49,7 +50,8 @@ export class KvPool {
   /** Makes room for `rows` rows of `tokens` slots each, keeping every row's data. */
   ensure(rows: number, tokens: number): void {
     const capacity = Math.max(this.capacity, capacityBucket(tokens));
-    const rowsCap = Math.max(this.rowsCap, rows);
+    // Rows join one at a time: grow geometrically, or filling a batch copies the cache O(rows²) times.
+    const rowsCap = rows > this.rowsCap ? Math.max(rows, Math.min(this.maxRows, this.rowsCap * 2)) : this.rowsCap;
     if (capacity === this.capacity && rowsCap === this.rowsCap) return;
     const { kvHeads, headDim } = this.shape;
     const regrow = (old: Float32Array) => {
