@@ -1,7 +1,8 @@
 /**
- * Decode-step cost of the engine-graph rewrite on demo:gpt2-small (GPT-2
- * small's exact shapes), CPU provider. One process, every configuration
- * timed round-robin (so drift hits all alike), medians of N.
+ * Decode-step cost of several site plans (DELTASERVE_SITES) on demo:gpt2-small
+ * (GPT-2 small's exact shapes), CPU provider: what each kind of delta site
+ * costs, to choose a plan. One process, every configuration timed round-robin
+ * (so drift hits all alike), medians of N.
  *
  *   npx tsx bench/rewrite.ts [--rounds 5] [--steps 8] [--context 64] [--batches 1,8,32]
  *
@@ -24,11 +25,10 @@ async function main() {
   const t0 = Date.now();
   const bb = await loadBackbone({ model: 'demo:gpt2-small' });
   console.error(`loaded ${bb.info.name} in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
-  // The default plan ({}) is LoRA and bias sites on every linear, adapter sites on each
-  // block's output linears (attn.c_proj, mlp.c_proj): the same sites as the second plan.
   const plans: Record<string, SitePlanOptions> = {
     'engine, default plan (lora+bias on all 48 linears, adapter on attn.c_proj+mlp.c_proj)': {},
-    'engine, lora all / adapter attn.c_proj+mlp.c_proj / bias all': { lora: 'all', adapter: ['attn.c_proj', 'mlp.c_proj'], bias: 'all' },
+    'engine, every kind on every linear': { lora: 'all', adapter: 'all', bias: 'all' },
+    'engine, lora all / no adapter / bias all': { lora: 'all', adapter: [], bias: 'all' },
     'engine, lora all / no adapter / no bias': { lora: 'all', adapter: [], bias: [] },
     'engine, lora c_attn only': { lora: ['c_attn'], adapter: [], bias: [] },
   };

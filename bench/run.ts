@@ -190,7 +190,7 @@ async function main(): Promise<void> {
     const g = rewriteGoals(rewrite, DEFAULT_PLAN);
     goals.push(...g);
     add('1. Rewrite: decode step per batch size (issue 3)', [
-      `Default site plan = \`buildEngineGraph(bb)\` with no options: LoRA and bias sites on all 48 linears, adapter sites on each block's attn.c_proj and mlp.c_proj, adapter/bias branches behind an If. ` +
+      `Default site plan = \`buildEngineGraph(bb)\` with no options: LoRA and bias sites on all 48 linears, adapter sites on each block's attn.c_proj and mlp.c_proj (adapter branches behind an If). ` +
       `(a) is the original Optimum graph (returns present = Concat and [B,1,V] logits); (a') the engine graph with no sites (same I/O as the engine: new K/V only, last logits). ` +
       `Context 64, random past, all-ones mask; banks built outside the timed step, as the engine does; at B=1 the LoRA rows hold one LoRA, at B=8 eight.`,
       rewriteTables(rewrite).trim(),
