@@ -6,9 +6,11 @@
  */
 import { z } from 'zod';
 import { ServeError } from '../errors.js';
+import { TASK_ID } from '../deltas/store.js';
 import { fromZod } from './errors.js';
 
-export const TASK_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+export { TASK_ID };
+
 export const TASK_ID_RULE = 'a task id: 1-128 characters of letters, digits, ".", "_" or "-", starting with a letter or digit';
 
 export const taskId = z.string().regex(TASK_ID, `expected ${TASK_ID_RULE}`);
