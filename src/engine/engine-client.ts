@@ -40,7 +40,7 @@ export function shareDelta(delta: LoadedDelta): LoadedDelta {
 
 export interface EngineClientEvents {
   step: [StepResult];
-  error: [string];
+  error: [message: string, rowIds: number[]];
 }
 
 export class EngineClient extends EventEmitter<EngineClientEvents> {
@@ -75,7 +75,7 @@ export class EngineClient extends EventEmitter<EngineClientEvents> {
 
   private dispatch(m: FromEngine): void {
     if (m.type === 'step') this.emit('step', m.result);
-    else if (m.type === 'error') this.emit('error', m.message);
+    else if (m.type === 'error') this.emit('error', m.message, m.rowIds);
   }
 
   add(row: RowRequest): void {

@@ -58,4 +58,5 @@ export type ToEngine =
 export type FromEngine =
   | { type: 'ready'; sites: number; splitLayers: number }
   | { type: 'step'; result: StepResult }
-  | { type: 'error'; message: string; rowId?: number };
+  /** A step failed: its rows are cancelled; `rowIds` names them (none when the engine could not start). */
+  | { type: 'error'; message: string; rowIds: number[] };

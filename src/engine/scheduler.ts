@@ -22,7 +22,7 @@ export interface EngineHandle {
   add(row: RowRequest): void;
   cancel(rowId: number): void;
   on(event: 'step', fn: (r: StepResult) => void): unknown;
-  on(event: 'error', fn: (message: string) => void): unknown;
+  on(event: 'error', fn: (message: string, rowIds: number[]) => void): unknown;
 }
 
 export interface DeltaSource {
@@ -81,7 +81,6 @@ export class Scheduler implements Generator {
   private readonly running = new Map<number, Entry>();
   private nextRowId = 1;
   private reserved = 0;
-  private engineFailure: string | null = null;
 
   constructor(
     private readonly engine: EngineHandle,
@@ -91,8 +90,12 @@ export class Scheduler implements Generator {
     private readonly opts: SchedulerOptions,
   ) {
     engine.on('step', (r) => this.onStep(r));
-    engine.on('error', (message) => {
-      this.engineFailure = message;
+    engine.on('error', (message, rowIds) => {
+      // The rows stay counted as running until the engine confirms they are gone.
+      for (const id of rowIds) {
+        const e = this.running.get(id);
+        if (e) this.fail(e, new ServeError(500, 'internal_error', `the engine failed on this request's batch: ${message}`), false);
+      }
     });
     this.publish();
   }
@@ -159,9 +162,6 @@ export class Scheduler implements Generator {
 
   /** Admits waiting requests into the running batch, in queue order, while the limits allow. */
   private pump(): void {
-    if (this.engineFailure) {
-      for (const e of this.queue.splice(0)) this.fail(e, new ServeError(503, 'not_ready', `the engine failed: ${this.engineFailure}`));
-    }
     const runningDeltas = new Set([...this.running.values()].map((e) => e.task).filter((t): t is string => t !== null));
     for (let i = 0; i < this.queue.length;) {
       if (this.running.size >= this.opts.maxBatch) break;
@@ -275,11 +275,12 @@ export class Scheduler implements Generator {
     });
   }
 
-  private fail(e: Entry, err: unknown): void {
+  /** Rejects a request; `release` is false while the engine still holds its row (released when it confirms). */
+  private fail(e: Entry, err: unknown, release = true): void {
     if (e.settled) return;
     e.settled = true;
     clearTimeout(e.timer);
-    e.lease?.release();
+    if (release) e.lease?.release();
     e.reject(err);
   }
 

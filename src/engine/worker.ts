@@ -45,8 +45,10 @@ async function loop(): Promise<void> {
         const result = await engine.step();
         post({ type: 'step', result });
       } catch (e) {
-        post({ type: 'error', message: (e as Error).message });
-        for (const rowId of engine.rowIds()) engine.cancel(rowId);
+        // One bad step must not take the server down: its rows fail, the engine goes on.
+        const rowIds = engine.rowIds();
+        post({ type: 'error', message: (e as Error).message, rowIds });
+        for (const rowId of rowIds) engine.cancel(rowId);
       }
       await new Promise<void>((resolve) => setImmediate(resolve));
     }
@@ -58,7 +60,7 @@ async function loop(): Promise<void> {
 port.on('message', (m: ToEngine) => {
   switch (m.type) {
     case 'init':
-      init(m.init).then(loop, (e) => post({ type: 'error', message: `engine failed to start: ${(e as Error).message}` }));
+      init(m.init).then(loop, (e) => post({ type: 'error', message: `engine failed to start: ${(e as Error).message}`, rowIds: [] }));
       return;
     case 'add':
       engine!.add(m.row);
