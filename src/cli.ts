@@ -8,6 +8,7 @@ import { Command, Option } from 'commander';
 import { loadBackbone } from './backbone/backbone.js';
 import { writeDemoDir } from './backbone/demo/materialize.js';
 import { demoSpec } from './backbone/demo/spec.js';
+import { engineModelSource } from './backbone/engine-model.js';
 import { buildEngineGraph, planSites } from './backbone/rewrite/index.js';
 import { createSession } from './backbone/session.js';
 import { addConfigOptions, ConfigError, loadConfig, type Config } from './config.js';
@@ -51,7 +52,7 @@ program.command('generate')
       delta = await registry.load(o.task);
     }
     const graph = buildEngineGraph(backbone);
-    const engine = new Engine(await createSession(graph.bytes), backbone.io, graph.sites, {
+    const engine = new Engine(await createSession(await engineModelSource(backbone, graph.bytes)), backbone.io, graph.sites, {
       maxBatch: 1, prefillChunkTokens: 512, eosTokenIds: backbone.tokenizer.eosTokenIds, maxPositions: backbone.info.maxPositions,
     });
     const promptIds = backbone.tokenizer.encode(o.prompt, { addSpecialTokens: true });

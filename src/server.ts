@@ -18,6 +18,7 @@ import { healthRoutes } from './http/routes/health.js';
 import { serve, type RunningServer } from './http/server.js';
 import type { Logger } from './log.js';
 import { Metrics } from './metrics.js';
+import { tensorByteLength } from './backbone/onnx/proto.js';
 import { ServeError } from './errors.js';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -48,7 +49,7 @@ export interface ServiceOptions {
 
 /** Bytes of the backbone's weights, to size the delta cache when it is not configured. */
 function weightBytes(backbone: Backbone): number {
-  return (backbone.source.model.graph?.initializer ?? []).reduce((n, t) => n + (t.rawData?.length ?? 0), 0);
+  return (backbone.source.model.graph?.initializer ?? []).reduce((n, t) => n + tensorByteLength(t), 0);
 }
 
 export function defaultCacheBytes(backbone: Backbone): number {

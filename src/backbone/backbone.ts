@@ -43,7 +43,7 @@ export async function loadBackbone(opts: BackboneOptions): Promise<Backbone> {
   }));
   const cfg = source.config;
   const family = familyOf(typeof cfg.model_type === 'string' ? cfg.model_type : undefined, modules);
-  const readBias = biasReader(source.model.graph!);
+  const readBias = biasReader(source.model.graph!, dir);
   const byName = new Map(modules.map((m) => [m.name, m]));
   const num = (...keys: string[]) => keys.map((k) => cfg[k]).find((v): v is number => typeof v === 'number') ?? 0;
   const info: BackboneInfo = {

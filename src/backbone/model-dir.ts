@@ -2,13 +2,15 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { discoverDecoderIO, ModelFormatError, type DecoderIO } from './decoder-io.js';
-import { readModel, type ModelProto } from './onnx/proto.js';
+import { externalDataFiles, readModel, type ModelProto } from './onnx/proto.js';
 
 export interface ModelDir {
   dir: string;
   model: ModelProto;
   config: Record<string, unknown>;
   io: DecoderIO;
+  /** External data files beside model.onnx (models over protobuf's 2 GB keep their weights there). */
+  externalFiles: string[];
 }
 
 const REQUIRED = ['model.onnx', 'config.json', 'tokenizer.json', 'tokenizer_config.json'];
@@ -34,6 +36,16 @@ export function readModelDir(dir: string): ModelDir {
   } catch (e) {
     throw new ModelFormatError(`${join(dir, 'model.onnx')} is not a readable ONNX model: ${(e as Error).message}`);
   }
+  let externalFiles: string[];
+  try {
+    externalFiles = externalDataFiles(model, dir);
+  } catch (e) {
+    throw new ModelFormatError(`${join(dir, 'model.onnx')}: ${(e as Error).message}`);
+  }
+  const missingData = externalFiles.filter((f) => !existsSync(join(dir, f)));
+  if (missingData.length) {
+    throw new ModelFormatError(`model directory ${dir} lacks the external data file(s) ${missingData.join(', ')} that model.onnx refers to; copy them beside model.onnx`);
+  }
   const io = discoverDecoderIO(model.graph!, config);
-  return { dir, model, config, io };
+  return { dir, model, config, io, externalFiles };
 }

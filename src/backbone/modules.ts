@@ -67,12 +67,13 @@ export function fingerprintOf(modules: LinearModule[]): string {
   return createHash('sha256').update(lines.join('\n')).digest('hex');
 }
 
-export function biasReader(graph: GraphProto) {
+/** Reads module biases on demand (BitFit needs them); `baseDir` holds any external data. */
+export function biasReader(graph: GraphProto, baseDir: string) {
   const index = new GraphIndex(graph);
   return (initializer: string | null): Float32Array | null => {
     if (!initializer) return null;
     const t = index.initializers.get(initializer);
-    return t ? floatData(t) : null;
+    return t ? floatData(t, baseDir) : null;
   };
 }
 

@@ -5,6 +5,7 @@
  */
 import { parentPort } from 'node:worker_threads';
 import { loadBackbone } from '../backbone/backbone.js';
+import { engineModelSource } from '../backbone/engine-model.js';
 import { buildEngineGraph } from '../backbone/rewrite/index.js';
 import { createSession } from '../backbone/session.js';
 import { Engine } from './engine.js';
@@ -20,7 +21,8 @@ let running = false;
 async function init(init: EngineInit): Promise<void> {
   const backbone = await loadBackbone({ model: init.model, cacheDir: init.cacheDir, tokenizerPath: init.tokenizerPath });
   const graph = buildEngineGraph(backbone, init.sites);
-  const session = await createSession(graph.bytes, { ep: init.ep, threads: init.threads });
+  const model = await engineModelSource(backbone, graph.bytes, init.cacheDir);
+  const session = await createSession(model, { ep: init.ep, threads: init.threads });
   engine = new Engine(session, backbone.io, graph.sites, {
     maxBatch: init.maxBatch,
     prefillChunkTokens: init.prefillChunkTokens,

@@ -2,8 +2,8 @@
  * Thin helpers over onnx-proto (protobufjs with ONNX's schema): reading and
  * writing models, and moving tensor data between TensorProto and typed arrays.
  */
-import { readFileSync } from 'node:fs';
-import { dirname, join, resolve, relative, isAbsolute } from 'node:path';
+import { closeSync, fstatSync, openSync, readFileSync, readSync } from 'node:fs';
+import { isAbsolute, join, relative, resolve } from 'node:path';
 import onnxProto from 'onnx-proto';
 
 export const onnx = onnxProto.onnx;
@@ -26,39 +26,49 @@ export function encodeModel(model: onnxProto.onnx.IModelProto): Uint8Array {
   return onnx.ModelProto.encode(model).finish();
 }
 
-/**
- * Reads a model and inlines tensors stored as external data, refusing paths
- * that leave the model's folder (a crafted model must not read arbitrary files).
- */
-export function readModel(path: string, { inlineExternal = true } = {}): ModelProto {
-  const model = decodeModel(readFileSync(path));
-  if (inlineExternal) inlineExternalData(model, dirname(resolve(path)));
-  return model;
+/** Reads a model's graph; tensors stored as external data stay there (see tensorBytes). */
+export function readModel(path: string): ModelProto {
+  return decodeModel(readFileSync(path));
 }
 
-function inlineExternalData(model: ModelProto, baseDir: string): void {
-  const files = new Map<string, Buffer>();
-  for (const t of model.graph?.initializer ?? []) {
-    if (t.dataLocation !== onnx.TensorProto.DataLocation.EXTERNAL) continue;
-    const kv = Object.fromEntries((t.externalData ?? []).map((e) => [e.key, e.value]));
-    const location = kv.location ?? '';
-    const file = resolve(baseDir, location);
-    const rel = relative(baseDir, file);
-    if (rel.startsWith('..') || isAbsolute(rel)) {
-      throw new Error(`tensor ${t.name} points at external data outside the model folder: ${location}`);
-    }
-    let buf = files.get(file);
-    if (!buf) {
-      buf = readFileSync(join(baseDir, rel));
-      files.set(file, buf);
-    }
-    const offset = Number(kv.offset ?? 0);
-    const length = kv.length !== undefined ? Number(kv.length) : buf.length - offset;
-    if (offset + length > buf.length) throw new Error(`tensor ${t.name}: external data past the end of ${location}`);
-    t.rawData = buf.subarray(offset, offset + length);
-    t.dataLocation = onnx.TensorProto.DataLocation.DEFAULT;
-    t.externalData = [];
+const isExternal = (t: TensorProto) => t.dataLocation === onnx.TensorProto.DataLocation.EXTERNAL;
+
+function externalRef(t: TensorProto, baseDir: string) {
+  const kv = Object.fromEntries((t.externalData ?? []).map((e) => [e.key, e.value]));
+  const location = kv.location ?? '';
+  const rel = relative(baseDir, resolve(baseDir, location));
+  // A crafted model must not make the server read files outside its own folder.
+  if (!location || rel.startsWith('..') || isAbsolute(rel)) {
+    throw new Error(`tensor ${t.name} points at external data outside the model folder: '${location}'`);
   }
+  return { location: rel, offset: Number(kv.offset ?? 0), length: kv.length !== undefined ? Number(kv.length) : null };
+}
+
+/** The external data files a model reads, relative to its folder (empty for a self-contained model). */
+export function externalDataFiles(model: ModelProto, baseDir: string): string[] {
+  return [...new Set((model.graph?.initializer ?? []).filter(isExternal).map((t) => externalRef(t, baseDir).location))];
+}
+
+/** Bytes of a tensor's data: inline, or read from its external data file. */
+export function tensorBytes(t: TensorProto, baseDir: string): Uint8Array {
+  if (!isExternal(t)) return t.rawData ?? new Uint8Array(0);
+  const ref = externalRef(t, baseDir);
+  const fd = openSync(join(baseDir, ref.location), 'r');
+  try {
+    const length = ref.length ?? fstatSync(fd).size - ref.offset;
+    const out = new Uint8Array(length);
+    if (readSync(fd, out, 0, length, ref.offset) !== length) throw new Error(`tensor ${t.name}: external data past the end of ${ref.location}`);
+    return out;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Bytes a tensor's data takes, without reading it. */
+export function tensorByteLength(t: TensorProto): number {
+  if (!isExternal(t)) return t.rawData?.length ?? 0;
+  const length = (t.externalData ?? []).find((e) => e.key === 'length')?.value;
+  return length !== undefined && length !== null ? Number(length) : dimsOf(t).reduce((a, b) => a * b, 1) * 4;
 }
 
 export function dimsOf(t: TensorProto): number[] {
@@ -66,11 +76,11 @@ export function dimsOf(t: TensorProto): number[] {
 }
 
 /** A float tensor's values as float32 (copies only when the data is not aligned raw float32). */
-export function floatData(t: TensorProto): Float32Array {
+export function floatData(t: TensorProto, baseDir = '.'): Float32Array {
   const n = dimsOf(t).reduce((a, b) => a * b, 1);
   if (t.dataType === DataType.FLOAT) {
-    if (t.rawData && t.rawData.length) {
-      const raw = t.rawData;
+    const raw = isExternal(t) ? tensorBytes(t, baseDir) : t.rawData;
+    if (raw && raw.length) {
       if (raw.byteOffset % 4 === 0) return new Float32Array(raw.buffer, raw.byteOffset, n);
       // Buffer#slice is a view, not a copy: copy through Uint8Array's own slice.
       return new Float32Array(Uint8Array.prototype.slice.call(raw).buffer, 0, n);
