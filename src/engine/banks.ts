@@ -269,9 +269,14 @@ export class DeltaBanks {
     const f: Record<string, ort.Tensor> = {};
     // Rows that joined without touching a bank still need their (zero) slice in it.
     this.forEachBank((b) => (b instanceof RankedBank ? b.rank > 0 && b.ensure(batch, b.rank) : b.ensure(batch)));
+    const uniform = this.rows.length > 0 && this.rows.every((r) => r === this.rows[0]);
     for (const [m, s] of this.sites) {
       const { inFeatures: i, outFeatures: o } = s.layout;
-      if (s.loraA) {
+      if (uniform && s.loraA && s.loraRows === batch) {
+        // Every row carries the same LoRA here: one GEMM against row 0's slice, broadcast over the batch.
+        f[siteInput.loraA(m)] = tensor(s.loraA.view(1), [1, i, s.loraA.rank]);
+        f[siteInput.loraB(m)] = tensor(s.loraB!.view(1), [1, s.loraB!.rank, o]);
+      } else if (s.loraA) {
         const on = s.loraRows > 0;
         f[siteInput.loraA(m)] = on ? tensor(s.loraA.view(batch), [batch, i, s.loraA.rank]) : this.emptyTensor(`a${i}`, [1, i, 0]);
         f[siteInput.loraB(m)] = on ? tensor(s.loraB!.view(batch), [batch, s.loraB!.rank, o]) : this.emptyTensor(`b${o}`, [1, 0, o]);
