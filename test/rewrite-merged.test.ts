@@ -109,6 +109,20 @@ for (const model of FAMILIES) {
       console.log(`# ${model} merged decode: max abs diff ${worst.toExponential(2)}`);
     });
 
+    test('a batch whose rows all carry one LoRA (fed as one broadcast slice) equals the merged model', async () => {
+      const keys = ['lora16', 'lora16', 'lora16', 'lora16'];
+      const banks = banksFor(keys);
+      const feeds = banks.feeds(keys.length);
+      const a = Object.entries(feeds).find(([name, t]) => name.endsWith('.lora_a') && t.dims[2] > 0)!;
+      assert.equal(a[1].dims[0], 1, `${a[0]} is one slice for the whole batch`);
+      const ps = keys.map((_, b) => prompts[b].slice(0, S));
+      const out = await runEngine(engine, bb.io, { ids: ps, past: emptyCache(bb.io, keys.length) }, feeds);
+      for (let b = 0; b < keys.length; b++) {
+        const d = maxAbsDiff(row(out.logits, V, b), await reference('lora16', ps[b]));
+        assert.ok(d <= TOL, `row ${b}: max abs diff ${d}`);
+      }
+    });
+
     test('after rows leave and a row changes delta, the banks still give each row its own delta', async () => {
       const keys = [...layout];
       const banks = banksFor(keys);
