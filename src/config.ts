@@ -91,6 +91,11 @@ export const CONFIG_OPTIONS = {
     env: 'DELTASERVE_CACHE_BYTES', flag: '--cache-bytes <bytes>', help: 'delta cache budget, e.g. 512MiB',
     defaultText: 'sized from the backbone', schema: bytes, fallback: null as number | null,
   }),
+  kvCacheBytes: spec({
+    env: 'DELTASERVE_KV_CACHE_BYTES', flag: '--kv-cache-bytes <bytes>',
+    help: 'KV cache budget: requests are admitted while their prompt + max_new_tokens fit in it',
+    defaultText: 'every row at full context, at most 4GiB', schema: bytes, fallback: null as number | null,
+  }),
   maxBatch: spec({ env: 'DELTASERVE_MAX_BATCH', flag: '--max-batch <n>', help: 'max rows in one engine step', defaultText: '32', schema: int(1, 4096), fallback: 32 }),
   maxQueue: spec({ env: 'DELTASERVE_MAX_QUEUE', flag: '--max-queue <n>', help: 'max waiting requests before 429', defaultText: '1024', schema: int(0), fallback: 1024 }),
   ep: spec({

@@ -56,11 +56,15 @@ export function defaultCacheBytes(backbone: Backbone): number {
   return Math.max(256 * 2 ** 20, Math.floor(weightBytes(backbone) / 4));
 }
 
-/** KV tokens the running batch may hold: every row at full context, capped at 4 GiB of cache. */
-export function kvBudgetTokens(backbone: Backbone, config: Pick<Config, 'maxBatch'>): number {
+/**
+ * KV tokens the running batch may reserve: DELTASERVE_KV_CACHE_BYTES, or every
+ * row at full context capped at 4 GiB of cache. Never less than one full context,
+ * so any request that fits the backbone can run.
+ */
+export function kvBudgetTokens(backbone: Backbone, config: Pick<Config, 'maxBatch' | 'kvCacheBytes'>): number {
   const bytesPerToken = 2 * backbone.io.layers * backbone.io.kvHeads * backbone.io.headDim * 4;
-  const full = config.maxBatch * backbone.info.maxPositions;
-  return Math.max(backbone.info.maxPositions, Math.min(full, Math.floor(4 * 2 ** 30 / bytesPerToken)));
+  const budget = config.kvCacheBytes ?? Math.min(config.maxBatch * backbone.info.maxPositions * bytesPerToken, 4 * 2 ** 30);
+  return Math.max(backbone.info.maxPositions, Math.floor(budget / bytesPerToken));
 }
 
 export async function startServices(opts: ServiceOptions): Promise<Services> {
