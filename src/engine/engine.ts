@@ -268,8 +268,8 @@ export class Engine {
 
   private async decode(result: StepResult): Promise<void> {
     const B = this.rows.length;
-    const maxLen = Math.max(...this.pool.len);
-    this.pool.ensure(B, maxLen + 1);
+    this.pool.growAhead();
+    this.pool.ensure(B, Math.max(...this.pool.len) + 1);
     const C = this.pool.capacity;
     const mask = new BigInt64Array(B * (C + 1));
     for (let b = 0; b < B; b++) {

@@ -6,12 +6,28 @@
  * returns only the step's new K/V, and the engine writes that one slot per row.
  *
  * Capacity grows in buckets so shapes (and ORT's kernels) rarely change;
- * removing a row moves the last row into its place, like the banks.
+ * removing a row moves the last row into its place, like the banks. Growing
+ * means copying the whole cache into a bigger buffer; done in one step that is
+ * a pause of up to several steps' time, so the copy starts ahead of need and
+ * is spread, a few layer-tensors a step, over GROWTH_STEPS steps.
  */
 export function capacityBucket(tokens: number): number {
   let c = 64;
   while (c < tokens) c *= 2;
   return c;
+}
+
+/** Steps over which a capacity growth's copy is spread. */
+const GROWTH_STEPS = 16;
+/** Free slots left when the spread copy starts (the longest row gains one a step). */
+const GROWTH_LEAD = GROWTH_STEPS + 8;
+
+/** The next capacity bucket, filled ahead of need: buffers[t] is layer-tensor t (keys, then values) once copied. */
+interface Growth {
+  capacity: number;
+  rowsCap: number;
+  buffers: (Float32Array | null)[];
+  done: number;
 }
 
 export interface KvShape {
@@ -26,6 +42,7 @@ export class KvPool {
   readonly len: number[] = [];
   capacity = 0;
   private rowsCap = 0;
+  private growth: Growth | null = null;
 
   /** `maxRows` caps the geometric growth of the row capacity (the engine's max batch). */
   constructor(readonly shape: KvShape, private readonly maxRows = Infinity) {}
@@ -40,11 +57,55 @@ export class KvPool {
   }
 
   get bytesAllocated(): number {
-    return 2 * this.shape.layers * this.rowsCap * this.rowFloats() * 4;
+    const growing = this.growth?.buffers.reduce((n, b) => n + (b?.byteLength ?? 0), 0) ?? 0;
+    return 2 * this.shape.layers * this.rowsCap * this.rowFloats() * 4 + growing;
   }
 
   get tokensHeld(): number {
     return this.len.reduce((a, b) => a + b, 0);
+  }
+
+  /** Layer-tensor t: the keys of layer t, then the values of layer t - layers. */
+  private tensorAt(t: number): Float32Array {
+    const L = this.shape.layers;
+    return t < L ? this.keys[t] : this.values[t - L];
+  }
+
+  /** `old`'s rows' tokens, copied into a fresh [rowsCap, kvHeads, capacity, D] buffer. */
+  private regrown(old: Float32Array, capacity: number, rowsCap: number): Float32Array {
+    const { kvHeads, headDim } = this.shape;
+    const next = new Float32Array(rowsCap * kvHeads * capacity * headDim);
+    for (let b = 0; b < this.rows; b++) {
+      for (let h = 0; h < kvHeads; h++) {
+        const src = (b * kvHeads + h) * this.capacity * headDim;
+        const dst = (b * kvHeads + h) * capacity * headDim;
+        next.set(old.subarray(src, src + this.len[b] * headDim), dst);
+      }
+    }
+    return next;
+  }
+
+  /**
+   * Called once per decode step: when the longest row nears the capacity,
+   * copies the next few layer-tensors into the next bucket, and switches to
+   * it once all are there.
+   */
+  growAhead(): void {
+    if (!this.rows) return;
+    const total = 2 * this.shape.layers;
+    if (!this.growth) {
+      if (this.capacity - Math.max(...this.len) > GROWTH_LEAD) return;
+      this.growth = { capacity: capacityBucket(this.capacity + 1), rowsCap: this.rowsCap, buffers: new Array(total).fill(null), done: 0 };
+    }
+    const g = this.growth;
+    for (let n = Math.ceil(total / GROWTH_STEPS); n > 0 && g.done < total; n--, g.done++) {
+      g.buffers[g.done] = this.regrown(this.tensorAt(g.done), g.capacity, g.rowsCap);
+    }
+    if (g.done < total) return;
+    this.keys = g.buffers.slice(0, this.shape.layers) as Float32Array[];
+    this.values = g.buffers.slice(this.shape.layers) as Float32Array[];
+    this.capacity = g.capacity;
+    this.growth = null;
   }
 
   /** Makes room for `rows` rows of `tokens` slots each, keeping every row's data. */
@@ -53,18 +114,10 @@ export class KvPool {
     // Rows join one at a time: grow geometrically, or filling a batch copies the cache O(rows²) times.
     const rowsCap = rows > this.rowsCap ? Math.max(rows, Math.min(this.maxRows, this.rowsCap * 2)) : this.rowsCap;
     if (capacity === this.capacity && rowsCap === this.rowsCap) return;
+    // A sudden need (a long prompt joining) outruns the spread copy: grow at once instead.
+    this.growth = null;
     const { kvHeads, headDim } = this.shape;
-    const regrow = (old: Float32Array) => {
-      const next = new Float32Array(rowsCap * kvHeads * capacity * headDim);
-      for (let b = 0; b < this.rows; b++) {
-        for (let h = 0; h < kvHeads; h++) {
-          const src = (b * kvHeads + h) * this.capacity * headDim;
-          const dst = (b * kvHeads + h) * capacity * headDim;
-          next.set(old.subarray(src, src + this.len[b] * headDim), dst);
-        }
-      }
-      return next;
-    };
+    const regrow = (old: Float32Array) => this.regrown(old, capacity, rowsCap);
     if (this.keys.length === 0) {
       for (let l = 0; l < this.shape.layers; l++) {
         this.keys.push(new Float32Array(rowsCap * kvHeads * capacity * headDim));
@@ -85,12 +138,16 @@ export class KvPool {
   ): number {
     const row = this.rows;
     this.ensure(row + 1, tokens + 1);
-    const { kvHeads, headDim } = this.shape;
-    for (let l = 0; l < this.shape.layers; l++) {
-      for (const [from, to] of [[src.keys[l], this.keys[l]], [src.values[l], this.values[l]]] as const) {
+    const { kvHeads, headDim, layers } = this.shape;
+    const g = this.growth;
+    for (let t = 0; t < 2 * layers; t++) {
+      const from = t < layers ? src.keys[t] : src.values[t - layers];
+      const targets: [Float32Array, number][] = [[this.tensorAt(t), this.capacity]];
+      if (g && t < g.done) targets.push([g.buffers[t]!, g.capacity]);
+      for (const [to, capacity] of targets) {
         for (let h = 0; h < kvHeads; h++) {
           const s = ((src.row * kvHeads + h) * src.capacity + src.start) * headDim;
-          const d = (row * kvHeads + h) * this.capacity * headDim;
+          const d = (row * kvHeads + h) * capacity * headDim;
           to.set(from.subarray(s, s + tokens * headDim), d);
         }
       }
@@ -104,6 +161,11 @@ export class KvPool {
     if (row !== last) {
       const n = this.rowFloats();
       for (const buf of [...this.keys, ...this.values]) buf.copyWithin(row * n, last * n, (last + 1) * n);
+      const g = this.growth;
+      if (g) {
+        const m = this.rowFloats(g.capacity);
+        for (const buf of g.buffers.slice(0, g.done)) buf!.copyWithin(row * m, last * m, (last + 1) * m);
+      }
       this.len[row] = this.len[last];
     }
     this.len.pop();
@@ -112,6 +174,7 @@ export class KvPool {
 
   /** Frees the buffers when the batch empties, so one long request does not hold memory forever. */
   private reset(): void {
+    this.growth = null;
     this.keys = [];
     this.values = [];
     this.capacity = 0;
@@ -126,14 +189,19 @@ export class KvPool {
 
   /** Writes a step's new K/V ([rows, kvHeads, S, D] per layer) at each row's next S slots. */
   append(newKeys: Float32Array[], newValues: Float32Array[], steps = 1): void {
-    const { kvHeads, headDim } = this.shape;
+    const { kvHeads, headDim, layers } = this.shape;
     const n = steps * headDim;
-    for (let l = 0; l < this.shape.layers; l++) {
-      for (const [src, dst] of [[newKeys[l], this.keys[l]], [newValues[l], this.values[l]]] as const) {
+    const g = this.growth;
+    for (let t = 0; t < 2 * layers; t++) {
+      const src = t < layers ? newKeys[t] : newValues[t - layers];
+      // Tensors already copied into the next bucket take the new slot there too.
+      const targets: [Float32Array, number][] = [[this.tensorAt(t), this.capacity]];
+      if (g && t < g.done) targets.push([g.buffers[t]!, g.capacity]);
+      for (const [dst, capacity] of targets) {
         for (let b = 0; b < this.rows; b++) {
           for (let h = 0; h < kvHeads; h++) {
             const s = (b * kvHeads + h) * n;
-            const d = ((b * kvHeads + h) * this.capacity + this.len[b]) * headDim;
+            const d = ((b * kvHeads + h) * capacity + this.len[b]) * headDim;
             dst.set(src.subarray(s, s + n), d);
           }
         }

@@ -1,0 +1,104 @@
+/**
+ * The KV pool: capacity growth spread over steps (growAhead) must keep every
+ * row's tokens exactly as a pool that grows all at once, through rows joining,
+ * leaving and appending; and a generation crossing several buckets must equal
+ * the model's full forward.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import * as ort from 'onnxruntime-node';
+import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
+import { createSession } from '../src/backbone/session.js';
+import { Engine } from '../src/engine/engine.js';
+import { KvPool } from '../src/engine/kv-pool.js';
+import { demo, originalSession } from './helpers/engine-graph.js';
+
+const shape = { layers: 3, kvHeads: 2, headDim: 4 };
+
+/** Row b's valid tokens, layer by layer, as plain arrays. */
+function contents(pool: KvPool, b: number): number[][] {
+  const out: number[][] = [];
+  const { kvHeads, headDim } = shape;
+  for (const buf of [...pool.keys, ...pool.values]) {
+    for (let h = 0; h < kvHeads; h++) {
+      const off = (b * kvHeads + h) * pool.capacity * headDim;
+      out.push(Array.from(buf.subarray(off, off + pool.len[b] * headDim)));
+    }
+  }
+  return out;
+}
+
+test('spread growth keeps every row exactly as growing at once does', () => {
+  let seed = 7;
+  const rand = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+  const spread = new KvPool(shape, 8);
+  const atOnce = new KvPool(shape, 8);
+  const fresh = (rows: number, steps: number) => Array.from({ length: shape.layers }, () =>
+    Float32Array.from({ length: rows * shape.kvHeads * steps * shape.headDim }, () => rand()));
+  let spreadSwitches = 0;
+  for (let step = 0; step < 400; step++) {
+    const r = rand();
+    if (spread.rows < 6 && (spread.rows === 0 || r < 0.05)) {
+      // A row joins with a short prompt taken from a one-row source block.
+      const tokens = 1 + Math.floor(rand() * 20);
+      const src = { keys: fresh(1, tokens), values: fresh(1, tokens), capacity: tokens, row: 0, start: 0 };
+      spread.addRow(tokens, src);
+      atOnce.addRow(tokens, src);
+    } else if (spread.rows > 1 && r < 0.08) {
+      const row = Math.floor(rand() * spread.rows);
+      spread.removeRow(row);
+      atOnce.removeRow(row);
+    }
+    const before = spread.capacity;
+    spread.growAhead();
+    if (spread.capacity > before) spreadSwitches++;
+    spread.ensure(spread.rows, Math.max(...spread.len) + 1);
+    atOnce.ensure(atOnce.rows, Math.max(...atOnce.len) + 1);
+    const keys = fresh(spread.rows, 1);
+    const values = fresh(spread.rows, 1);
+    spread.append(keys, values);
+    atOnce.append(keys, values);
+    assert.deepEqual(spread.len, atOnce.len);
+    for (let b = 0; b < spread.rows; b++) assert.deepEqual(contents(spread, b), contents(atOnce, b), `step ${step}, row ${b}`);
+  }
+  assert.ok(Math.max(...spread.len) > 128, 'rows grew past two buckets');
+  assert.ok(spreadSwitches >= 2, `the spread copy switched buckets ${spreadSwitches} times`);
+});
+
+test('a greedy generation across three capacity buckets equals the full forward', async () => {
+  const { bb } = await demo('demo:gpt2');
+  const graph = buildEngineGraph(bb);
+  const engine = new Engine(await createSession(graph.bytes), bb.io, graph.sites, {
+    maxBatch: 2, prefillChunkTokens: 512, eosTokenIds: [], maxPositions: bb.info.maxPositions,
+  });
+  const prompt = bb.tokenizer.encode('buckets');
+  const n = 200;
+  engine.add({ rowId: 1, promptIds: prompt, maxNewTokens: n, delta: null, sampling: { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, seed: 0 } });
+  const got: number[] = [];
+  while (!engine.idle) got.push(...(await engine.step()).tokens.map((t) => t.token));
+  assert.equal(got.length, n);
+
+  // The reference: one full forward of the whole sequence on the original graph, each position's argmax.
+  const original = await originalSession(bb);
+  const seq = [...prompt, ...got.slice(0, -1)];
+  const S = seq.length;
+  const feeds: Record<string, ort.Tensor> = {
+    input_ids: new ort.Tensor('int64', BigInt64Array.from(seq.map(BigInt)), [1, S]),
+    attention_mask: new ort.Tensor('int64', new BigInt64Array(S).fill(1n), [1, S]),
+    position_ids: new ort.Tensor('int64', BigInt64Array.from(seq.map((_, i) => BigInt(i))), [1, S]),
+  };
+  for (let l = 0; l < bb.io.layers; l++) {
+    for (const kv of ['key', 'value']) {
+      feeds[`past_key_values.${l}.${kv}`] = new ort.Tensor('float32', new Float32Array(0), [1, bb.io.kvHeads, 0, bb.io.headDim]);
+    }
+  }
+  const logits = (await original.run(feeds)).logits.data as Float32Array;
+  const V = bb.io.vocabSize;
+  const expected = Array.from({ length: n }, (_, i) => {
+    const off = (prompt.length - 1 + i) * V;
+    let best = 0;
+    for (let v = 1; v < V; v++) if (logits[off + v] > logits[off + best]) best = v;
+    return best;
+  });
+  assert.deepEqual(got, expected);
+});
