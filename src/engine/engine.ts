@@ -87,6 +87,11 @@ export class Engine {
     return [...this.rows, ...(this.group?.rows ?? []), ...this.pending].map((r) => r.req.rowId);
   }
 
+  /** KV slots per row the decode batch's buffers hold now. */
+  get kvCapacity(): number {
+    return this.pool.capacity;
+  }
+
   get kvBytes(): number {
     return this.pool.bytesAllocated + (this.group?.kv.bytesAllocated ?? 0);
   }

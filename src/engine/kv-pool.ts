@@ -18,9 +18,9 @@ export function capacityBucket(tokens: number): number {
 }
 
 /** Steps over which a capacity growth's copy is spread. */
-const GROWTH_STEPS = 16;
+export const GROWTH_STEPS = 16;
 /** Free slots left when the spread copy starts (the longest row gains one a step). */
-const GROWTH_LEAD = GROWTH_STEPS + 8;
+export const GROWTH_LEAD = GROWTH_STEPS + 8;
 
 /** The next capacity bucket, filled ahead of need: buffers[t] is layer-tensor t (keys, then values) once copied. */
 interface Growth {
