@@ -120,7 +120,7 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
       }
       return lease;
     },
-    exists: async (id) => (await registry.get(id)) !== null,
+    exists: async (id) => (await registry.current(id)) !== null,
   }, metrics, {
     maxBatch: config.maxBatch,
     maxQueue: config.maxQueue,

@@ -108,6 +108,31 @@ test('replicas sharing a store see each other\'s registrations', async (t) => {
   await assert.rejects(b.register('shared', (await makeLora(t, 4)).files, { replace: false }), (e: ServeError) => e.status === 409);
 });
 
+test('a replica serving a cached delta picks up a replace or remove made by another replica', async (t) => {
+  const store = await tempDir(t, 'store');
+  const a = await open(store);
+  const b = await open(store);
+  const v1 = await a.register('shared', (await makeLora(t, 5)).files, { replace: false });
+  const held = await b.acquire('shared');
+  held.release();
+  assert.ok(b.isCached('shared'), 'b holds v1 in its cache');
+
+  const v2 = await a.register('shared', (await makeLora(t, 6)).files, { replace: true });
+  // Without a look at the store, b's cache would keep answering v1.
+  const cachedBefore = await b.acquire('shared');
+  assert.equal(cachedBefore.delta.version, v1.sha256, 'the cache alone still holds v1');
+  assert.deepEqual(await b.current('shared'), v2);
+  const after = await b.acquire('shared');
+  assert.equal(after.delta.version, v2.sha256, 'after current(), b serves v2');
+  assert.equal(cachedBefore.delta.version, v1.sha256, 'a holder of v1 keeps it');
+  cachedBefore.release();
+  after.release();
+
+  await a.remove('shared');
+  assert.equal(await b.current('shared'), null);
+  assert.equal(b.isCached('shared'), false, 'b dropped the removed delta');
+});
+
 test('startup removes stale temp folders and restores a replace cut between its renames', async (t) => {
   const store = await tempDir(t, 'store');
   const registry = await open(store);

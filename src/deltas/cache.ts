@@ -76,6 +76,11 @@ export class DeltaCache {
     return this.pinnedCurrent.has(id) || this.lru.has(id);
   }
 
+  /** The version (manifest sha256) of `id` held in memory, if any. */
+  version(id: string): string | null {
+    return (this.pinnedCurrent.get(id) ?? this.lru.peek(id))?.version ?? null;
+  }
+
   /** Ids in the LRU, least recently released first (the next to be evicted). */
   evictionOrder(): string[] {
     return [...this.lru.rkeys()];

@@ -124,6 +124,19 @@ export class Registry implements DeltaRegistry {
     });
   }
 
+  /**
+   * Whether `id` is registered, read from the store (the truth replicas
+   * share). A cached version the store no longer holds (another replica
+   * replaced or removed it) is dropped, so the next acquire loads what the
+   * store has; requests running on the old version keep it.
+   */
+  async current(id: string): Promise<DeltaRecord | null> {
+    const record = await this.get(id);
+    const cached = this.cache.version(id);
+    if (cached !== null && cached !== record?.sha256) this.cache.invalidate(id);
+    return record;
+  }
+
   isCached(id: string): boolean {
     return this.cache.has(id);
   }
