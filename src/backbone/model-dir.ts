@@ -3,6 +3,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { discoverDecoderIO, ModelFormatError, type DecoderIO } from './decoder-io.js';
 import { externalDataFiles, readModel, type ModelProto } from './onnx/proto.js';
+import { readFileWithProgress } from './read-progress.js';
 
 export interface ModelDir {
   dir: string;
@@ -32,7 +33,7 @@ export function readModelDir(dir: string): ModelDir {
   }
   let model: ModelProto;
   try {
-    model = readModel(join(dir, 'model.onnx'));
+    model = readModel(join(dir, 'model.onnx'), readFileWithProgress);
   } catch (e) {
     throw new ModelFormatError(`${join(dir, 'model.onnx')} is not a readable ONNX model: ${(e as Error).message}`);
   }

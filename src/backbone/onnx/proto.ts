@@ -27,8 +27,8 @@ export function encodeModel(model: onnxProto.onnx.IModelProto): Uint8Array {
 }
 
 /** Reads a model's graph; tensors stored as external data stay there (see tensorBytes). */
-export function readModel(path: string): ModelProto {
-  return decodeModel(readFileSync(path));
+export function readModel(path: string, read: (path: string) => Uint8Array = readFileSync): ModelProto {
+  return decodeModel(read(path));
 }
 
 const isExternal = (t: TensorProto) => t.dataLocation === onnx.TensorProto.DataLocation.EXTERNAL;
