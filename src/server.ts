@@ -5,7 +5,9 @@
  */
 import express, { type Express } from 'express';
 import { loadBackbone, type Backbone } from './backbone/backbone.js';
-import { planSites, type SitePlanOptions } from './backbone/rewrite/index.js';
+import { engineModelSource } from './backbone/engine-model.js';
+import { SITE_KIND } from './backbone/rewrite/delta-sites.js';
+import { buildEngineGraph, planSites, type SitePlanOptions } from './backbone/rewrite/index.js';
 import type { Config } from './config.js';
 import { Registry } from './deltas/registry.js';
 import { EngineClient } from './engine/engine-client.js';
@@ -76,11 +78,10 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
 
   const sites = opts.sites ?? config.sites;
   const plan = planSites(backbone, sites);
-  const kindOf = { lora: 'lora', adapter: 'adapter', bitfit: 'bias' } as const;
   const unplaceable = (delta: { sites: { module: string; kind: 'lora' | 'adapter' | 'bitfit' }[] }) => {
-    const missing = delta.sites.filter((s) => !plan.get(s.module)?.includes(kindOf[s.kind]));
+    const missing = delta.sites.filter((s) => !plan.get(s.module)?.includes(SITE_KIND[s.kind]));
     if (!missing.length) return [];
-    const kinds = [...new Set(missing.map((s) => kindOf[s.kind]))];
+    const kinds = [...new Set(missing.map((s) => SITE_KIND[s.kind]))];
     return [`this server has no ${kinds.join('/')} delta site on ${missing.map((s) => s.module).join(', ')}: ` +
       `restart it with DELTASERVE_SITES naming those modules (e.g. ${kinds[0]}:all), or target modules it serves (GET /v1/backbone)`];
   };
@@ -101,13 +102,14 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
     },
   });
 
-  const started = await EngineClient.start({
-    model: config.model, cacheDir: opts.cacheDir, tokenizerPath: opts.tokenizerPath, sites,
+  const graph = buildEngineGraph(backbone, sites);
+  const engine = await EngineClient.start({
+    model: await engineModelSource(backbone, graph.bytes, opts.cacheDir),
+    io: backbone.io, sites: graph.sites, eosTokenIds: [...backbone.tokenizer.eosTokenIds], maxPositions: backbone.info.maxPositions,
     ep: config.ep, threads: config.threads || undefined, maxBatch: config.maxBatch, prefillChunkTokens: config.prefillChunkTokens,
   });
-  const engine = started.client;
   engine.on('error', (message) => logger.error({ message }, 'engine step failed'));
-  logger.info({ sites: started.sites, splitAttentionLayers: started.splitLayers, ep: config.ep }, 'engine ready');
+  logger.info({ sites: graph.sites.length, splitAttentionLayers: graph.splitLayers, ep: config.ep }, 'engine ready');
 
   const scheduler = new Scheduler(engine, backbone.tokenizer, {
     // A delta registered by a replica with other sites can still reach this one through the shared store.

@@ -48,7 +48,7 @@ export class EngineClient extends EventEmitter<EngineClientEvents> {
     super();
   }
 
-  static start(init: EngineInit): Promise<{ client: EngineClient; sites: number; splitLayers: number }> {
+  static start(init: EngineInit): Promise<EngineClient> {
     // The worker is TypeScript too. Node 20 applies --import loaders to a worker's imports but not
     // to its entry file, so a one-line bootstrap registers tsx and then imports the worker.
     const api = JSON.stringify(import.meta.resolve('tsx/esm/api'));
@@ -60,7 +60,7 @@ export class EngineClient extends EventEmitter<EngineClientEvents> {
         if (m.type === 'ready') {
           worker.off('message', onMessage);
           worker.on('message', (msg: FromEngine) => client.dispatch(msg));
-          resolve({ client, sites: m.sites, splitLayers: m.splitLayers });
+          resolve(client);
         } else if (m.type === 'error') {
           worker.off('message', onMessage);
           void worker.terminate();
@@ -69,7 +69,10 @@ export class EngineClient extends EventEmitter<EngineClientEvents> {
       };
       worker.on('message', onMessage);
       worker.once('error', reject);
-      worker.postMessage({ type: 'init', init } satisfies ToEngine);
+      // A model of its own buffer moves to the worker instead of being copied.
+      const { model } = init;
+      const movable = typeof model !== 'string' && model.byteOffset === 0 && model.byteLength === model.buffer.byteLength;
+      worker.postMessage({ type: 'init', init } satisfies ToEngine, movable ? [model.buffer as ArrayBuffer] : []);
     });
   }
 

@@ -1,5 +1,6 @@
 /** What crosses between the scheduler (main thread) and the engine (worker thread). */
-import type { SitePlanOptions } from '../backbone/rewrite/index.js';
+import type { DecoderIO } from '../backbone/decoder-io.js';
+import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import type { ExecutionProvider } from '../backbone/session.js';
 import type { LoadedDelta } from '../deltas/types.js';
 import type { SamplerParams } from './sampler.js';
@@ -38,12 +39,14 @@ export interface StepResult {
   stats: StepStats;
 }
 
+/** The engine graph the main thread built, and what the engine needs to run it. */
 export interface EngineInit {
-  /** A model directory or embedded backbone name, loaded again inside the worker. */
-  model: string;
-  cacheDir?: string;
-  tokenizerPath?: string;
-  sites: SitePlanOptions;
+  /** The rewritten model's bytes, or its path when its weights sit in external data files. */
+  model: Uint8Array | string;
+  io: DecoderIO;
+  sites: SiteLayout[];
+  eosTokenIds: number[];
+  maxPositions: number;
   ep: ExecutionProvider;
   threads?: number;
   maxBatch: number;
@@ -56,7 +59,7 @@ export type ToEngine =
   | { type: 'cancel'; rowId: number };
 
 export type FromEngine =
-  | { type: 'ready'; sites: number; splitLayers: number }
+  | { type: 'ready' }
   | { type: 'step'; result: StepResult }
   /** A step failed: its rows are cancelled; `rowIds` names them (none when the engine could not start). */
   | { type: 'error'; message: string; rowIds: number[] };

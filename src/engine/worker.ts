@@ -4,9 +4,6 @@
  * HTTP, SSE and /metrics while every core computes.
  */
 import { parentPort } from 'node:worker_threads';
-import { loadBackbone } from '../backbone/backbone.js';
-import { engineModelSource } from '../backbone/engine-model.js';
-import { buildEngineGraph } from '../backbone/rewrite/index.js';
 import { createSession } from '../backbone/session.js';
 import { Engine } from './engine.js';
 import type { EngineInit, FromEngine, ToEngine } from './protocol.js';
@@ -19,17 +16,14 @@ let wake: (() => void) | null = null;
 let running = false;
 
 async function init(init: EngineInit): Promise<void> {
-  const backbone = await loadBackbone({ model: init.model, cacheDir: init.cacheDir, tokenizerPath: init.tokenizerPath });
-  const graph = buildEngineGraph(backbone, init.sites);
-  const model = await engineModelSource(backbone, graph.bytes, init.cacheDir);
-  const session = await createSession(model, { ep: init.ep, threads: init.threads });
-  engine = new Engine(session, backbone.io, graph.sites, {
+  const session = await createSession(init.model, { ep: init.ep, threads: init.threads });
+  engine = new Engine(session, init.io, init.sites, {
     maxBatch: init.maxBatch,
     prefillChunkTokens: init.prefillChunkTokens,
-    eosTokenIds: backbone.tokenizer.eosTokenIds,
-    maxPositions: backbone.info.maxPositions,
+    eosTokenIds: init.eosTokenIds,
+    maxPositions: init.maxPositions,
   });
-  post({ type: 'ready', sites: graph.sites.length, splitLayers: graph.splitLayers });
+  post({ type: 'ready' });
 }
 
 /** Steps while there is work; yields to the event loop between steps so adds and cancels land. */
