@@ -152,22 +152,6 @@ export class DeltaBanks {
     this.hasAdapterSites = layouts.some((l) => l.kinds.includes('adapter'));
   }
 
-  get size(): number {
-    return this.rows.length;
-  }
-
-  deltaAt(row: number): LoadedDelta | null {
-    return this.rows[row] ?? null;
-  }
-
-  /** Modules of this delta that the engine graph has no site for (a configuration error, caught at admission). */
-  missingSites(delta: LoadedDelta): string[] {
-    const kindOf = { lora: 'lora', adapter: 'adapter', bitfit: 'bias' } as const;
-    return delta.sites
-      .filter((s) => !this.sites.get(s.module)?.layout.kinds.includes(kindOf[s.kind]))
-      .map((s) => `${s.module} (${s.kind})`);
-  }
-
   /** Places a delta (or none) in row `row`; rows must be filled in order, without holes. */
   setRow(row: number, delta: LoadedDelta | null): void {
     if (row > this.rows.length) throw new Error(`bank row ${row} would leave a hole (batch has ${this.rows.length})`);

@@ -58,6 +58,10 @@ export class Engine {
   private group: PrefillGroup | null = null;
   private readonly cancelled = new Set<number>();
   private readonly eos: Set<number>;
+  /** Outputs a step fetches: all-greedy steps take the in-graph argmax instead of the logits. */
+  private readonly kvOutputs: string[];
+  private readonly fetchGreedy: string[];
+  private readonly fetchLogits: string[];
 
   constructor(
     private readonly session: ort.InferenceSession,
@@ -68,6 +72,9 @@ export class Engine {
     this.pool = new KvPool(io, opts.maxBatch);
     this.banks = new DeltaBanks(sites);
     this.eos = new Set(opts.eosTokenIds);
+    this.kvOutputs = Array.from({ length: io.layers }, (_, l) => [newKvName(l, 'key'), newKvName(l, 'value')]).flat();
+    this.fetchGreedy = [GREEDY_TOKEN, ...this.kvOutputs];
+    this.fetchLogits = ['logits', ...this.kvOutputs];
   }
 
   add(req: RowRequest): void {
@@ -187,8 +194,7 @@ export class Engine {
   private async run(feeds: Record<string, ort.Tensor>, rows: Row[], stats: StepResult['stats']) {
     const greedy = rows.every((r) => r.sampler.greedy);
     const { layers } = this.io;
-    const kvNames = Array.from({ length: layers }, (_, l) => [newKvName(l, 'key'), newKvName(l, 'value')]).flat();
-    const out = await this.session.run(feeds, [greedy ? GREEDY_TOKEN : 'logits', ...kvNames]);
+    const out = await this.session.run(feeds, greedy ? this.fetchGreedy : this.fetchLogits);
     for (const t of [...Object.values(feeds), ...Object.values(out)]) {
       stats.transferBytes += (t.data as ArrayBufferView).byteLength;
     }
@@ -198,8 +204,8 @@ export class Engine {
       next: greedy
         ? (b: number) => Number((out[GREEDY_TOKEN].data as BigInt64Array)[b])
         : (b: number) => rows[b].sampler.sample(data('logits'), b * this.io.vocabSize, this.io.vocabSize),
-      keys: Array.from({ length: layers }, (_, l) => data(newKvName(l, 'key'))),
-      values: Array.from({ length: layers }, (_, l) => data(newKvName(l, 'value'))),
+      keys: Array.from({ length: layers }, (_, l) => data(this.kvOutputs[2 * l])),
+      values: Array.from({ length: layers }, (_, l) => data(this.kvOutputs[2 * l + 1])),
     };
   }
 

@@ -39,7 +39,8 @@ export function resolveTask(name: string | null | undefined, backbone: BackboneI
   return name;
 }
 
-export function samplingParams(p: Partial<SamplingParams> & { maxNewTokens: number }): SamplingParams {
+/** Sampling parameters with the neutral value for every one a client left out (absent or null). */
+export function samplingParams(p: { [K in keyof SamplingParams]?: SamplingParams[K] | null } & { maxNewTokens: number }): SamplingParams {
   return {
     maxNewTokens: p.maxNewTokens,
     temperature: p.temperature ?? 0,

@@ -32,26 +32,21 @@ export function backboneBias(module: string, n: number): Float32Array {
   return out;
 }
 
+/** One layer's linear modules under `prefix`, each [name, in, out], with or without a bias. */
+function layerModules(prefix: string, layer: number, shapes: [string, number, number][], bias: boolean): LinearModule[] {
+  return shapes.map(([n, inFeatures, outFeatures]) => ({
+    name: `${prefix}.${n}`, kind: 'linear', inFeatures, outFeatures, layer, biasInitializer: bias ? `${prefix}.${n}.bias` : null,
+  }));
+}
+
 /** GPT-2's linear modules (Conv1D, as PEFT names them) for any width and depth. */
 export function gpt2Like(layers: number, hidden: number, name = 'gpt2-test'): BackboneInfo {
-  const modules: LinearModule[] = [];
-  for (let l = 0; l < layers; l++) {
-    const p = `transformer.h.${l}`;
-    const lin = (n: string, i: number, o: number): LinearModule => ({
-      name: `${p}.${n}`,
-      kind: 'linear',
-      inFeatures: i,
-      outFeatures: o,
-      layer: l,
-      biasInitializer: `${p}.${n}.bias`,
-    });
-    modules.push(
-      lin('attn.c_attn', hidden, 3 * hidden),
-      lin('attn.c_proj', hidden, hidden),
-      lin('mlp.c_fc', hidden, 4 * hidden),
-      lin('mlp.c_proj', 4 * hidden, hidden),
-    );
-  }
+  const modules = Array.from({ length: layers }, (_, l) => layerModules(`transformer.h.${l}`, l, [
+    ['attn.c_attn', hidden, 3 * hidden],
+    ['attn.c_proj', hidden, hidden],
+    ['mlp.c_fc', hidden, 4 * hidden],
+    ['mlp.c_proj', 4 * hidden, hidden],
+  ], true)).flat();
   return info(name, 'gpt2', hidden, layers, modules, true);
 }
 
@@ -60,26 +55,14 @@ export const gpt2Small = () => gpt2Like(12, 768, 'gpt2-small');
 
 /** Llama's linear modules (no biases). */
 export function llamaLike(layers: number, hidden: number, inter: number, name = 'llama-test'): BackboneInfo {
-  const modules: LinearModule[] = [];
-  for (let l = 0; l < layers; l++) {
-    const p = `model.layers.${l}`;
-    const lin = (n: string, i: number, o: number): LinearModule => ({
-      name: `${p}.${n}`,
-      kind: 'linear',
-      inFeatures: i,
-      outFeatures: o,
-      layer: l,
-      biasInitializer: null,
-    });
-    modules.push(
-      lin('self_attn.q_proj', hidden, hidden),
-      lin('self_attn.k_proj', hidden, hidden),
-      lin('self_attn.v_proj', hidden, hidden),
-      lin('self_attn.o_proj', hidden, hidden),
-      lin('mlp.gate_proj', hidden, inter),
-      lin('mlp.up_proj', hidden, inter),
-      lin('mlp.down_proj', inter, hidden),
-    );
-  }
+  const modules = Array.from({ length: layers }, (_, l) => layerModules(`model.layers.${l}`, l, [
+    ['self_attn.q_proj', hidden, hidden],
+    ['self_attn.k_proj', hidden, hidden],
+    ['self_attn.v_proj', hidden, hidden],
+    ['self_attn.o_proj', hidden, hidden],
+    ['mlp.gate_proj', hidden, inter],
+    ['mlp.up_proj', hidden, inter],
+    ['mlp.down_proj', inter, hidden],
+  ], false)).flat();
   return info(name, 'llama', hidden, layers, modules, false);
 }

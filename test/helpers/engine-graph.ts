@@ -300,3 +300,20 @@ export function bareBanks(sites: SiteLayout[], rows: number): DeltaBanks {
   for (let r = 0; r < rows; r++) banks.setRow(r, null);
   return banks;
 }
+
+/**
+ * The tokens greedy decoding must produce after `prompt`, read off one full
+ * forward of the original graph over prompt + generated (the last one
+ * excluded): position t's argmax is the token that follows it.
+ */
+export async function fullForwardGreedy(sess: Session, io: DecoderIO, prompt: number[], generated: number[]): Promise<number[]> {
+  const seq = [...prompt, ...generated.slice(0, -1)];
+  const { logits } = await runOriginal(sess, io, { ids: [seq], past: emptyCache(io, 1) });
+  const V = io.vocabSize;
+  return generated.map((_, i) => {
+    const l = at(logits, seq.length, V, 0, prompt.length - 1 + i);
+    let best = 0;
+    for (let v = 1; v < V; v++) if (l[v] > l[best]) best = v;
+    return best;
+  });
+}

@@ -1,9 +1,10 @@
 /** GPT-2 as torch.onnx exports it through Optimum (`transformer.h.N.attn.c_attn` …). */
 import { DataType, GraphBuilder } from '../onnx/graph-builder.js';
+import { geluNew } from '../onnx/activations.js';
 import { floatAttr } from '../onnx/proto.js';
 import { headDim, type DemoSpec } from './spec.js';
 import {
-  attention, attentionBias, conv1dGemm, decoderInputs, geluNew, layerNorm, splitHeads, type BuildHooks, type WeightSource,
+  attention, attentionBias, conv1dGemm, decoderInputs, layerNorm, splitHeads, type BuildHooks, type WeightSource,
 } from './layers.js';
 
 export function buildGpt2(spec: DemoSpec, weights: WeightSource, hooks: BuildHooks = {}): GraphBuilder {

@@ -4,7 +4,6 @@
  */
 import { DataType, GraphBuilder } from '../onnx/graph-builder.js';
 import { floatAttr } from '../onnx/proto.js';
-export { geluNew, silu } from '../onnx/activations.js';
 
 /** Lets tests build a model with a delta merged into it, as an independent reference. */
 export interface BuildHooks {

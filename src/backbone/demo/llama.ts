@@ -1,8 +1,9 @@
 /** Llama as torch.onnx exports it through Optimum (`model.layers.N.self_attn.q_proj` …). */
+import { silu } from '../onnx/activations.js';
 import { DataType, GraphBuilder } from '../onnx/graph-builder.js';
 import { headDim, type DemoSpec } from './spec.js';
 import {
-  attention, attentionBias, decoderInputs, linearMatMul, rmsNorm, silu, splitHeads, type BuildHooks, type WeightSource,
+  attention, attentionBias, decoderInputs, linearMatMul, rmsNorm, splitHeads, type BuildHooks, type WeightSource,
 } from './layers.js';
 
 /** cos/sin [B, 1, S, D] from position ids, computed once for all layers. */

@@ -82,14 +82,19 @@ export class GraphBuilder {
   }
 
   /** Adds a node; returns its output names. */
-  nodeN(opType: string, inputs: string[], nOutputs: number, attrs: Record<string, AttrValue | AttributeProto> = {}): string[] {
+  /** Adds a node; `outputs` names its outputs from the node's own name unless given. */
+  private add(opType: string, inputs: string[], attrs: Record<string, AttrValue | AttributeProto>, outputs: (name: string) => string[]): string[] {
     const name = this.uniqueName(opType);
-    const outputs = Array.from({ length: nOutputs }, (_, i) => `${name}_output_${i}`);
+    const output = outputs(name);
     const attribute_ = Object.entries(attrs).map(([k, v]) =>
       typeof v === 'object' && v !== null && 'type' in v && 'name' in v ? (v as AttributeProto) : attribute(k, v as AttrValue),
     );
-    this.nodes.push({ name, opType, input: inputs, output: outputs, attribute: attribute_ });
-    return outputs;
+    this.nodes.push({ name, opType, input: inputs, output, attribute: attribute_ });
+    return output;
+  }
+
+  nodeN(opType: string, inputs: string[], nOutputs: number, attrs: Record<string, AttrValue | AttributeProto> = {}): string[] {
+    return this.add(opType, inputs, attrs, (name) => Array.from({ length: nOutputs }, (_, i) => `${name}_output_${i}`));
   }
 
   op(opType: string, inputs: string[], attrs: Record<string, AttrValue | AttributeProto> = {}): string {
@@ -98,12 +103,7 @@ export class GraphBuilder {
 
   /** Adds a node whose output has a fixed name (a graph output). */
   opNamed(opType: string, inputs: string[], output: string, attrs: Record<string, AttrValue | AttributeProto> = {}): string {
-    const name = this.uniqueName(opType);
-    const attribute_ = Object.entries(attrs).map(([k, v]) =>
-      typeof v === 'object' && v !== null && 'type' in v && 'name' in v ? (v as AttributeProto) : attribute(k, v as AttrValue),
-    );
-    this.nodes.push({ name, opType, input: inputs, output: [output], attribute: attribute_ });
-    return output;
+    return this.add(opType, inputs, attrs, () => [output])[0];
   }
 
   /**

@@ -21,6 +21,9 @@ import type { GraphEditor } from './editor.js';
 
 export type SiteKind = 'lora' | 'adapter' | 'bias';
 
+/** The kind of site each kind of delta needs (BitFit is a bias). */
+export const SITE_KIND = { lora: 'lora', adapter: 'adapter', bitfit: 'bias' } as const satisfies Record<string, SiteKind>;
+
 export const ACTIVATIONS = ['relu', 'gelu', 'gelu_new', 'silu'] as const;
 
 export const siteInput = {

@@ -35,12 +35,12 @@ export function generateRoutes(deps: GenerateRouteDeps): Router {
     const p = body.parameters ?? {};
     const params = samplingParams({
       maxNewTokens: p.max_new_tokens ?? DEFAULT_MAX_NEW_TOKENS,
-      temperature: p.temperature ?? 0,
-      topK: p.top_k ?? 0,
-      topP: p.top_p ?? 1,
-      repetitionPenalty: p.repetition_penalty ?? 1,
-      seed: p.seed ?? null,
-      stop: p.stop ?? [],
+      temperature: p.temperature,
+      topK: p.top_k,
+      topP: p.top_p,
+      repetitionPenalty: p.repetition_penalty,
+      seed: p.seed,
+      stop: p.stop,
     });
     req.log.debug({ task, promptChars: body.inputs.length, params }, 'generate');
 

@@ -42,11 +42,11 @@ function sampling(b: CompletionBody | ChatBody, maxNewTokens: number): SamplingP
     maxNewTokens,
     // OpenAI's default temperature is 1 (sampling), unlike /v1/generate's greedy default.
     temperature: b.temperature ?? 1,
-    topP: b.top_p ?? 1,
-    topK: b.top_k ?? 0,
-    repetitionPenalty: b.repetition_penalty ?? 1,
-    seed: b.seed ?? null,
-    stop: typeof b.stop === 'string' ? [b.stop] : b.stop ?? [],
+    topP: b.top_p,
+    topK: b.top_k,
+    repetitionPenalty: b.repetition_penalty,
+    seed: b.seed,
+    stop: typeof b.stop === 'string' ? [b.stop] : b.stop,
   });
 }
 
