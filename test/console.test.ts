@@ -19,7 +19,7 @@ import { encodeSafetensors } from '../src/deltas/safetensors.js';
 import { createLogger } from '../src/log.js';
 import { browserMissing, launchBrowser, watchPage, type Browser, type PageWatch } from './helpers/browser.js';
 import { randomFloats } from './helpers/deltas.js';
-import { listenOn, peftLora, scratch, startStack, uploadDelta, writeDelta, type Listening, type Stack } from './helpers/e2e-stack.js';
+import { listenOn, peftLora, scratch, startStack, uploadDelta, waitFor, writeDelta, type Listening, type Stack } from './helpers/e2e-stack.js';
 
 if (browserMissing) console.warn(`\n!!! SKIPPED: ${browserMissing}\n`);
 
@@ -319,7 +319,33 @@ describe('web console in a real Chromium', { skip: browserMissing ?? false }, ()
       assert.ok(c.points >= 2 && c.canvas, JSON.stringify(c));
     }
     assert.doesNotMatch(charts.find((c) => c.id === 'cache-bytes')!.now, /max 0 B/, 'a delta was loaded into the cache');
+    if (SHOTS) {
+      // Some history for the picture: staggered requests over several seconds.
+      const running: Promise<unknown>[] = [];
+      for (let i = 0; i < 10; i++) {
+        running.push(post(`${url}/v1/generate`, { task: ['alpha', 'beta', 'gamma', info.name][i % 4], inputs: PROMPT, parameters: { ...GREEDY, max_new_tokens: 300 + 60 * i } }));
+        await page.waitForTimeout(600);
+      }
+      await Promise.all(running);
+      await page.waitForTimeout(2500);
+    }
     await screenshot(page, 'live');
+    assert.deepEqual(watch.problems, []);
+    await page.close();
+  });
+
+  test('Stop cancels every column mid-stream, and the server frees their rows', async () => {
+    const { page, watch } = await open('playground');
+    // Long enough that the columns are still streaming when Stop is clicked.
+    await setUpRun(page, PROMPT, { ...GREEDY, max_new_tokens: 900 }, ['alpha', 'beta']);
+    await page.click('#run');
+    await page.waitForFunction(() => [...document.querySelectorAll<HTMLElement>('.column')].every((c) => Number(c.dataset.tokens) > 0));
+    await page.click('#stop');
+    await page.waitForFunction(() => [...document.querySelectorAll<HTMLElement>('.column')].every((c) => c.dataset.state === 'stopped'));
+    assert.equal(await page.textContent('#run-state'), 'stopped');
+    assert.equal(await page.isEnabled('#run'), true);
+    await waitFor('the engine to drop the cancelled rows', async () =>
+      /^deltaserve_num_requests_running 0$/m.test(await (await fetch(`${url}/metrics`)).text()));
     assert.deepEqual(watch.problems, []);
     await page.close();
   });

@@ -122,7 +122,7 @@ export function peftLora(
 export function uploadDelta(baseUrl: string, id: string, files: Record<string, Buffer>, headers: Record<string, string> = {}): Promise<Response> {
   const form = new FormData();
   form.append('id', id);
-  for (const [name, content] of Object.entries(files)) form.append('file', new Blob([content]), name);
+  for (const [name, content] of Object.entries(files)) form.append('file', new Blob([new Uint8Array(content)]), name);
   return fetch(`${baseUrl}/v1/deltas`, { method: 'POST', body: form, headers });
 }
 

@@ -43,7 +43,7 @@ export class ApiError extends Error {
  * @param {number} status
  * @param {unknown} body
  */
-export function errorFrom(status, body) {
+function errorFrom(status, body) {
   const e = /** @type {{error?: {code?: unknown, type?: unknown, message?: unknown, details?: unknown}}} */ (body ?? {}).error;
   if (!e || typeof e.message !== 'string') return new ApiError(status, 'http_error', `the server answered ${status}`);
   const code = typeof e.code === 'string' ? e.code : typeof e.type === 'string' ? e.type : 'error';

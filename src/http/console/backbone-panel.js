@@ -18,7 +18,7 @@ import { byId, errorView, h } from './dom.js';
  */
 
 /** @param {Module[]} modules @returns {TreeNode} */
-export function buildTree(modules) {
+function buildTree(modules) {
   /** @type {TreeNode} */
   const root = { name: '', path: '', children: new Map(), module: null };
   for (const module of modules) {
@@ -37,7 +37,7 @@ export function buildTree(modules) {
 }
 
 /** What a site changes, in a few words: `lora r=8 · [128×8] [8×128]`. @param {Site} site */
-export function describeSite(site) {
+function describeSite(site) {
   const shapes = site.shapes.map((s) => `[${s.join('×')}]`).join(' ');
   const rank = site.kind === 'lora' ? ` r=${site.shapes[0]?.[1]}` : site.kind === 'adapter' ? ` bottleneck ${site.shapes[0]?.[1]}` : '';
   return `${site.kind}${rank} · ${shapes}`;

@@ -166,9 +166,9 @@ export class DeltasPanel {
     if (!confirm(`Delete the delta ${id}? Requests already running on it finish; new ones get 404.`)) return;
     try {
       await request(`/v1/deltas/${encodeURIComponent(id)}`, { method: 'DELETE', admin: true });
-      this.state.textContent = `deleted ${id}`;
     } catch (err) {
       this.error.replaceChildren(errorView(err));
+      return;
     }
     await this.catalog.refresh();
   }

@@ -8,6 +8,11 @@ import { byId, errorView, formatBytes, h } from './dom.js';
 /** Five minutes of history at the default 2 s interval. */
 const MAX_POINTS = 150;
 const CHART_HEIGHT = 150;
+/** Time axis tick spacing, in seconds: whole seconds up to ten minutes. */
+const TIME_STEPS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600];
+
+/** @param {number} t unix seconds */
+const clock = (t) => new Date(t * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false });
 
 /**
  * Sums each sample name over its label sets (`deltaserve_generated_tokens_total{task="a"} 3`
@@ -15,7 +20,7 @@ const CHART_HEIGHT = 150;
  * @param {string} text the Prometheus text format
  * @returns {Map<string, number>}
  */
-export function sumSamples(text) {
+function sumSamples(text) {
   /** @type {Map<string, number>} */
   const sums = new Map();
   for (const line of text.split('\n')) {
@@ -116,10 +121,13 @@ class Chart {
     values.forEach((v, i) => this.data[i + 1].push(v));
     if (this.data[0].length > MAX_POINTS) for (const column of this.data) column.shift();
     const shown = (/** @type {number | null} */ v) => (v === null ? '—' : this.spec.format(v));
-    this.now.textContent = values.map((v, i) => {
+    this.now.replaceChildren(...values.map((v, i) => {
       const max = Math.max(...this.data[i + 1].filter((x) => x !== null).map(Number));
-      return `${this.spec.series[i].label} ${shown(v)} (max ${shown(Number.isFinite(max) ? max : null)})`;
-    }).join(' · ');
+      const swatch = h('span', { class: 'swatch', 'aria-hidden': 'true' });
+      // CSSOM, not a style attribute: the page's CSP allows no inline styles.
+      swatch.style.background = this.spec.series[i].color;
+      return h('span', { class: 'series' }, swatch, `${this.spec.series[i].label} ${shown(v)} (max ${shown(Number.isFinite(max) ? max : null)})`);
+    }));
     this.root.dataset.points = String(this.data[0].length);
     this.plot?.setData(/** @type {uPlot.AlignedData} */ (this.data));
   }
@@ -137,7 +145,7 @@ class Chart {
       legend: { show: false },
       cursor: { drag: { x: false, y: false } },
       scales: { y: { range: (_u, min, max) => [Math.min(0, min ?? 0), Math.max(max ?? 1, min === max ? 1 : max ?? 1)] } },
-      axes: [{}, { size: 60, values: (_u, ticks) => ticks.map(tick), ...(this.spec.counts ? { incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] } : {}) }],
+      axes: [{ space: 70, incrs: TIME_STEPS, values: (_u, ticks) => ticks.map(clock) }, { size: 60, values: (_u, ticks) => ticks.map(tick), ...(this.spec.counts ? { incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] } : {}) }],
       series: [{}, ...this.spec.series.map((s) => ({ label: s.label, stroke: s.color, width: 2, spanGaps: false }))],
     }, /** @type {uPlot.AlignedData} */ (this.data), this.canvasBox);
   }
