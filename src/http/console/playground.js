@@ -263,7 +263,6 @@ export class Playground {
   }
 
   layoutChanged() {
-    this.container.dataset.count = String(this.columns.length);
     this.addButton.disabled = this.columns.length >= MAX_COLUMNS || this.running !== null;
     for (const c of this.columns) c.removeButton.disabled = this.columns.length <= 1 || this.running !== null;
   }
