@@ -49,6 +49,7 @@ test('GET /v1/backbone has the contract shape', async () => {
       { name: 'model.layers.0.self_attn.v_proj', kind: 'linear', in_features: 16, out_features: 8 },
     ],
     default_targets: { lora: ['q_proj', 'v_proj'] },
+    chat_template: false,
   });
 });
 

@@ -14,6 +14,7 @@ import type { ChatTemplate } from './chat-template.js';
 import { errorHandler, notFoundHandler } from './errors.js';
 import type { Readiness } from './lifecycle.js';
 import { backboneRoutes } from './routes/backbone.js';
+import { consoleRoutes } from './routes/console.js';
 import { deltaRoutes } from './routes/deltas.js';
 import { generateRoutes } from './routes/generate.js';
 import { healthRoutes } from './routes/health.js';
@@ -44,9 +45,10 @@ export function createApp(deps: AppDeps): Express {
   app.use(createHttpLogger(logger));
   app.use(express.json({ limit: config.maxBodyBytes }));
 
+  app.use(consoleRoutes());
   app.use(healthRoutes(readiness));
   app.use(metricsRoutes(metrics, registry));
-  app.use(backboneRoutes(backbone));
+  app.use(backboneRoutes(backbone, chatTemplate));
   app.use(generateRoutes({ generator, metrics, backbone, readiness }));
   app.use(openaiRoutes({ generator, metrics, backbone, registry, readiness, chatTemplate }));
   app.use(deltaRoutes({

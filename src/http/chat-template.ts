@@ -14,6 +14,8 @@ export interface ChatMessage {
 
 export interface ChatTemplate {
   render(messages: ChatMessage[]): string;
+  /** Whether the model ships its own template (false: the ChatML fallback), so clients can tell a chat model. */
+  readonly fromModel: boolean;
 }
 
 export interface ChatTemplateOptions {
@@ -45,6 +47,7 @@ export function createChatTemplate(opts: ChatTemplateOptions = {}): ChatTemplate
     add_generation_prompt: true,
   };
   return {
+    fromModel: opts.template != null,
     render(messages) {
       try {
         return compiled.render({ ...context, messages });

@@ -23,7 +23,7 @@ import type { LoadedDelta } from '../../src/deltas/types.js';
 import { IncrementalDetokenizer } from '../../src/engine/detokenizer.js';
 import { Engine } from '../../src/engine/engine.js';
 import type { RemoteAddress } from '../../src/http/auth.js';
-import { createLogger } from '../../src/log.js';
+import { createLogger, type Logger } from '../../src/log.js';
 import { startServices, type Services } from '../../src/server.js';
 import { randomFloats } from './deltas.js';
 
@@ -44,6 +44,8 @@ export interface StackOptions {
   tokenizerPath?: string;
   /** Share a model cache folder between stacks (it is not removed on close). */
   cacheDir?: string;
+  /** Default: silent. */
+  logger?: Logger;
 }
 
 /** The real services on a demo backbone (default demo:gpt2), in a private scratch folder. */
@@ -52,7 +54,7 @@ export async function startStack(opts: StackOptions = {}): Promise<Stack> {
   const deltasDir = join(dir, 'deltas');
   const config = loadConfig({ DELTASERVE_MODEL: 'demo:gpt2', DELTASERVE_DELTAS_DIR: deltasDir, ...opts.env });
   const services = await startServices({
-    config, logger: createLogger('silent'), cacheDir: opts.cacheDir ?? join(dir, 'cache'),
+    config, logger: opts.logger ?? createLogger('silent'), cacheDir: opts.cacheDir ?? join(dir, 'cache'),
     tokenizerPath: opts.tokenizerPath, remoteAddress: opts.remoteAddress, defaultMetrics: false,
   });
   let closed = false;
@@ -92,21 +94,36 @@ export async function listenOn(app: (req: never, res: never) => void): Promise<L
 // --- deltas -----------------------------------------------------------------
 
 /** A PEFT LoRA for every module matching `targets` (suffixes), with a B large enough to change greedy output. */
-export function peftLora(info: BackboneInfo, seed: number, opts: { rank?: number; targets?: string[]; bScale?: number } = {}): Record<string, Buffer> {
+export function peftLora(
+  info: BackboneInfo, seed: number,
+  opts: { rank?: number; targets?: string[]; bScale?: number; layers?: number[] } = {},
+): Record<string, Buffer> {
   const rank = opts.rank ?? 8;
   const targets = opts.targets ?? ['c_attn'];
   const tensors: Record<string, TensorToWrite> = {};
-  const mods = info.modules.filter((m) => targets.some((t) => m.name === t || m.name.endsWith(`.${t}`)));
+  const mods = info.modules.filter((m) => targets.some((t) => m.name === t || m.name.endsWith(`.${t}`)) &&
+    (!opts.layers || (m.layer !== null && opts.layers.includes(m.layer))));
   if (!mods.length) throw new Error(`no module of ${info.name} matches ${targets.join(', ')}`);
   mods.forEach((m, k) => {
     tensors[`base_model.model.${m.name}.lora_A.weight`] = { dtype: 'F32', shape: [rank, m.inFeatures], data: randomFloats(rank * m.inFeatures, seed * 1000 + 2 * k, 1 / Math.sqrt(m.inFeatures)) };
     tensors[`base_model.model.${m.name}.lora_B.weight`] = { dtype: 'F32', shape: [m.outFeatures, rank], data: randomFloats(m.outFeatures * rank, seed * 1000 + 2 * k + 1, opts.bScale ?? 0.5) };
   });
-  const config = { peft_type: 'LORA', task_type: 'CAUSAL_LM', r: rank, lora_alpha: 2 * rank, target_modules: targets, bias: 'none', fan_in_fan_out: false };
+  const config = {
+    peft_type: 'LORA', task_type: 'CAUSAL_LM', r: rank, lora_alpha: 2 * rank, target_modules: targets, bias: 'none', fan_in_fan_out: false,
+    ...(opts.layers ? { layers_to_transform: opts.layers } : {}),
+  };
   return {
     'adapter_config.json': Buffer.from(JSON.stringify(config)),
     'adapter_model.safetensors': Buffer.from(encodeSafetensors(tensors)),
   };
+}
+
+/** POST /v1/deltas as multipart over real HTTP, each file a part named by its filename; returns the response. */
+export function uploadDelta(baseUrl: string, id: string, files: Record<string, Buffer>, headers: Record<string, string> = {}): Promise<Response> {
+  const form = new FormData();
+  form.append('id', id);
+  for (const [name, content] of Object.entries(files)) form.append('file', new Blob([new Uint8Array(content)]), name);
+  return fetch(`${baseUrl}/v1/deltas`, { method: 'POST', body: form, headers });
 }
 
 /** Writes delta files into `dir` (created); returns it. */
