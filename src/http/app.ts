@@ -45,7 +45,7 @@ export function createApp(deps: AppDeps): Express {
   app.use(express.json({ limit: config.maxBodyBytes }));
 
   app.use(healthRoutes(readiness));
-  app.use(metricsRoutes(metrics, registry));
+  app.use(metricsRoutes(metrics, registry, readiness));
   app.use(backboneRoutes(backbone));
   app.use(generateRoutes({ generator, metrics, backbone, readiness }));
   app.use(openaiRoutes({ generator, metrics, backbone, registry, readiness, chatTemplate }));
