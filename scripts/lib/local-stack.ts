@@ -57,7 +57,7 @@ export function readState(dir: string): LocalStackState | null {
 }
 
 /** A free loopback port: bound, then released for the process that will listen on it. */
-async function freePort(): Promise<number> {
+export async function freePort(): Promise<number> {
   const server = createServer();
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   const { port } = server.address() as { port: number };
