@@ -2,7 +2,7 @@
  * npm run stack [-- --replicas 2 --model demo:gpt2 --dir .stack]: starts the
  * local multi-replica stack (scripts/lib/local-stack.ts) in the background and
  * returns once every part answers. npm run stack:down stops it.
- * DELTASERVE_* variables in the environment reach every replica.
+ * The environment (DELTASERVE_MAX_BATCH, DELTASERVE_CACHE_DIR, …) reaches every replica.
  */
 import { Command } from 'commander';
 import { readState, startLocalStack, stopLocalStack } from './lib/local-stack.js';
@@ -13,12 +13,12 @@ program.command('up', { isDefault: true })
   .option('--dir <dir>', 'state, logs, configs and the shared store', '.stack')
   .option('--replicas <n>', 'deltaserve replicas', '2')
   .option('--model <model>', 'DELTASERVE_MODEL of every replica', process.env.DELTASERVE_MODEL ?? 'demo')
-  .option('--deltas-dir <dir>', 'the shared store (default <dir>/deltas, seeded with ./deltas)')
+  .option('--deltas-dir <dir>', 'the shared store (default <dir>/deltas; seeded with ./deltas for the demo model)')
   .option('--scrape-interval <duration>', "Prometheus' scrape and evaluation interval", '5s')
-  .action(async (o: { dir: string; replicas: string; model: string; deltasDir?: string; scrapeInterval: string }) => {
-    const replicaEnv = Object.fromEntries(Object.entries(process.env).filter(([k, v]) => k.startsWith('DELTASERVE_') && v !== undefined)) as Record<string, string>;
+  .option('--alert-for <duration>', "replace every alert's for: (the expressions stay), to see alerts fire in a demo or a test")
+  .action(async (o: { dir: string; replicas: string; model: string; deltasDir?: string; scrapeInterval: string; alertFor?: string }) => {
     const s = await startLocalStack({
-      dir: o.dir, replicas: Number(o.replicas), model: o.model, deltasDir: o.deltasDir, env: replicaEnv, scrapeInterval: o.scrapeInterval,
+      dir: o.dir, replicas: Number(o.replicas), model: o.model, deltasDir: o.deltasDir, scrapeInterval: o.scrapeInterval, alertFor: o.alertFor,
     });
     console.log([
       `deltaserve stack up (${s.backbone}, ${s.replicas.length} replicas, store ${s.deltasDir})`,

@@ -21,10 +21,8 @@ export interface LocalStackOptions {
   replicas?: number;
   /** DELTASERVE_MODEL of every replica. */
   model?: string;
-  /** The shared store; default `<dir>/deltas`, seeded from the repo's demo deltas on first start. */
+  /** The shared store; default `<dir>/deltas`, seeded with the repo's demo deltas when the model is `demo`. */
   deltasDir?: string;
-  /** Extra environment for every replica (DELTASERVE_MAX_BATCH, DELTASERVE_CACHE_DIR, …). */
-  env?: Record<string, string>;
   /** Prometheus' scrape and rule evaluation interval. */
   scrapeInterval?: string;
   /** Replaces every alert's `for:` (the rules' expressions stay as they are): tests cannot wait minutes. */
@@ -65,11 +63,22 @@ export async function freePort(): Promise<number> {
   return port;
 }
 
-function which(program: string, fallbacks: string[]): string {
-  for (const dir of [...(process.env.PATH ?? '').split(':'), ...fallbacks]) {
+const SBIN = ['/usr/sbin', '/sbin', '/usr/bin'];
+
+function find(program: string): string | null {
+  for (const dir of [...(process.env.PATH ?? '').split(':'), ...SBIN]) {
     if (dir && existsSync(join(dir, program))) return join(dir, program);
   }
-  throw new Error(`${program} is not installed: run scripts/ci-setup.sh as root (apt-get install nginx libnginx-mod-http-js prometheus)`);
+  return null;
+}
+
+/** The Debian packages the stack (and its tests) need that are not installed. */
+export function stackPrerequisitesMissing(): string[] {
+  return [
+    ...(find('nginx') ? [] : ['nginx']),
+    ...(existsSync(NJS_MODULE) ? [] : ['libnginx-mod-http-js']),
+    ...(find('prometheus') && find('promtool') ? [] : ['prometheus']),
+  ];
 }
 
 function startDetached(name: string, command: string, args: string[], dir: string, env: NodeJS.ProcessEnv = process.env): StackProcess {
@@ -150,13 +159,19 @@ export async function startLocalStack(opts: LocalStackOptions): Promise<LocalSta
   if (previous && previous.processes.some(alive)) {
     throw new Error(`a stack is already running from ${dir} (${previous.url}); stop it with npm run stack:down`);
   }
-  const nginx = which('nginx', ['/usr/sbin', '/sbin']);
-  const prometheus = which('prometheus', ['/usr/bin']);
-  if (!existsSync(NJS_MODULE)) throw new Error(`nginx's njs module is missing (${NJS_MODULE}): apt-get install libnginx-mod-http-js`);
+  const missing = stackPrerequisitesMissing();
+  if (missing.length) throw new Error(`not installed: ${missing.join(', ')}; run scripts/ci-setup.sh as root (it installs them from Debian)`);
+  const nginx = find('nginx')!;
+  const prometheus = find('prometheus')!;
   mkdirSync(join(dir, 'nginx-tmp'), { recursive: true });
 
+  const model = opts.model ?? 'demo';
   const deltasDir = resolve(opts.deltasDir ?? join(dir, 'deltas'));
-  if (!existsSync(deltasDir)) cpSync(join(REPO, 'deltas'), deltasDir, { recursive: true });
+  // ./deltas holds the demo deltas of `demo` (= demo:llama), as `npm start` serves them; other backbones start empty.
+  if (!existsSync(deltasDir)) {
+    if (model === 'demo' || model === 'demo:llama') cpSync(join(REPO, 'deltas'), deltasDir, { recursive: true });
+    else mkdirSync(deltasDir, { recursive: true });
+  }
   const processes: StackProcess[] = [];
   const record = (p: StackProcess) => {
     processes.push(p);
@@ -166,7 +181,7 @@ export async function startLocalStack(opts: LocalStackOptions): Promise<LocalSta
   try {
     // Replicas bind port 0 and say where in their log; nginx is configured from what they say.
     const replicaProcs = Array.from({ length: opts.replicas ?? 2 }, (_, i) => record(startDetached(`replica-${i}`, process.execPath, ['bin/deltaserve.js', 'serve', '--deltas-dir', deltasDir], dir, {
-      ...process.env, HOST: '127.0.0.1', PORT: '0', DELTASERVE_MODEL: opts.model ?? 'demo', LOG_LEVEL: 'info', ...opts.env,
+      ...process.env, HOST: '127.0.0.1', PORT: '0', DELTASERVE_MODEL: model, LOG_LEVEL: 'info',
     })));
     const replicas = [];
     for (const p of replicaProcs) {
