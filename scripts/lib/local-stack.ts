@@ -13,6 +13,7 @@ import { createServer } from 'node:net';
 import { join, resolve } from 'node:path';
 import { parse, stringify } from 'yaml';
 import { DEPLOY, REPO } from './paths.js';
+
 const NJS_MODULE = '/usr/lib/nginx/modules/ngx_http_js_module.so';
 
 export interface LocalStackOptions {
@@ -125,7 +126,7 @@ async function ok(url: string): Promise<true | null> {
 }
 
 /** Fills `${NAME}` in a template; a name without a value is an error, not an empty string. */
-export function fillTemplate(template: string, values: Record<string, string>): string {
+function fillTemplate(template: string, values: Record<string, string>): string {
   return template.replace(/\$\{([A-Z_]+)\}/g, (_, name: string) => {
     if (!(name in values)) throw new Error(`template names \${${name}} but no value was given`);
     return values[name];
@@ -133,14 +134,14 @@ export function fillTemplate(template: string, values: Record<string, string>): 
 }
 
 /** deploy/prometheus/rules.yml, with every alert's `for:` replaced when asked. */
-export function stackRules(alertFor?: string): string {
+function stackRules(alertFor?: string): string {
   const rules = parse(readFileSync(join(DEPLOY, 'prometheus/rules.yml'), 'utf8')) as { groups: { rules: { alert?: string; for?: string }[] }[] };
   if (alertFor) for (const g of rules.groups) for (const r of g.rules) if (r.alert) r.for = alertFor;
   return stringify(rules, { lineWidth: 0 });
 }
 
 /** deploy/prometheus/prometheus.yml with the replicas as targets and the stack's rules. */
-export function stackPrometheusConfig(targets: string[], rulesFile: string, interval: string): string {
+function stackPrometheusConfig(targets: string[], rulesFile: string, interval: string): string {
   const config = parse(readFileSync(join(DEPLOY, 'prometheus/prometheus.yml'), 'utf8')) as {
     global: Record<string, string>; rule_files: string[]; scrape_configs: { job_name: string; static_configs: { targets: string[] }[] }[];
   };
@@ -173,6 +174,7 @@ export async function startLocalStack(opts: LocalStackOptions): Promise<LocalSta
     else mkdirSync(deltasDir, { recursive: true });
   }
   const processes: StackProcess[] = [];
+  // Until the stack is up, state.json holds only the processes started so far: enough for stack:down.
   const record = (p: StackProcess) => {
     processes.push(p);
     writeFileSync(statePath(dir), JSON.stringify({ dir, processes }, null, 2));
@@ -212,7 +214,7 @@ export async function startLocalStack(opts: LocalStackOptions): Promise<LocalSta
     const promPort = await freePort();
     const promProc = record(startDetached('prometheus', prometheus, [
       `--config.file=${promConf}`, `--storage.tsdb.path=${join(dir, 'prometheus-data')}`,
-      `--web.listen-address=127.0.0.1:${promPort}`, '--web.enable-lifecycle', '--log.level=warn',
+      `--web.listen-address=127.0.0.1:${promPort}`, '--log.level=warn',
     ], dir));
     const prometheusUrl = `http://127.0.0.1:${promPort}`;
     await waitFor('Prometheus /-/ready', promProc, () => ok(`${prometheusUrl}/-/ready`), 30_000);
