@@ -6,7 +6,8 @@
 #   lavapipe (mesa-vulkan-drivers 25 from bookworm-backports) + libvulkan1:
 #       the WebGPU execution provider's Vulkan, in software, for the GPU code path
 #   chromium: the console's browser tests
-#   nginx, prometheus: the local multi-replica stack (npm run test:deploy)
+#   nginx, libnginx-mod-http-js (njs: routing by the task in a JSON body), prometheus
+#       (with promtool): the local multi-replica stack (npm run stack, npm run test:deploy)
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -34,7 +35,7 @@ SRC
   
 fi
 
-base=$(missing chromium nginx prometheus)
+base=$(missing chromium nginx libnginx-mod-http-js prometheus)
 gpu=$(missing mesa-vulkan-drivers libvulkan1)
 if [ -n "$base$gpu" ]; then
   apt-get update -qq

@@ -131,6 +131,7 @@ export class Metrics {
     registers: [this.registry],
   });
   private readonly deltasRegistered = this.gauge('deltaserve_deltas_registered', 'Deltas in the store.');
+  private readonly draining = this.gauge('deltaserve_draining', '1 while the server drains after SIGTERM (refusing new work), else 0.');
   // Beyond the contract: what each engine step costs, and what would cross a GPU's bus.
   private readonly engineStep = new Histogram({
     name: 'deltaserve_engine_step_seconds',
@@ -245,6 +246,10 @@ export class Metrics {
 
   setDeltasRegistered(count: number): void {
     this.deltasRegistered.set(count);
+  }
+
+  setDraining(draining: boolean): void {
+    this.draining.set(draining ? 1 : 0);
   }
 
   // -------------------------------------------------------------------------

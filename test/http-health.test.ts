@@ -67,3 +67,10 @@ test('GET /metrics serves every contract metric and counts the deltas in the sto
   }
   assert.match(res.text, /^process_resident_memory_bytes /m);
 });
+
+test('GET /metrics: deltaserve_draining is 0 while serving and 1 once draining, so a drain that never ends can alert', async () => {
+  const t = testApp();
+  assert.match((await request(t.app).get('/metrics').expect(200)).text, /^deltaserve_draining 0$/m);
+  t.lifecycle.startDraining();
+  assert.match((await request(t.app).get('/metrics').expect(200)).text, /^deltaserve_draining 1$/m);
+});

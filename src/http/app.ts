@@ -47,7 +47,7 @@ export function createApp(deps: AppDeps): Express {
 
   app.use(consoleRoutes());
   app.use(healthRoutes(readiness));
-  app.use(metricsRoutes(metrics, registry));
+  app.use(metricsRoutes(metrics, registry, readiness));
   app.use(backboneRoutes(backbone, chatTemplate));
   app.use(generateRoutes({ generator, metrics, backbone, readiness }));
   app.use(openaiRoutes({ generator, metrics, backbone, registry, readiness, chatTemplate }));
