@@ -20,6 +20,7 @@ import { fileURLToPath } from 'node:url';
 import type * as ort from 'onnxruntime-node';
 import { loadBackbone, type Backbone } from '../src/backbone/backbone.js';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
+import { planSites } from '../src/deltas/kinds/index.js';
 import { benchCacheDir, fmt, machine, mdTable, median, minimum, progress } from './lib/common.js';
 import { kvFloorTables, measureKvFloor, type KvFloorResult } from './lib/kv-floor.js';
 import { measureRewrite, NO_SITES_LABEL, ORIGINAL_LABEL, rewriteTables, type RewriteBenchResult } from './lib/rewrite-step.js';
@@ -190,7 +191,7 @@ async function main(): Promise<void> {
     const g = rewriteGoals(rewrite, DEFAULT_PLAN);
     goals.push(...g);
     add('1. Rewrite: decode step per batch size (issue 3)', [
-      `Default site plan = \`buildEngineGraph(bb)\` with no options: LoRA and bias sites on all 48 linears, adapter sites on each block's attn.c_proj and mlp.c_proj (adapter branches behind an If). ` +
+      `Default site plan = \`planSites(bb)\`: LoRA and bias sites on all 48 linears, adapter sites on each block's attn.c_proj and mlp.c_proj (adapter branches behind an If), IA³ scale sites on c_attn and mlp.c_proj. ` +
       `(a) is the original Optimum graph (returns present = Concat and [B,1,V] logits); (a') the engine graph with no sites (same I/O as the engine: new K/V only, last logits). ` +
       `Context 64, random past, all-ones mask; banks built outside the timed step, as the engine does; at B=1 the LoRA rows hold one LoRA, at B=8 eight.`,
       rewriteTables(rewrite).trim(),
@@ -199,7 +200,7 @@ async function main(): Promise<void> {
 
   if (sections.has('kv')) {
     progress('section 2: KV cache vs floor (issue 5)');
-    const g = buildEngineGraph(bb!);
+    const g = buildEngineGraph(bb!, planSites(bb!));
     const { createSession } = await import('../src/backbone/session.js');
     const { encodeModel } = await import('../src/backbone/onnx/proto.js');
     const engine = rewrite?.sessions.byPlan.get(DEFAULT_PLAN) ?? (await createSession(g.bytes));
@@ -208,7 +209,7 @@ async function main(): Promise<void> {
     const kv = await measureKvFloor(bb!, { engine, engineSites: g.sites, original }, { ...cfg.kv, log: progress });
     goals.push(...kvGoals(kv));
     add('2. KV cache: engine decode step vs its floor (issue 5)', [
-      'The real `Engine` (src/engine/engine.ts) in-process on `createSession(buildEngineGraph(bb).bytes)`: 32 rows added with prompts of `ctx − steps − 1` tokens, ' +
+      'The real `Engine` (src/engine/engine.ts) in-process on `createSession(buildEngineGraph(bb, planSites(bb)).bytes)`: 32 rows added with prompts of `ctx − steps − 1` tokens, ' +
       'prefilled (untimed), then `Engine.step()` timed on decode-only steps whose KV capacity is `ctx` (asserted each step). ' +
       'The floor is a GraphBuilder graph of only the 49 weight Gemms of a step (the backbone\'s own initializers, on [32, in] inputs) plus a ReduceSum of every past tensor [32, 12, ctx, 64]; ' +
       'its two halves are also timed alone. The original Optimum graph gets random past of length ctx and returns present = Concat(past, new).',

@@ -131,6 +131,7 @@ export class Metrics {
     registers: [this.registry],
   });
   private readonly deltasRegistered = this.gauge('deltaserve_deltas_registered', 'Deltas in the store.');
+  private readonly bankBytes = this.gauge('deltaserve_delta_bank_bytes', 'Bytes held by the engine\'s delta banks.');
   // Beyond the contract: what each engine step costs, and what would cross a GPU's bus.
   private readonly engineStep = new Histogram({
     name: 'deltaserve_engine_step_seconds',
@@ -142,6 +143,8 @@ export class Metrics {
   private readonly transferBytes = this.counter('deltaserve_engine_transfer_bytes_total',
     'Bytes of feeds given to and outputs taken from the ORT session (KV, banks, ids, logits): what crosses the bus on a GPU.');
   private readonly kvBytes = this.gauge('deltaserve_kv_cache_bytes', 'Bytes of KV cache buffers the engine holds.');
+  private readonly bankBudget = this.gauge('deltaserve_delta_bank_budget_bytes',
+    'The delta banks\' budget (DELTASERVE_BANK_BYTES): a request waits while its rows\' banks would pass it.');
 
   constructor(opts: MetricsOptions = {}) {
     this.tasks = new TaskLabeler(opts.maxTaskLabels ?? 20, (task) => this.forget(task));
@@ -188,11 +191,18 @@ export class Metrics {
     this.batchSize.observe(rows);
   }
 
-  observeEngineStep(stats: { prefillMs: number; decodeMs: number; prefillRows: number; decodeRows: number; transferBytes: number; kvBytes: number }): void {
+  observeEngineStep(stats: {
+    prefillMs: number; decodeMs: number; prefillRows: number; decodeRows: number; transferBytes: number; kvBytes: number; bankBytes: number;
+  }): void {
     if (stats.prefillRows) this.engineStep.observe({ phase: 'prefill' }, stats.prefillMs / 1000);
     if (stats.decodeRows) this.engineStep.observe({ phase: 'decode' }, stats.decodeMs / 1000);
     this.transferBytes.inc(stats.transferBytes);
     this.kvBytes.set(stats.kvBytes);
+    this.bankBytes.set(stats.bankBytes);
+  }
+
+  setBankBudget(bytes: number): void {
+    this.bankBudget.set(bytes);
   }
 
   // --- HTTP layer ----------------------------------------------------------

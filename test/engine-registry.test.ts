@@ -9,9 +9,8 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import request from 'supertest';
 import { ServeError } from '../src/errors.js';
-import {
-  deltaFiles, encodeTensors, generate, params, prompt, registerDelta, startStack, type Run, type Stack, type TaskSpec,
-} from './helpers/engine-stack.js';
+import { generate, params, prompt, registerDelta, startStack, type Run, type Stack } from './helpers/engine-stack.js';
+import { deltaFiles, encodeTensors, type TaskSpec } from './helpers/kind-cases.js';
 
 // Long enough that the streams outlast an upload (about 0.1 s here with its fsyncs).
 const N = 160;
