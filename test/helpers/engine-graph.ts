@@ -174,10 +174,10 @@ export interface KindCase {
   reference: BuildHooks;
 }
 
-/** Registers each spec's files in a fresh store for `bb` and loads them back. */
-export async function loadCases(bb: Backbone, specs: TaskSpec[]): Promise<KindCase[]> {
+/** Registers each spec's files in a store for `bb` (a fresh one unless `storeDir` is given) and loads them back. */
+export async function loadCases(bb: Backbone, specs: TaskSpec[], storeDir?: string): Promise<KindCase[]> {
   const dir = join(testCacheDir(), `store-${Math.random().toString(36).slice(2)}`);
-  const registry = await Registry.open({ dir: join(dir, 'deltas'), backbone: bb.info, cacheBytes: 2 ** 30 });
+  const registry = await Registry.open({ dir: storeDir ?? join(dir, 'deltas'), backbone: bb.info, cacheBytes: 2 ** 30 });
   const out: KindCase[] = [];
   for (const spec of specs) {
     const files = deltaFiles(bb.info, spec);
