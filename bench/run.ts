@@ -6,7 +6,7 @@
  *
  *   npm run bench                                   # everything, ~5–8 min on 2 cores
  *   npm run bench -- --quick                        # fewer repetitions, contexts 64 and 256 (~2–3 min)
- *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive (or 1,2,3,4)
+ *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds (or 1-5)
  *
  * Other flags: --reps N (throughput rounds), --contexts 64,256,512, --naive N
  * (naive requests actually measured, the rest extrapolated), --sequential N,
@@ -22,6 +22,7 @@ import { loadBackbone, type Backbone } from '../src/backbone/backbone.js';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
 import { planSites } from '../src/deltas/kinds/index.js';
 import { benchCacheDir, fmt, machine, mdTable, median, minimum, progress } from './lib/common.js';
+import { kindsGoals, kindsTables, measureKinds } from './lib/kinds-step.js';
 import { kvFloorTables, measureKvFloor, type KvFloorResult } from './lib/kv-floor.js';
 import { measureRewrite, NO_SITES_LABEL, ORIGINAL_LABEL, rewriteTables, type RewriteBenchResult } from './lib/rewrite-step.js';
 import {
@@ -58,14 +59,14 @@ if (has('help')) {
 }
 
 const QUICK = has('quick');
-const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive'] as const;
+const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds'] as const;
 type Section = (typeof SECTION_NAMES)[number];
 const sections = new Set<Section>(
   (arg('sections') ?? SECTION_NAMES.join(',')).split(',').map((s) => {
     const t = s.trim();
     const byNumber = SECTION_NAMES[Number(t) - 1];
     const name = (SECTION_NAMES as readonly string[]).includes(t) ? (t as Section) : byNumber;
-    if (!name) throw new Error(`unknown section ${t}: use ${SECTION_NAMES.join(', ')} or 1-4`);
+    if (!name) throw new Error(`unknown section ${t}: use ${SECTION_NAMES.join(', ')} or 1-${SECTION_NAMES.length}`);
     return name;
   }),
 );
@@ -77,6 +78,7 @@ const cfg = {
     contexts: (arg('contexts') ?? (QUICK ? '64,256' : '64,256,512')).split(',').map(Number),
     rounds: QUICK ? 2 : 6, perBlock: QUICK ? 3 : 3, originalRuns: QUICK ? 2 : 3, prefillChunkTokens: 4096,
   },
+  kinds: { rounds: QUICK ? 2 : 3, perBlock: QUICK ? 4 : 8 },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
@@ -178,7 +180,7 @@ async function main(): Promise<void> {
   const DEFAULT_PLAN = 'engine, default plan';
   const toRelease: ort.InferenceSession[] = [];
 
-  if (sections.has('rewrite') || sections.has('kv')) {
+  if (sections.has('rewrite') || sections.has('kv') || sections.has('kinds')) {
     const t = Date.now();
     bb = await loadBackbone({ model: 'demo:gpt2-small', cacheDir });
     progress(`loaded ${bb.info.name} in ${((Date.now() - t) / 1000).toFixed(1)} s`);
@@ -214,6 +216,21 @@ async function main(): Promise<void> {
       'The floor is a GraphBuilder graph of only the 49 weight Gemms of a step (the backbone\'s own initializers, on [32, in] inputs) plus a ReduceSum of every past tensor [32, 12, ctx, 64]; ' +
       'its two halves are also timed alone. The original Optimum graph gets random past of length ctx and returns present = Concat(past, new).',
       kvFloorTables(kv),
+    ].join('\n\n'));
+  }
+
+  if (sections.has('kinds')) {
+    progress('section 5: delta kinds and bank rank fall-back (issue 11)');
+    const g = buildEngineGraph(bb!, planSites(bb!));
+    const { createSession } = await import('../src/backbone/session.js');
+    const engine = rewrite?.sessions.byPlan.get(DEFAULT_PLAN) ?? (await createSession(g.bytes));
+    if (!rewrite) toRelease.push(engine);
+    const kinds = await measureKinds(bb!, engine, g.sites, { ...cfg.kinds, log: progress });
+    goals.push(...kindsGoals(kinds));
+    add('5. Delta kinds: decode steps at batch 32, and the banks\' rank fall-back (issue 11)', [
+      'The real `Engine` in-process on the default site plan; every configuration an Engine of its own, its rows prefilled untimed, ' +
+      'deltas written in their formats (test/helpers/kind-cases.ts) and loaded through the registry; 4 distinct deltas per kind cycled over the rows, 32 distinct r8 LoRAs.',
+      kindsTables(kinds),
     ].join('\n\n'));
   }
 
