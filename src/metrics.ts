@@ -131,7 +131,6 @@ export class Metrics {
     registers: [this.registry],
   });
   private readonly deltasRegistered = this.gauge('deltaserve_deltas_registered', 'Deltas in the store.');
-  private readonly bankBytes = this.gauge('deltaserve_delta_bank_bytes', 'Bytes held by the engine\'s delta banks.');
   // Beyond the contract: what each engine step costs, and what would cross a GPU's bus.
   private readonly engineStep = new Histogram({
     name: 'deltaserve_engine_step_seconds',
@@ -143,6 +142,7 @@ export class Metrics {
   private readonly transferBytes = this.counter('deltaserve_engine_transfer_bytes_total',
     'Bytes of feeds given to and outputs taken from the ORT session (KV, banks, ids, logits): what crosses the bus on a GPU.');
   private readonly kvBytes = this.gauge('deltaserve_kv_cache_bytes', 'Bytes of KV cache buffers the engine holds.');
+  private readonly bankBytes = this.gauge('deltaserve_delta_bank_bytes', 'Bytes held by the engine\'s delta banks.');
   private readonly bankBudget = this.gauge('deltaserve_delta_bank_budget_bytes',
     'The delta banks\' budget (DELTASERVE_BANK_BYTES): a request waits while its rows\' banks would pass it.');
 
