@@ -44,14 +44,12 @@ export interface SiteFeatures {
   outFeatures: number;
 }
 
-/** What a site's ops get: where to add them, the module's tensors, its banks as graph inputs. */
+/** What a site's ops get: where to add them, the module's input, its banks as graph inputs. */
 export interface SiteOps {
   /** The graph, or the then-branch of a gated site's If. */
   g: GraphBuilder;
   /** The module's input, [batch, seq, in] (what its MatMul read before any site replaced it). */
   x: string;
-  /** The module's output so far, [batch, seq, out] (its own bias included). */
-  y: string;
   bank(key: string): string;
 }
 
@@ -70,8 +68,8 @@ export interface GraphSite {
   defaultModules(info: BackboneInfo): string[] | 'all';
   /** Ops before the module's MatMul: returns the input the MatMul reads instead. */
   input?(ops: SiteOps): string;
-  /** Ops on the module's output: returns the new output. */
-  output?(ops: SiteOps): string;
+  /** Ops on `y`, the module's output so far ([batch, seq, out], its own bias included): returns the new output. */
+  output?(ops: SiteOps & { y: string }): string;
 }
 
 /** A module's sites as the engine sees them: plain data, so it crosses to the worker thread. */
@@ -137,14 +135,14 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Rea
       const input = node.input![0];
       const x = site.twoD ? g.op('Reshape', [input, shape3d(inF)]) : input;
       let xIn = x;
-      for (const s of sites) if (s.input) xIn = s.input({ g, x: xIn, y: '', bank });
+      for (const s of sites) if (s.input) xIn = s.input({ g, x: xIn, bank });
       if (xIn !== x) node.input![0] = site.twoD ? g.op('Reshape', [xIn, g.ints([-1, inF])]) : xIn;
 
       let y = site.twoD ? g.op('Reshape', [base, shape3d(outF)]) : base;
       for (const s of sites) {
         if (!s.output) continue;
         const h = y;
-        const ops = (b: GraphBuilder): SiteOps => ({ g: b, x, y: h, bank });
+        const ops = (b: GraphBuilder) => ({ g: b, x, y: h, bank });
         if (!s.gated) {
           y = s.output(ops(g));
           continue;

@@ -21,7 +21,7 @@ import type { Tensor } from '../candidate.js';
 import { OPENDELTA_CONFIG } from '../formats/files.js';
 import { activationOf, adapterSite, bottleneckRows, type Activation } from './adapter.js';
 import { readSchema } from '../problems.js';
-import { defineKind, expectShape, type BuildContext } from './kind.js';
+import { defineKind, expectShape, needParts, type BuildContext } from './kind.js';
 
 // OpenDelta's CompacterConfig defaults (its config saves every field of its own, so they rarely apply).
 const Settings = z.looseObject({
@@ -89,10 +89,8 @@ function phmLayer(
   const cfg = at.settings;
   const n = cfg.hypercomplex_division;
   const want = phmParts(cfg, bias);
+  if (!needParts(parts, want.map((p) => `${sampler}.${p}`), at)) return null;
   const t = (p: string) => parts.get(`${sampler}.${p}`);
-  const missing = want.filter((p) => !t(p));
-  for (const p of missing) at.problems.invalid(`module '${at.name}' has no ${sampler}.${p} tensor`);
-  if (missing.length) return null;
   if (inF % n || outF % n) {
     at.problems.invalid(`module '${at.module.name}': its ${sampler} maps ${inF} to ${outF} features, which hypercomplex_division ${n} does not divide`);
     return null;
