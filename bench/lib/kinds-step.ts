@@ -12,11 +12,18 @@
  * Every configuration is an Engine of its own, prefilled untimed; timed steps
  * are pure decode steps of 32 rows at the same KV capacity, in blocks
  * round-robin over the configurations so drift hits all alike.
+ *
+ * And one compacter branch on its own (GPT-2 small's mlp.c_proj, bottleneck
+ * 48, n 4, per-row banks at batch 32): multiplied out, as the adapter site
+ * runs it, against its PHM factors kept apart (what a site of its own would
+ * run), to measure whether keeping them factored would pay.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type * as ort from 'onnxruntime-node';
+import * as ort from 'onnxruntime-node';
+import { DataType, GraphBuilder } from '../../src/backbone/onnx/graph-builder.js';
+import { createSession } from '../../src/backbone/session.js';
 import type { Backbone } from '../../src/backbone/backbone.js';
 import type { SiteLayout } from '../../src/backbone/rewrite/delta-sites.js';
 import { Registry } from '../../src/deltas/registry.js';
@@ -24,7 +31,7 @@ import type { LoadedDelta } from '../../src/deltas/types.js';
 import { Engine } from '../../src/engine/engine.js';
 import { writeDelta } from '../../test/helpers/deltas.js';
 import { deltaFiles, encodeTensors, type TaskSpec } from '../../test/helpers/kind-cases.js';
-import { fmt, mdTable, median, minimum } from './common.js';
+import { fmt, mdTable, median, minimum, rand } from './common.js';
 
 const B = 32;
 const PROMPT = 4;
@@ -55,8 +62,16 @@ export interface KindsConfigResult {
   bankBytes: number;
 }
 
+export interface PhmResult {
+  label: string;
+  /** Bank floats a row reads in this branch. */
+  floatsPerRow: number;
+  runs: number[];
+}
+
 export interface KindsBenchResult {
   configs: KindsConfigResult[];
+  phm: PhmResult[];
   opts: KindsBenchOptions;
   seconds: number;
 }
@@ -156,10 +171,75 @@ export async function measureKinds(bb: Backbone, session: ort.InferenceSession, 
         }
       }
     }
-    return { configs: results, opts, seconds: (Date.now() - t0) / 1000 };
+    const phm = await measurePhm(opts);
+    return { configs: results, phm, opts, seconds: (Date.now() - t0) / 1000 };
   } finally {
     await deltas.remove();
   }
+}
+
+/**
+ * One compacter branch y + relu(y·H_d + b_d)·H_u + b_u at batch 32, H = Σᵢ ruleᵢ ⊗ (lᵢ·rᵢᵀ):
+ * multiplied out, each row's [768, 48] and [48, 768] read from per-row banks; or factored, each
+ * PHM product computed from its factors (x split into n blocks, ·l, mixed by the rule, ·r).
+ */
+async function measurePhm(opts: KindsBenchOptions): Promise<PhmResult[]> {
+  const [hidden, bn, n] = [768, 48, 4];
+  const y = new ort.Tensor('float32', rand(B * hidden, 1, 1), [B, 1, hidden]);
+  const floats = (dims: number[], seed: number) => new ort.Tensor('float32', rand(dims.reduce((a, b) => a * b, 1), seed, 0.1), dims);
+  const input = (g: GraphBuilder, name: string, dims: number[]) => g.input(name, DataType.FLOAT, dims);
+
+  const dense = new GraphBuilder();
+  {
+    const g = dense;
+    const h = input(g, 'y', [B, 1, hidden]);
+    const z = g.op('Relu', [g.op('Add', [g.op('MatMul', [h, input(g, 'hd', [B, hidden, bn])]), input(g, 'bd', [B, 1, bn])])]);
+    g.output(g.opNamed('Add', [g.op('Add', [h, g.op('MatMul', [z, input(g, 'hu', [B, bn, hidden])])]), input(g, 'bu', [B, 1, hidden])], 'out'), DataType.FLOAT, [B, 1, hidden]);
+  }
+  const denseFeeds = { y, hd: floats([B, hidden, bn], 2), bd: floats([B, 1, bn], 3), hu: floats([B, bn, hidden], 4), bu: floats([B, 1, hidden], 5) };
+
+  const factored = new GraphBuilder();
+  const factoredFeeds: Record<string, ort.Tensor> = { y };
+  {
+    const g = factored;
+    // x [B, 1, inF] → blocks [B, n_a, 1, inF/n]; s = blocks·l [B, n_a, 1, n_i]; t = s·rule [B, n_i, 1, n_c]; out = t·r [B, n_c, 1, outF/n].
+    const phm = (x: string, prefix: string, inF: number, outF: number, seed: number) => {
+      const [ki, ko] = [inF / n, outF / n];
+      factoredFeeds[`${prefix}_l`] = floats([B, 1, ki, n], seed);
+      factoredFeeds[`${prefix}_rule`] = floats([B, n, n, n], seed + 1);
+      factoredFeeds[`${prefix}_r`] = floats([B, 1, n, ko], seed + 2);
+      const blocks = g.op('Transpose', [g.op('Reshape', [x, g.ints([B, 1, n, ki])])], { perm: [0, 2, 1, 3] });
+      const sv = g.op('MatMul', [blocks, input(g, `${prefix}_l`, [B, 1, ki, n])]);
+      const t = g.op('MatMul', [g.op('Transpose', [sv], { perm: [0, 3, 2, 1] }), input(g, `${prefix}_rule`, [B, n, n, n])]);
+      const tc = g.op('Transpose', [t], { perm: [0, 3, 2, 1] });
+      return g.op('Reshape', [g.op('MatMul', [tc, input(g, `${prefix}_r`, [B, 1, n, ko])]), g.ints([B, 1, outF])]);
+    };
+    const h = input(g, 'y', [B, 1, hidden]);
+    factoredFeeds.bd = floats([B, 1, bn], 3);
+    factoredFeeds.bu = floats([B, 1, hidden], 5);
+    const z = g.op('Relu', [g.op('Add', [phm(h, 'down', hidden, bn, 10), input(g, 'bd', [B, 1, bn])])]);
+    g.output(g.opNamed('Add', [g.op('Add', [h, phm(z, 'up', bn, hidden, 20)]), input(g, 'bu', [B, 1, hidden])], 'out'), DataType.FLOAT, [B, 1, hidden]);
+  }
+
+  const cases = [
+    { label: 'multiplied out (as served: the adapter site)', graph: dense, feeds: denseFeeds, floatsPerRow: 2 * hidden * bn + bn + hidden },
+    { label: 'factored (a PHM site of its own would run this)', graph: factored, feeds: factoredFeeds, floatsPerRow: 2 * (n * n * n) + (hidden / n) * n + (bn / n) * n + (bn / n) * n + (hidden / n) * n + bn + hidden },
+  ];
+  const sessions = await Promise.all(cases.map((c) => createSession(c.graph.encode(c.label))));
+  const results: PhmResult[] = cases.map((c) => ({ label: c.label, floatsPerRow: c.floatsPerRow, runs: [] }));
+  const reps = 20 * opts.perBlock;
+  for (let round = 0; round < opts.rounds; round++) {
+    for (const [i, s] of sessions.entries()) {
+      await s.run(cases[i].feeds);
+      for (let rep = 0; rep < reps; rep++) {
+        const t = performance.now();
+        await s.run(cases[i].feeds);
+        results[i].runs.push(performance.now() - t);
+      }
+    }
+  }
+  for (const s of sessions) await s.release();
+  return results;
 }
 
 const find = (res: KindsBenchResult, prefix: string) => res.configs.find((c) => c.label.startsWith(prefix))!;
@@ -177,6 +257,11 @@ export function kindsTables(res: KindsBenchResult): string {
     `${steps} timed Engine.step() calls per configuration (${res.opts.rounds} rounds × ${res.opts.perBlock}, each block after a warm-up step), KV capacity 64, ${PROMPT}-token prompts.`,
     table('fallback', find(res, '32 r8 LoRA rows from the start')),
     table('kinds', find(res, '32 bare rows')),
+    'One compacter branch alone (mlp.c_proj\'s 768 features, bottleneck 48, n 4, rank-1 factors; per-row banks, batch 32, one token per row), ' +
+    `${res.phm[0].runs.length} runs each:`,
+    mdTable(['compacter branch', 'bank floats per row', 'ms (median)', 'ms (min)', '÷ multiplied out (median)'], res.phm.map((p) => [
+      p.label, p.floatsPerRow, fmt(median(p.runs), 3), fmt(minimum(p.runs), 3), fmt(median(p.runs) / median(res.phm[0].runs), 2),
+    ])),
   ].join('\n\n');
 }
 
