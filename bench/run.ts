@@ -78,7 +78,7 @@ const cfg = {
     contexts: (arg('contexts') ?? (QUICK ? '64,256' : '64,256,512')).split(',').map(Number),
     rounds: QUICK ? 2 : 6, perBlock: QUICK ? 3 : 3, originalRuns: QUICK ? 2 : 3, prefillChunkTokens: 4096,
   },
-  kinds: { rounds: QUICK ? 2 : 3, perBlock: QUICK ? 4 : 8 },
+  kinds: { rounds: QUICK ? 2 : 6, perBlock: 4 },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
