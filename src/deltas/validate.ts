@@ -3,6 +3,7 @@
  * builds the bank-ready LoadedDelta. Every problem is collected so one 422
  * tells the user everything that is wrong.
  */
+import { sliceDims } from '../backbone/rewrite/delta-sites.js';
 import type { BackboneInfo, LinearModule } from '../backbone/types.js';
 import type { CandidateDelta, Tensor } from './candidate.js';
 import { graphSite } from './kinds/index.js';
@@ -64,7 +65,7 @@ export function summarize(delta: ValidDelta, backbone: BackboneInfo): SiteSummar
     const shapes = graphSite(s.site).banks
       .filter((b) => !b.selector && s.data[b.key])
       .map((b) => {
-        const [a, c] = b.dims(mod).map((d) => (d === 'rank' ? s.rank : d));
+        const [a, c] = sliceDims(b, mod, s.rank);
         // A leading 1 is the bank's broadcast over positions, not part of the parameter.
         return b.dims(mod)[0] === 1 ? [c] : [a, c];
       });

@@ -26,12 +26,6 @@ export const DELTA_KINDS: readonly DeltaKind[] = [
 /** The graph sites the kinds are served through, in the order a module's chain applies them. */
 export const GRAPH_SITES: readonly GraphSite[] = [...new Set(DELTA_KINDS.map((k) => k.site))];
 
-export function kindOf(type: string): DeltaKind {
-  const kind = DELTA_KINDS.find((k) => k.type === type);
-  if (!kind) throw new Error(`no delta kind '${type}'`);
-  return kind;
-}
-
 export function graphSite(name: string): GraphSite {
   const site = GRAPH_SITES.find((s) => s.name === name);
   if (!site) throw new Error(`no graph site '${name}'`);
