@@ -11,7 +11,7 @@
  * which `npm run bench` (bench/run.ts) runs too.
  */
 import { loadBackbone } from '../src/backbone/backbone.js';
-import type { SitePlanOptions } from '../src/backbone/rewrite/index.js';
+import type { SitePlan } from '../src/deltas/kinds/index.js';
 import { benchCacheDir } from './lib/common.js';
 import { measureRewrite, rewriteTables } from './lib/rewrite-step.js';
 
@@ -25,12 +25,13 @@ async function main() {
   const t0 = Date.now();
   const bb = await loadBackbone({ model: 'demo:gpt2-small' });
   console.error(`loaded ${bb.info.name} in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
-  const plans: Record<string, SitePlanOptions> = {
-    'engine, default plan (lora+bias on all 48 linears, adapter on attn.c_proj+mlp.c_proj)': {},
-    'engine, every kind on every linear': { lora: 'all', adapter: 'all', bias: 'all' },
-    'engine, lora all / no adapter / bias all': { lora: 'all', adapter: [], bias: 'all' },
-    'engine, lora all / no adapter / no bias': { lora: 'all', adapter: [], bias: [] },
-    'engine, lora c_attn only': { lora: ['c_attn'], adapter: [], bias: [] },
+  const plans: Record<string, SitePlan> = {
+    'engine, default plan (lora+bias on all 48 linears, adapter on attn.c_proj+mlp.c_proj, ia3 on c_attn+mlp.c_proj)': {},
+    'engine, every site on every linear': { lora: 'all', adapter: 'all', bias: 'all', ia3: 'all' },
+    'engine, default plan without ia3': { ia3: [] },
+    'engine, lora all / no adapter / bias all': { lora: 'all', adapter: [], bias: 'all', ia3: [] },
+    'engine, lora all / no adapter / no bias': { lora: 'all', adapter: [], bias: [], ia3: [] },
+    'engine, lora c_attn only': { lora: ['c_attn'], adapter: [], bias: [], ia3: [] },
   };
   const res = await measureRewrite(bb, {
     rounds: Number(arg('rounds', '5')),

@@ -6,7 +6,7 @@
  *
  *   npm run bench                                   # everything, ~5–8 min on 2 cores
  *   npm run bench -- --quick                        # fewer repetitions, contexts 64 and 256 (~2–3 min)
- *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive (or 1,2,3,4)
+ *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds (or 1-5)
  *
  * Other flags: --reps N (throughput rounds), --contexts 64,256,512, --naive N
  * (naive requests actually measured, the rest extrapolated), --sequential N,
@@ -20,7 +20,9 @@ import { fileURLToPath } from 'node:url';
 import type * as ort from 'onnxruntime-node';
 import { loadBackbone, type Backbone } from '../src/backbone/backbone.js';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
+import { planSites } from '../src/deltas/kinds/index.js';
 import { benchCacheDir, fmt, machine, mdTable, median, minimum, progress } from './lib/common.js';
+import { kindsGoals, kindsTables, measureKinds } from './lib/kinds-step.js';
 import { kvFloorTables, measureKvFloor, type KvFloorResult } from './lib/kv-floor.js';
 import { measureRewrite, NO_SITES_LABEL, ORIGINAL_LABEL, rewriteTables, type RewriteBenchResult } from './lib/rewrite-step.js';
 import {
@@ -57,14 +59,14 @@ if (has('help')) {
 }
 
 const QUICK = has('quick');
-const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive'] as const;
+const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds'] as const;
 type Section = (typeof SECTION_NAMES)[number];
 const sections = new Set<Section>(
   (arg('sections') ?? SECTION_NAMES.join(',')).split(',').map((s) => {
     const t = s.trim();
     const byNumber = SECTION_NAMES[Number(t) - 1];
     const name = (SECTION_NAMES as readonly string[]).includes(t) ? (t as Section) : byNumber;
-    if (!name) throw new Error(`unknown section ${t}: use ${SECTION_NAMES.join(', ')} or 1-4`);
+    if (!name) throw new Error(`unknown section ${t}: use ${SECTION_NAMES.join(', ')} or 1-${SECTION_NAMES.length}`);
     return name;
   }),
 );
@@ -76,6 +78,7 @@ const cfg = {
     contexts: (arg('contexts') ?? (QUICK ? '64,256' : '64,256,512')).split(',').map(Number),
     rounds: QUICK ? 2 : 6, perBlock: QUICK ? 3 : 3, originalRuns: QUICK ? 2 : 3, prefillChunkTokens: 4096,
   },
+  kinds: { rounds: QUICK ? 2 : 6, perBlock: 4 },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
@@ -177,7 +180,7 @@ async function main(): Promise<void> {
   const DEFAULT_PLAN = 'engine, default plan';
   const toRelease: ort.InferenceSession[] = [];
 
-  if (sections.has('rewrite') || sections.has('kv')) {
+  if (sections.has('rewrite') || sections.has('kv') || sections.has('kinds')) {
     const t = Date.now();
     bb = await loadBackbone({ model: 'demo:gpt2-small', cacheDir });
     progress(`loaded ${bb.info.name} in ${((Date.now() - t) / 1000).toFixed(1)} s`);
@@ -190,7 +193,7 @@ async function main(): Promise<void> {
     const g = rewriteGoals(rewrite, DEFAULT_PLAN);
     goals.push(...g);
     add('1. Rewrite: decode step per batch size (issue 3)', [
-      `Default site plan = \`buildEngineGraph(bb)\` with no options: LoRA and bias sites on all 48 linears, adapter sites on each block's attn.c_proj and mlp.c_proj (adapter branches behind an If). ` +
+      `Default site plan = \`planSites(bb)\`: LoRA and bias sites on all 48 linears, adapter sites on each block's attn.c_proj and mlp.c_proj (adapter branches behind an If), IA³ scale sites on c_attn and mlp.c_proj. ` +
       `(a) is the original Optimum graph (returns present = Concat and [B,1,V] logits); (a') the engine graph with no sites (same I/O as the engine: new K/V only, last logits). ` +
       `Context 64, random past, all-ones mask; banks built outside the timed step, as the engine does; at B=1 the LoRA rows hold one LoRA, at B=8 eight.`,
       rewriteTables(rewrite).trim(),
@@ -199,7 +202,7 @@ async function main(): Promise<void> {
 
   if (sections.has('kv')) {
     progress('section 2: KV cache vs floor (issue 5)');
-    const g = buildEngineGraph(bb!);
+    const g = buildEngineGraph(bb!, planSites(bb!));
     const { createSession } = await import('../src/backbone/session.js');
     const { encodeModel } = await import('../src/backbone/onnx/proto.js');
     const engine = rewrite?.sessions.byPlan.get(DEFAULT_PLAN) ?? (await createSession(g.bytes));
@@ -208,11 +211,26 @@ async function main(): Promise<void> {
     const kv = await measureKvFloor(bb!, { engine, engineSites: g.sites, original }, { ...cfg.kv, log: progress });
     goals.push(...kvGoals(kv));
     add('2. KV cache: engine decode step vs its floor (issue 5)', [
-      'The real `Engine` (src/engine/engine.ts) in-process on `createSession(buildEngineGraph(bb).bytes)`: 32 rows added with prompts of `ctx − steps − 1` tokens, ' +
+      'The real `Engine` (src/engine/engine.ts) in-process on `createSession(buildEngineGraph(bb, planSites(bb)).bytes)`: 32 rows added with prompts of `ctx − steps − 1` tokens, ' +
       'prefilled (untimed), then `Engine.step()` timed on decode-only steps whose KV capacity is `ctx` (asserted each step). ' +
       'The floor is a GraphBuilder graph of only the 49 weight Gemms of a step (the backbone\'s own initializers, on [32, in] inputs) plus a ReduceSum of every past tensor [32, 12, ctx, 64]; ' +
       'its two halves are also timed alone. The original Optimum graph gets random past of length ctx and returns present = Concat(past, new).',
       kvFloorTables(kv),
+    ].join('\n\n'));
+  }
+
+  if (sections.has('kinds')) {
+    progress('section 5: delta kinds and bank rank fall-back (issue 11)');
+    const g = buildEngineGraph(bb!, planSites(bb!));
+    const { createSession } = await import('../src/backbone/session.js');
+    const engine = rewrite?.sessions.byPlan.get(DEFAULT_PLAN) ?? (await createSession(g.bytes));
+    if (!rewrite) toRelease.push(engine);
+    const kinds = await measureKinds(bb!, engine, g.sites, { ...cfg.kinds, log: progress });
+    goals.push(...kindsGoals(kinds));
+    add('5. Delta kinds: decode steps at batch 32, and the banks\' rank fall-back (issue 11)', [
+      'The real `Engine` in-process on the default site plan; every configuration an Engine of its own, its rows prefilled untimed, ' +
+      'deltas written in their formats (test/helpers/kind-cases.ts) and loaded through the registry; 4 distinct deltas per kind cycled over the rows, 32 distinct r8 LoRAs.',
+      kindsTables(kinds),
     ].join('\n\n'));
   }
 

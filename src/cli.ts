@@ -9,7 +9,8 @@ import { loadBackbone } from './backbone/backbone.js';
 import { writeDemoDir } from './backbone/demo/materialize.js';
 import { demoSpec } from './backbone/demo/spec.js';
 import { engineModelSource } from './backbone/engine-model.js';
-import { buildEngineGraph, planSites } from './backbone/rewrite/index.js';
+import { buildEngineGraph } from './backbone/rewrite/index.js';
+import { planSites } from './deltas/kinds/index.js';
 import { createSession } from './backbone/session.js';
 import { addConfigOptions, ConfigError, loadConfig, type Config } from './config.js';
 import { Registry } from './deltas/registry.js';
@@ -51,7 +52,7 @@ program.command('generate')
       const registry = await Registry.open({ dir: o.deltasDir, backbone: backbone.info, cacheBytes: 2 ** 30 });
       delta = await registry.load(o.task);
     }
-    const graph = buildEngineGraph(backbone);
+    const graph = buildEngineGraph(backbone, planSites(backbone));
     const engine = new Engine(await createSession(await engineModelSource(backbone, graph.bytes)), backbone.io, graph.sites, {
       maxBatch: 1, prefillChunkTokens: 512, eosTokenIds: backbone.tokenizer.eosTokenIds, maxPositions: backbone.info.maxPositions,
     });
@@ -69,18 +70,28 @@ program.command('generate')
   });
 
 program.command('inspect')
-  .description('print the backbone\'s module tree, marking the modules that carry delta sites')
+  .description('print the backbone\'s module tree with the delta sites of each module, or with the sites of one task\'s delta')
   .addOption(new Option('--model <dir|demo[:family]>', 'backbone').env('DELTASERVE_MODEL').default('demo'))
-  .option('--json', 'print GET /v1/backbone\'s JSON instead of a tree')
+  .addOption(new Option('--deltas-dir <dir>', 'the delta store (with --task)').env('DELTASERVE_DELTAS_DIR').default('./deltas'))
+  .addOption(new Option('--sites <plan>', 'the site plan (DELTASERVE_SITES)').env('DELTASERVE_SITES'))
+  .option('--task <id>', 'show where this task\'s delta attaches: its kind, and each site\'s shapes')
+  .option('--json', 'print GET /v1/backbone\'s JSON (with --task, GET /v1/deltas/{id}\'s) instead of a tree')
   .action(async (o) => {
     const backbone = await loadBackbone({ model: o.model });
-    const plan = planSites(backbone);
+    if (o.task) {
+      const registry = await Registry.open({ dir: o.deltasDir, backbone: backbone.info, cacheBytes: 2 ** 30 });
+      const record = await registry.get(o.task);
+      if (!record) throw new ServeError(404, 'delta_not_found', `no delta '${o.task}' in ${o.deltasDir}`);
+      if (o.json) return console.log(JSON.stringify(record, null, 2));
+      const notes = new Map(record.sites.map((s) => [s.module, `${s.kind} on the ${s.site} site: ${s.shapes.map((d) => `[${d.join(', ')}]`).join(' ')}`]));
+      return console.log(renderModuleTree(backbone.info, notes, `\n${record.id}: ${record.type} (${record.format}), rank ${record.rank}, ${record.sites.length} sites, ${record.bytes} bytes`));
+    }
     if (o.json) {
       const { name, family, fingerprint, modules, defaultTargets } = backbone.info;
-      console.log(JSON.stringify({ name, family, fingerprint, modules, defaultTargets }, null, 2));
-      return;
+      return console.log(JSON.stringify({ name, family, fingerprint, modules, defaultTargets }, null, 2));
     }
-    console.log(renderModuleTree(backbone.info, plan));
+    const plan = planSites(backbone, loadConfig({ DELTASERVE_SITES: o.sites }).sites);
+    console.log(renderModuleTree(backbone.info, new Map([...plan].map(([m, sites]) => [m, `sites: ${sites.map((s) => s.name).join(', ')}`]))));
   });
 
 program.command('export')

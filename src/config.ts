@@ -5,6 +5,7 @@
  */
 import { Option, type Command } from 'commander';
 import { z } from 'zod';
+import { GRAPH_SITES, type SitePlan } from './deltas/kinds/index.js';
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
@@ -35,19 +36,18 @@ const int = (min: number, max = Number.MAX_SAFE_INTEGER) =>
     return n;
   });
 
-const SITE_KINDS = ['lora', 'adapter', 'bias'] as const;
-export type SitePlan = Partial<Record<(typeof SITE_KINDS)[number], string[] | 'all'>>;
+const SITE_NAMES = GRAPH_SITES.map((s) => s.name);
 
 /** `lora:all,adapter:c_proj+down_proj,bias:none` → { lora: 'all', adapter: ['c_proj', 'down_proj'], bias: [] } */
 const sitePlan = z.string().trim().transform((s, ctx) => {
   const plan: SitePlan = {};
   for (const part of s.split(',').map((p) => p.trim()).filter(Boolean)) {
-    const [kind, targets] = part.split(':').map((x) => x.trim());
-    if (!(SITE_KINDS as readonly string[]).includes(kind) || !targets) {
-      ctx.addIssue({ code: 'custom', message: `expected kind:targets with kind one of ${SITE_KINDS.join(', ')}, got "${part}"` });
+    const [site, targets] = part.split(':').map((x) => x.trim());
+    if (!SITE_NAMES.includes(site) || !targets) {
+      ctx.addIssue({ code: 'custom', message: `expected site:targets with site one of ${SITE_NAMES.join(', ')}, got "${part}"` });
       return z.NEVER;
     }
-    plan[kind as (typeof SITE_KINDS)[number]] = targets === 'all' ? 'all' : targets === 'none' ? [] : targets.split('+');
+    plan[site] = targets === 'all' ? 'all' : targets === 'none' ? [] : targets.split('+');
   }
   return plan;
 });
@@ -96,6 +96,11 @@ export const CONFIG_OPTIONS = {
     help: 'KV cache budget: requests are admitted while their prompt + max_new_tokens fit in it',
     defaultText: 'every row at full context, at most 4GiB', schema: bytes, fallback: null as number | null,
   }),
+  bankBytes: spec({
+    env: 'DELTASERVE_BANK_BYTES', flag: '--bank-bytes <bytes>',
+    help: 'delta bank budget: a request waits while the banks of the running rows and its own would pass it',
+    defaultText: '1GiB', schema: bytes, fallback: 2 ** 30,
+  }),
   maxBatch: spec({ env: 'DELTASERVE_MAX_BATCH', flag: '--max-batch <n>', help: 'max rows in one engine step', defaultText: '32', schema: int(1, 4096), fallback: 32 }),
   maxQueue: spec({ env: 'DELTASERVE_MAX_QUEUE', flag: '--max-queue <n>', help: 'max waiting requests before 429', defaultText: '1024', schema: int(0), fallback: 1024 }),
   ep: spec({
@@ -128,8 +133,8 @@ export const CONFIG_OPTIONS = {
   }),
   sites: spec({
     env: 'DELTASERVE_SITES', flag: '--sites <plan>',
-    help: 'which linear modules get delta sites of each kind: kind:targets pairs, targets all, none or module suffixes joined by +, e.g. lora:all,adapter:c_proj+down_proj,bias:all',
-    defaultText: 'lora:all,bias:all, adapters on each block\'s output linears', schema: sitePlan, fallback: {} as SitePlan,
+    help: `which linear modules get each delta site (${SITE_NAMES.join(', ')}): site:targets pairs, targets all, none or module suffixes joined by +, e.g. lora:all,adapter:c_proj+down_proj,bias:all`,
+    defaultText: 'lora:all,bias:all, adapters on each block\'s output linears, ia3 where PEFT puts it', schema: sitePlan, fallback: {} as SitePlan,
   }),
   prefillChunkTokens: spec({
     env: 'DELTASERVE_PREFILL_CHUNK_TOKENS', flag: '--prefill-chunk-tokens <n>',

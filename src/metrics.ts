@@ -143,6 +143,9 @@ export class Metrics {
   private readonly transferBytes = this.counter('deltaserve_engine_transfer_bytes_total',
     'Bytes of feeds given to and outputs taken from the ORT session (KV, banks, ids, logits): what crosses the bus on a GPU.');
   private readonly kvBytes = this.gauge('deltaserve_kv_cache_bytes', 'Bytes of KV cache buffers the engine holds.');
+  private readonly bankBytes = this.gauge('deltaserve_delta_bank_bytes', 'Bytes held by the engine\'s delta banks.');
+  private readonly bankBudget = this.gauge('deltaserve_delta_bank_budget_bytes',
+    'The delta banks\' budget (DELTASERVE_BANK_BYTES): a request waits while its rows\' banks would pass it.');
 
   constructor(opts: MetricsOptions = {}) {
     this.tasks = new TaskLabeler(opts.maxTaskLabels ?? 20, (task) => this.forget(task));
@@ -189,11 +192,18 @@ export class Metrics {
     this.batchSize.observe(rows);
   }
 
-  observeEngineStep(stats: { prefillMs: number; decodeMs: number; prefillRows: number; decodeRows: number; transferBytes: number; kvBytes: number }): void {
+  observeEngineStep(stats: {
+    prefillMs: number; decodeMs: number; prefillRows: number; decodeRows: number; transferBytes: number; kvBytes: number; bankBytes: number;
+  }): void {
     if (stats.prefillRows) this.engineStep.observe({ phase: 'prefill' }, stats.prefillMs / 1000);
     if (stats.decodeRows) this.engineStep.observe({ phase: 'decode' }, stats.decodeMs / 1000);
     this.transferBytes.inc(stats.transferBytes);
     this.kvBytes.set(stats.kvBytes);
+    this.bankBytes.set(stats.bankBytes);
+  }
+
+  setBankBudget(bytes: number): void {
+    this.bankBudget.set(bytes);
   }
 
   // --- HTTP layer ----------------------------------------------------------

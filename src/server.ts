@@ -6,8 +6,10 @@
 import express, { type Express } from 'express';
 import { loadBackbone, type Backbone } from './backbone/backbone.js';
 import { engineModelSource } from './backbone/engine-model.js';
-import { SITE_KIND } from './backbone/rewrite/delta-sites.js';
-import { buildEngineGraph, planSites, type SitePlanOptions } from './backbone/rewrite/index.js';
+import { buildEngineGraph } from './backbone/rewrite/index.js';
+import { planSites, type SitePlan } from './deltas/kinds/index.js';
+import type { DeltaSite } from './deltas/types.js';
+import { bankBytesFor } from './engine/bank-bytes.js';
 import type { Config } from './config.js';
 import { Registry } from './deltas/registry.js';
 import { EngineClient } from './engine/engine-client.js';
@@ -42,7 +44,7 @@ export interface ServiceOptions {
   /** For tests: model cache folder, a real tokenizer for demo:gpt2-small, site plan, remote address. */
   cacheDir?: string;
   tokenizerPath?: string;
-  sites?: SitePlanOptions;
+  sites?: SitePlan;
   defaultMetrics?: boolean;
   remoteAddress?: Parameters<typeof createApp>[0]['remoteAddress'];
   /** Readiness shared with a server that already listens while the services start (runServer). */
@@ -78,12 +80,12 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
 
   const sites = opts.sites ?? config.sites;
   const plan = planSites(backbone, sites);
-  const unplaceable = (delta: { sites: { module: string; kind: 'lora' | 'adapter' | 'bitfit' }[] }) => {
-    const missing = delta.sites.filter((s) => !plan.get(s.module)?.includes(SITE_KIND[s.kind]));
+  const unplaceable = (delta: { sites: DeltaSite[] }) => {
+    const missing = delta.sites.filter((s) => !plan.get(s.module)?.some((site) => site.name === s.site));
     if (!missing.length) return [];
-    const kinds = [...new Set(missing.map((s) => SITE_KIND[s.kind]))];
-    return [`this server has no ${kinds.join('/')} delta site on ${missing.map((s) => s.module).join(', ')}: ` +
-      `restart it with DELTASERVE_SITES naming those modules (e.g. ${kinds[0]}:all), or target modules it serves (GET /v1/backbone)`];
+    const sites = [...new Set(missing.map((s) => s.site))];
+    return [`this server has no ${sites.join('/')} delta site on ${missing.map((s) => s.module).join(', ')}: ` +
+      `restart it with DELTASERVE_SITES naming those modules (e.g. ${sites[0]}:all), or target modules it serves (GET /v1/backbone)`];
   };
 
   const registry = await Registry.open({
@@ -102,7 +104,7 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
     },
   });
 
-  const graph = buildEngineGraph(backbone, sites);
+  const graph = buildEngineGraph(backbone, plan);
   const engine = await EngineClient.start({
     model: await engineModelSource(backbone, graph.bytes, opts.cacheDir),
     io: backbone.io, sites: graph.sites, eosTokenIds: [...backbone.tokenizer.eosTokenIds], maxPositions: backbone.info.maxPositions,
@@ -130,7 +132,9 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
     kvBudgetTokens: kvBudgetTokens(backbone, config),
     maxPositions: backbone.info.maxPositions,
     backboneName: backbone.info.name,
+    bankBudget: { bytes: config.bankBytes, of: (rows) => bankBytesFor(graph.sites, rows) },
   });
+  metrics.setBankBudget(config.bankBytes);
 
   const tokenizerConfig = JSON.parse(readFileSync(join(backbone.source.dir, 'tokenizer_config.json'), 'utf8'));
   const app = createApp({

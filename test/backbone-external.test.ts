@@ -15,6 +15,7 @@ import { DEMO_SPECS } from '../src/backbone/demo/spec.js';
 import { engineModelSource } from '../src/backbone/engine-model.js';
 import { decodeModel, encodeModel, onnx } from '../src/backbone/onnx/proto.js';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
+import { planSites } from '../src/deltas/kinds/index.js';
 import { createSession } from '../src/backbone/session.js';
 import { Engine } from '../src/engine/engine.js';
 
@@ -44,7 +45,7 @@ function externalize(from: string, to: string, location = 'model.onnx_data'): vo
 }
 
 async function greedy(bb: Backbone, model: Uint8Array | string): Promise<number[]> {
-  const graph = buildEngineGraph(bb);
+  const graph = buildEngineGraph(bb, planSites(bb));
   const engine = new Engine(await createSession(model), bb.io, graph.sites, {
     maxBatch: 2, prefillChunkTokens: 512, eosTokenIds: [], maxPositions: bb.info.maxPositions,
   });
@@ -83,11 +84,11 @@ test('a model with external data loads with its weights left in place', () => {
 });
 
 test('the engine runs it from a folder of links, and generates what the inline model generates', async () => {
-  const graph = buildEngineGraph(external);
+  const graph = buildEngineGraph(external, planSites(external));
   const source = await engineModelSource(external, graph.bytes, join(root, 'cache'));
   assert.equal(typeof source, 'string', 'an external-data model is loaded from a path');
   assert.ok(graph.bytes.length < 200_000, `the rewritten graph stays small (${graph.bytes.length} bytes)`);
-  const expected = await greedy(inline, buildEngineGraph(inline).bytes);
+  const expected = await greedy(inline, buildEngineGraph(inline, planSites(inline)).bytes);
   assert.equal(expected.length, 8);
   assert.deepEqual(await greedy(external, source), expected);
 });
@@ -100,7 +101,7 @@ test('external data that points outside the model folder is refused', async () =
 });
 
 test('with the cache on another filesystem, the graph is written beside the model instead', { skip: !existsSync('/dev/shm') && 'no /dev/shm here' }, async (t) => {
-  const graph = buildEngineGraph(external);
+  const graph = buildEngineGraph(external, planSites(external));
   const otherFs = mkdtempSync('/dev/shm/deltaserve-cache-');
   try {
     const source = await engineModelSource(external, graph.bytes, otherFs);
@@ -111,7 +112,7 @@ test('with the cache on another filesystem, the graph is written beside the mode
     }
     assert.equal(typeof source, 'string');
     assert.equal(dirname(source as string), external.source.dir);
-    assert.deepEqual(await greedy(external, source), await greedy(inline, buildEngineGraph(inline).bytes));
+    assert.deepEqual(await greedy(external, source), await greedy(inline, buildEngineGraph(inline, planSites(inline)).bytes));
   } finally {
     rmSync(otherFs, { recursive: true, force: true });
   }

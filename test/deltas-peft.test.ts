@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url';
 import { ServeError } from '../src/errors.js';
 import { Registry } from '../src/deltas/registry.js';
 import type { Dtype } from '../src/deltas/safetensors.js';
-import type { DeltaFile, LoraSite } from '../src/deltas/types.js';
+import type { DeltaFile } from '../src/deltas/types.js';
 import { gpt2Like, gpt2Small } from './helpers/backbone-info.js';
 import {
   expectedBank,
@@ -53,16 +53,16 @@ test('the real GPT-2 PEFT adapter registers on GPT-2 small with exactly its 36 m
   const raw = await rawF32(join(FIXTURE, 'adapter_model.safetensors'));
   const delta = await registry.load('tigrinya');
   assert.equal(delta.sites.length, 36);
-  for (const site of delta.sites as LoraSite[]) {
+  for (const site of delta.sites) {
     const A = raw.get(`base_model.model.${site.module}.lora_A.weight`)!;
     const B = raw.get(`base_model.model.${site.module}.lora_B.weight`)!;
     const [r, inF] = A.shape;
     const outF = B.shape[0];
     const want = expectedBank(A.data, B.data, r, inF, outF, 32 / 8);
-    assert.equal(maxAbsDiff(site.a, want.a), 0, `${site.module} a`);
-    assert.equal(maxAbsDiff(site.b, want.b), 0, `${site.module} b`);
+    assert.equal(maxAbsDiff(site.data.lora_a, want.a), 0, `${site.module} a`);
+    assert.equal(maxAbsDiff(site.data.lora_b, want.b), 0, `${site.module} b`);
   }
-  assert.equal(delta.bytes, delta.sites.reduce((n, s) => n + (s as LoraSite).a.byteLength + (s as LoraSite).b.byteLength, 0));
+  assert.equal(delta.bytes, delta.sites.reduce((n, s) => n + s.data.lora_a.byteLength + s.data.lora_b.byteLength, 0));
 });
 
 test('the same LoRA in F32, F16 and BF16 gives the same bank values within each format\'s rounding', async (t) => {
@@ -79,9 +79,9 @@ test('the same LoRA in F32, F16 and BF16 gives the same bank values within each 
       'base_model.model.transformer.h.0.attn.c_attn.lora_B.weight': { dtype, shape: [48, r], data: B },
     });
     await registry.register(`lora-${dtype}`, files, { replace: false });
-    const site = (await registry.load(`lora-${dtype}`)).sites[0] as LoraSite;
+    const { data } = (await registry.load(`lora-${dtype}`)).sites[0];
     // Each element is one rounded value times an exact power-of-two scale.
-    for (const [got, exp] of [[site.a, want.a], [site.b, want.b]] as const) {
+    for (const [got, exp] of [[data.lora_a, want.a], [data.lora_b, want.b]] as const) {
       for (let i = 0; i < exp.length; i++) {
         assert.ok(Math.abs(got[i] - exp[i]) <= Math.abs(exp[i]) * rel + 1e-12, `${dtype}[${i}] ${got[i]} vs ${exp[i]}`);
       }
@@ -113,15 +113,15 @@ test('rsLoRA, rank_pattern, alpha_pattern, a regex target and layers_to_transfor
   await registry.register('patterns', files, { replace: false });
   const delta = await registry.load('patterns');
   assert.equal(delta.rank, 4);
-  const [attn, fc] = delta.sites as LoraSite[];
+  const [attn, fc] = delta.sites;
   assert.equal(attn.module, 'transformer.h.1.attn.c_attn');
   assert.equal(attn.rank, 2);
   const get = (k: string) => tensors[`base_model.model.transformer.h.1.${k}`].data;
   const wantAttn = expectedBank(get('attn.c_attn.lora_A.weight'), get('attn.c_attn.lora_B.weight'), 2, 16, 48, 8 / Math.sqrt(2));
-  assert.ok(maxAbsDiff(attn.b, wantAttn.b) < 1e-7);
+  assert.ok(maxAbsDiff(attn.data.lora_b, wantAttn.b) < 1e-7);
   const wantFc = expectedBank(get('mlp.c_fc.lora_A.weight'), get('mlp.c_fc.lora_B.weight'), 4, 16, 64, 3 / Math.sqrt(4));
   assert.equal(fc.module, 'transformer.h.1.mlp.c_fc');
-  assert.ok(maxAbsDiff(fc.b, wantFc.b) < 1e-7);
+  assert.ok(maxAbsDiff(fc.data.lora_b, wantFc.b) < 1e-7);
 });
 
 interface Refusal {
@@ -146,7 +146,7 @@ const refusals: Refusal[] = [
     name: 'a classifier head tensor',
     extra: { 'base_model.model.score.weight': tensor([2, 16], 5) },
     code: 'unsupported_delta',
-    reason: /tensor 'base_model\.model\.score\.weight' is not a LoRA factor/,
+    reason: /tensor 'base_model\.model\.score\.weight' is not a parameter of a PEFT LORA adapter/,
   },
   {
     name: 'task_type SEQ_CLS',
@@ -162,7 +162,7 @@ const refusals: Refusal[] = [
     code: 'unsupported_delta',
     reason: /adapter_model\.bin is a pickle.*save_file.*adapter_model\.safetensors/,
   },
-  { name: 'peft_type IA3', config: { peft_type: 'IA3' }, code: 'unsupported_delta', reason: /peft_type is IA3/ },
+  { name: 'peft_type PREFIX_TUNING', config: { peft_type: 'PREFIX_TUNING' }, code: 'unsupported_delta', reason: /peft_type is PREFIX_TUNING; deltaserve serves PEFT adapters of peft_type LORA, IA3/ },
 ];
 
 for (const c of refusals) {

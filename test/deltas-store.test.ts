@@ -8,7 +8,6 @@ import { fileURLToPath } from 'node:url';
 import { ServeError } from '../src/errors.js';
 import { Registry } from '../src/deltas/registry.js';
 import type { WriteStep } from '../src/deltas/store.js';
-import type { LoraSite } from '../src/deltas/types.js';
 import { gpt2Like } from './helpers/backbone-info.js';
 import { peftFactors, tempDir, treeHash, writeDelta, writePeft } from './helpers/deltas.js';
 
@@ -46,7 +45,7 @@ test('a registered delta is stored as uploaded, with a manifest, and listed', as
   assert.equal(manifest.rank, 4);
   assert.equal(manifest.bytes, (16 * 4 + 4 * 48) * 4);
   assert.ok(!Number.isNaN(Date.parse(manifest.created_at)));
-  assert.deepEqual(manifest.sites, [{ module: 'transformer.h.0.attn.c_attn', kind: 'lora', shapes: [[16, 4], [4, 48]] }]);
+  assert.deepEqual(manifest.sites, [{ module: 'transformer.h.0.attn.c_attn', kind: 'lora', site: 'lora', shapes: [[16, 4], [4, 48]] }]);
   for (const f of ['adapter_config.json', 'adapter_model.safetensors']) {
     assert.deepEqual(await readFile(join(store, 'task-1', f)), await readFile(join(dir, f)));
   }
@@ -76,15 +75,15 @@ test('replace: holders of the old version keep it, new acquires get the new one;
   const v1 = await registry.register('task', (await makeLora(t, 1)).files, { replace: false });
   const old = await registry.acquire('task');
   assert.equal(old.delta.version, v1.sha256);
-  const oldA = (old.delta.sites[0] as LoraSite).a.slice();
+  const oldA = old.delta.sites[0].data.lora_a.slice();
 
   const { dir: dir2, files: files2 } = await makeLora(t, 100);
   const v2 = await registry.register('task', files2, { replace: true });
   assert.notEqual(v2.sha256, v1.sha256);
   const fresh = await registry.acquire('task');
   assert.equal(fresh.delta.version, v2.sha256);
-  assert.notDeepEqual((fresh.delta.sites[0] as LoraSite).a, oldA);
-  assert.deepEqual((old.delta.sites[0] as LoraSite).a, oldA);
+  assert.notDeepEqual(fresh.delta.sites[0].data.lora_a, oldA);
+  assert.deepEqual(old.delta.sites[0].data.lora_a, oldA);
   assert.deepEqual(JSON.parse((await readFile(join(store, 'task', 'manifest.json'))).toString()).files, await hashesOf(dir2, ['adapter_config.json', 'adapter_model.safetensors']));
   old.release();
   fresh.release();

@@ -2,7 +2,6 @@ import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import { ServeError } from '../src/errors.js';
 import { Registry } from '../src/deltas/registry.js';
-import type { LoraSite } from '../src/deltas/types.js';
 import { gpt2Like, llamaLike } from './helpers/backbone-info.js';
 import { peftFactors, tempDir, tensor, treeHash, writePeft } from './helpers/deltas.js';
 
@@ -90,5 +89,5 @@ test('a rank within the maximum registers and reports its rank', async (t) => {
   const files = await writePeft(await tempDir(t, 'ok'), { r: 4 }, peftFactors([['transformer.h.0.attn.c_attn', 16, 48]], 4, 1));
   const rec = await registry.register('ok', files, { replace: false });
   assert.equal(rec.rank, 4);
-  assert.equal(((await registry.load('ok')).sites[0] as LoraSite).a.length, 16 * 4);
+  assert.equal((await registry.load('ok')).sites[0].data.lora_a.length, 16 * 4);
 });

@@ -175,7 +175,7 @@ describe('e2e: the contract on the real stack', () => {
 
     const one = (await request(app).get('/v1/deltas/api-lora').expect(200)).body;
     assert.equal(one.sites.length, 4);
-    assert.deepEqual(Object.keys(one.sites[0]).sort(), ['kind', 'module', 'shapes']);
+    assert.deepEqual(Object.keys(one.sites[0]).sort(), ['kind', 'module', 'shapes', 'site']);
     assert.ok(one.sites.some((s: { module: string }) => s.module === 'transformer.h.3.attn.c_attn'));
 
     const models = (await request(app).get('/v1/models').expect(200)).body;

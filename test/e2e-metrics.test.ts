@@ -26,6 +26,8 @@ const CONTRACT_METRICS = [
   'deltaserve_delta_cache_bytes',
   'deltaserve_delta_load_seconds',
   'deltaserve_deltas_registered',
+  'deltaserve_engine_transfer_bytes_total',
+  'deltaserve_delta_bank_bytes',
 ];
 
 const TYPES: Record<string, string> = {
@@ -34,7 +36,7 @@ const TYPES: Record<string, string> = {
   deltaserve_time_per_output_token_seconds: 'histogram', deltaserve_prompt_tokens_total: 'counter', deltaserve_generated_tokens_total: 'counter',
   deltaserve_batch_size: 'histogram', deltaserve_delta_cache_hits_total: 'counter', deltaserve_delta_cache_misses_total: 'counter',
   deltaserve_delta_cache_evictions_total: 'counter', deltaserve_delta_cache_bytes: 'gauge', deltaserve_delta_load_seconds: 'histogram',
-  deltaserve_deltas_registered: 'gauge',
+  deltaserve_deltas_registered: 'gauge', deltaserve_engine_transfer_bytes_total: 'counter', deltaserve_delta_bank_bytes: 'gauge',
 };
 
 interface Sample { name: string; labels: Record<string, string>; value: number }
@@ -120,6 +122,9 @@ describe('e2e: /metrics after real traffic', () => {
     assert.ok(value(samples, 'deltaserve_delta_cache_bytes') <= 100000);
     assert.ok(value(samples, 'deltaserve_delta_load_seconds_count') >= 2);
     assert.equal(value(samples, 'deltaserve_deltas_registered'), 2);
+    assert.ok(value(samples, 'deltaserve_engine_transfer_bytes_total') > 0);
+    assert.ok(value(samples, 'deltaserve_delta_bank_bytes') > 0, 'the running LoRA row\'s bank slices are counted');
+    assert.equal(value(samples, 'deltaserve_delta_bank_budget_bytes'), 2 ** 30, 'the default bank budget');
 
     for (const task of ['task-a', 'task-b', '_base']) {
       assert.ok(value(samples, 'deltaserve_request_duration_seconds_count', { task, status: '200' }) >= 1, `${task} requests by status`);
@@ -135,5 +140,6 @@ describe('e2e: /metrics after real traffic', () => {
     const afterRun = parse((await request(app).get('/metrics').expect(200)).text);
     assert.equal(afterRun.find((s) => s.name === 'deltaserve_lora_requests_info')!.labels.running_lora_adapters, '');
     assert.equal(value(afterRun, 'deltaserve_num_requests_running'), 0);
+    assert.equal(value(afterRun, 'deltaserve_delta_bank_bytes'), 0, 'the banks hold nothing once the batch is empty');
   });
 });

@@ -16,6 +16,7 @@ import { after, before, describe, test } from 'node:test';
 import request from 'supertest';
 import type { StepResult } from '../src/engine/protocol.js';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
+import { planSites } from '../src/deltas/kinds/index.js';
 import { createSession } from '../src/backbone/session.js';
 import { Engine } from '../src/engine/engine.js';
 import { ServeError } from '../src/errors.js';
@@ -136,7 +137,7 @@ describe('request control on demo:llama', () => {
   test('in-process engine: a row cancelled mid-prefill leaves its prefill group at the next step; its group-mate is unaffected', async () => {
     // The worker's engine, built the same way but driven step by step, so "the next step" is exact.
     const { backbone, registry } = stack.services;
-    const graph = buildEngineGraph(backbone, {});
+    const graph = buildEngineGraph(backbone, planSites(backbone));
     const session = await createSession(graph.bytes, { ep: 'cpu' });
     const make = () => new Engine(session, backbone.io, graph.sites, {
       maxBatch: 4, prefillChunkTokens: 32, eosTokenIds: backbone.tokenizer.eosTokenIds, maxPositions: backbone.info.maxPositions,

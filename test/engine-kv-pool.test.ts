@@ -7,6 +7,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
+import { planSites } from '../src/deltas/kinds/index.js';
 import { createSession } from '../src/backbone/session.js';
 import { Engine } from '../src/engine/engine.js';
 import { KvPool } from '../src/engine/kv-pool.js';
@@ -66,7 +67,7 @@ test('spread growth keeps every row exactly as growing at once does', () => {
 
 test('a greedy generation across three capacity buckets equals the full forward', async () => {
   const { bb } = await demo('demo:gpt2');
-  const graph = buildEngineGraph(bb);
+  const graph = buildEngineGraph(bb, planSites(bb));
   const engine = new Engine(await createSession(graph.bytes), bb.io, graph.sites, {
     maxBatch: 2, prefillChunkTokens: 512, eosTokenIds: [], maxPositions: bb.info.maxPositions,
   });

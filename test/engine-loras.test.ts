@@ -6,7 +6,10 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import { bankBytesFor } from '../src/engine/bank-bytes.js';
+import { demo } from './helpers/engine-graph.js';
 import { generate, mixedTasks, params, prompt, registerDelta, startStack, type Run, type Stack } from './helpers/engine-stack.js';
+import type { TaskSpec } from './helpers/kind-cases.js';
 
 describe('max_loras=2 on demo:llama', () => {
   let stack: Stack;
@@ -90,5 +93,34 @@ describe('max_loras=2 on demo:llama', () => {
     const lastPopular = Math.max(...popular.map((n) => firstTokenStep.get(n)!));
     const firstLate = Math.min(...later.map((n) => firstTokenStep.get(n)!));
     assert.ok(lastPopular <= firstLate, 'a later request overtook a popular one queued before it');
+  });
+});
+
+describe('DELTASERVE_BANK_BYTES on demo:gpt2', () => {
+  let stack: Stack;
+  let oneRow: number;
+  const tasks: TaskSpec[] = [1, 2].map((seed) => ({ id: `all-r8-${seed}`, kind: 'peft-lora', rank: 8, targets: ['c_attn', 'c_proj', 'c_fc'], seed }));
+
+  before(async () => {
+    // One row of a rank-8 LoRA on every linear holds (in + out)·8 floats per module in the banks; room for one row, not two.
+    const { bb } = await demo('demo:gpt2');
+    oneRow = bb.info.modules.filter((m) => !m.name.endsWith('lm_head')).reduce((n, m) => n + (m.inFeatures + m.outFeatures) * 8 * 4, 0);
+    stack = await startStack('demo:gpt2', { DELTASERVE_BANK_BYTES: String(Math.floor(oneRow * 1.5)) });
+    for (const t of tasks) await registerDelta(stack, t);
+  });
+  after(() => stack?.close());
+
+  test('a request whose rows\' banks would pass the budget waits until the running row leaves', async () => {
+    const mark = stack.steps.mark();
+    const runs = await Promise.all([0, 1, 0].map((k, i) => generate(stack.services, tasks[k].id, prompt(6, i), params({ maxNewTokens: 5 }))));
+    for (const r of runs) assert.equal(r.result.generatedTokens, 5);
+    const steps = stack.steps.since(mark);
+    assert.ok(steps.every((s) => s.rows.length <= 1), `a step held ${Math.max(...steps.map((s) => s.rows.length))} rows`);
+    const held = steps.map((s) => s.stats.bankBytes);
+    assert.ok(held.every((b) => b <= oneRow), `the banks held ${Math.max(...held)} bytes, one row is ${oneRow}`);
+    assert.ok(held.includes(oneRow), 'a running row\'s banks hold its (in + out)·r floats per module');
+    const projected = bankBytesFor(stack.services.backbone.info.modules.map((m) => ({ module: m.name, inFeatures: m.inFeatures, outFeatures: m.outFeatures, sites: [] })),
+      [await stack.services.registry.load(tasks[0].id), await stack.services.registry.load(tasks[1].id)]);
+    assert.equal(projected, 2 * oneRow, 'the scheduler\'s projection of two rows');
   });
 });

@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import { before, test } from 'node:test';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
+import { planSites } from '../src/deltas/kinds/index.js';
 import { createSession } from '../src/backbone/session.js';
 import { Engine } from '../src/engine/engine.js';
 import type { StepResult } from '../src/engine/protocol.js';
@@ -15,7 +16,7 @@ let make: () => Engine;
 
 before(async () => {
   const { bb } = await demo('demo:llama');
-  const graph = buildEngineGraph(bb);
+  const graph = buildEngineGraph(bb, planSites(bb));
   const session = await createSession(graph.bytes);
   make = () => new Engine(session, bb.io, graph.sites, {
     maxBatch: 8, prefillChunkTokens: 4096, eosTokenIds: [], maxPositions: bb.info.maxPositions,

@@ -9,9 +9,8 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import request from 'supertest';
 import { ServeError } from '../src/errors.js';
-import {
-  deltaFiles, encodeTensors, generate, params, prompt, registerDelta, startStack, type Run, type Stack, type TaskSpec,
-} from './helpers/engine-stack.js';
+import { generate, params, prompt, registerDelta, startStack, type Run, type Stack } from './helpers/engine-stack.js';
+import { deltaFiles, encodeTensors, type TaskSpec } from './helpers/kind-cases.js';
 
 // Long enough that the streams outlast an upload (about 0.1 s here with its fsyncs).
 const N = 160;
@@ -102,5 +101,29 @@ describe('deltas registered, replaced and deleted while requests stream (demo:ll
     }
     const list = await request(stack.services.app).get('/v1/deltas').expect(200);
     assert.deepEqual(list.body.data.map((d: { id: string }) => d.id).sort(), ['fresh', 'ref-v2']);
+  });
+
+  test('GET /v1/deltas/{id} shows each delta\'s kind and its sites whatever the kind; a kind this server has no site for is refused with the fix', async () => {
+    const kinds: TaskSpec[] = [
+      { id: 'c', kind: 'compacter', reductionFactor: 8, n: 4, factorizedPhm: true, factorizedRule: false, activation: 'relu', targets: ['mlp.down_proj'], seed: 41 },
+      { id: 'i', kind: 'ia3', targets: ['k_proj', 'down_proj'], feedforward: ['down_proj'], seed: 42 },
+      { id: 'p', kind: 'parallel_adapter', bottleneck: 4, scaled: 1, activation: 'silu', targets: ['self_attn.o_proj'], seed: 43 },
+    ];
+    for (const spec of kinds) assert.equal((await upload(stack, spec.id, spec, false)).status, 201);
+    const sites = async (id: string) => (await request(stack.services.app).get(`/v1/deltas/${id}`).expect(200)).body;
+    const c = await sites('c');
+    assert.equal(c.type, 'compacter');
+    assert.deepEqual(c.sites[0], { module: 'model.layers.0.mlp.down_proj', kind: 'compacter', site: 'adapter', shapes: [[128, 16], [16], [16, 128], [128]] });
+    const i = await sites('i');
+    assert.deepEqual(i.sites.map((s: { module: string; site: string; shapes: number[][] }) => [s.module.split('.').slice(-2).join('.'), s.site, s.shapes]).slice(0, 2),
+      [['self_attn.k_proj', 'ia3', [[64]]], ['mlp.down_proj', 'ia3', [[352]]]]);
+    assert.equal((await sites('p')).sites[0].site, 'adapter');
+
+    // The default plan puts IA³ sites where PEFT puts IA³ (k_proj, v_proj, down_proj), not on up_proj.
+    const res = await upload(stack, 'i-up', { id: 'i-up', kind: 'ia3', targets: ['up_proj'], feedforward: [], seed: 44 }, false);
+    assert.equal(res.status, 422);
+    assert.equal(res.body.error.code, 'unsupported_delta');
+    assert.match(res.body.error.message, /this server has no ia3 delta site on model\.layers\.0\.mlp\.up_proj, .*restart it with DELTASERVE_SITES naming those modules \(e\.g\. ia3:all\)/);
+    for (const id of ['c', 'i', 'p']) await request(stack.services.app).delete(`/v1/deltas/${id}`).expect(204);
   });
 });

@@ -189,7 +189,7 @@ test('list, inspect, delete', async () => {
   assert.deepEqual(Object.keys(list.body.data[0]).sort(), ['bytes', 'cached', 'created_at', 'format', 'id', 'rank', 'type']);
   assert.equal(list.body.data[0].cached, true);
   const one = await request(app).get('/v1/deltas/sql').expect(200);
-  assert.deepEqual(one.body.sites, [{ module: 'model.layers.0.self_attn.q_proj', kind: 'lora', shapes: [[16, 8], [8, 16]] }]);
+  assert.deepEqual(one.body.sites, [{ module: 'model.layers.0.self_attn.q_proj', kind: 'lora', site: 'lora', shapes: [[16, 8], [8, 16]] }]);
   assert.equal(one.body.created_at, list.body.data[0].created_at);
   assert.equal((await request(app).get('/v1/deltas/nope')).body.error.code, 'delta_not_found');
   await request(app).delete('/v1/deltas/sql').expect(204);

@@ -7,6 +7,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
+import { planSites } from '../src/deltas/kinds/index.js';
 import { createSession } from '../src/backbone/session.js';
 import { Engine } from '../src/engine/engine.js';
 import { demo, fullForwardGreedy, originalSession } from './helpers/engine-graph.js';
@@ -29,7 +30,7 @@ test('attention that does not match the eager pattern keeps its Concat and stays
   const producerIndex = (out: string) => graph.node!.findIndex((n) => n.output!.includes(out));
   for (const node of added) graph.node!.splice(producerIndex(node.input[0]) + 1, 0, node);
 
-  const engineGraph = buildEngineGraph(bb);
+  const engineGraph = buildEngineGraph(bb, planSites(bb));
   assert.equal(engineGraph.splitLayers, 0, 'no layer matched the split pattern');
   const engine = new Engine(await createSession(engineGraph.bytes), bb.io, engineGraph.sites, {
     maxBatch: 2, prefillChunkTokens: 4, eosTokenIds: [], maxPositions: bb.info.maxPositions,

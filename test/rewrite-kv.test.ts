@@ -9,13 +9,13 @@ import assert from 'node:assert/strict';
 import { before, describe, test } from 'node:test';
 import type { Backbone } from '../src/backbone/backbone.js';
 import type { DemoSpec } from '../src/backbone/demo/spec.js';
+import type { SiteLayout } from '../src/backbone/rewrite/delta-sites.js';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
 import { createSession } from '../src/backbone/session.js';
-import { DeltaBanks } from '../src/engine/banks.js';
-import type { LoadedDelta } from '../src/deltas/types.js';
+import type { DeltaBanks } from '../src/engine/banks.js';
 import {
-  adapterDelta, at, bareBanks, bitfitDelta, concatCache, demo, emptyCache, FAMILIES, loraDelta, maxAbsDiff, mergedSession, modulesOf,
-  originalSession, row, runEngine, runOriginal, targets, tokens, type Session,
+  at, banksOf, concatCache, defaultGraph, demo, emptyCache, everyKind, FAMILIES, loadCases, maxAbsDiff, originalSession, referenceSession,
+  row, runEngine, runOriginal, tokens, type KindCase, type Session,
 } from './helpers/engine-graph.js';
 
 const TOL = 1e-4;
@@ -26,14 +26,16 @@ for (const model of FAMILIES) {
     let spec: DemoSpec;
     let V: number;
     let engine: Session;
-    let sites: ReturnType<typeof buildEngineGraph>['sites'];
+    let sites: SiteLayout[];
     let splitLayers: number;
     let original: Session;
+    let cases: Map<string, KindCase>;
 
     before(async () => {
       ({ bb, spec } = await demo(model));
       V = bb.io.vocabSize;
-      const g = buildEngineGraph(bb);
+      cases = new Map((await loadCases(bb, everyKind(bb))).map((c) => [c.spec.id, c]));
+      const g = defaultGraph(bb);
       sites = g.sites;
       splitLayers = g.splitLayers;
       engine = await createSession(g.bytes);
@@ -58,7 +60,7 @@ for (const model of FAMILIES) {
       let worst = 0;
       for (let start = 0; start < T;) {
         const len = start === 0 ? 3 : 1;
-        const out = await runEngine(engine, bb.io, { ids: seqs.map((s) => s.slice(start, start + len)), past }, banks?.feeds(B) ?? {});
+        const out = await runEngine(engine, bb.io, { ids: seqs.map((s) => s.slice(start, start + len)), past }, banks?.feeds() ?? {});
         assert.equal(out.fresh.len, len, 'the engine returns only this step\'s K/V');
         past = concatCache(past, out.fresh);
         start += len;
@@ -76,50 +78,36 @@ for (const model of FAMILIES) {
       const seqs = [tokens(T, 21, V), tokens(T, 22, V)];
       const full = await runOriginal(original, bb.io, { ids: seqs, past: emptyCache(bb.io, 2) });
       // Without any delta feeds at all: a graph built with no sites.
-      const noSites = await createSession(buildEngineGraph(bb, { lora: [], adapter: [], bias: [] }).bytes);
+      const noSites = await createSession(buildEngineGraph(bb, new Map()).bytes);
       const saved = engine;
       engine = noSites;
       const w1 = await decodeAndCompare(seqs, null, (b, len) => at(full.logits, T, V, b, len - 1));
       engine = saved;
       // With every default site, fed empty.
-      const w2 = await decodeAndCompare(seqs, bareBanks(sites, 2), (b, len) => at(full.logits, T, V, b, len - 1));
+      const w2 = await decodeAndCompare(seqs, banksOf(sites, [null, null]), (b, len) => at(full.logits, T, V, b, len - 1));
       console.log(`# ${model} engine bare, incremental vs original full forward: no sites ${w1.toExponential(2)}, all sites empty ${w2.toExponential(2)}`);
     });
 
-    test('with deltas attached (LoRA, adapter, BitFit, bare rows): incremental decoding equals each merged model\'s full forward', async () => {
-      const t = targets(bb);
-      const deltas: (LoadedDelta | null)[] = [
-        loraDelta(bb, 'l16', modulesOf(bb, t.lora16), 16, 31),
-        adapterDelta(bb, 'ad', modulesOf(bb, t.adapter), 8, bb.info.family === 'gpt2' ? 'gelu_new' : 'silu', 32),
-        null,
-        bitfitDelta(bb, 'bf', modulesOf(bb, t.bitfit), 33),
-        loraDelta(bb, 'l4', modulesOf(bb, t.lora4), 4, 34),
-      ];
+    test('with deltas attached (LoRA, adapter, BitFit, IA³, compacter, parallel adapter, bare rows): incremental decoding equals each reference\'s full forward', async () => {
+      const rows = ['lora16', 'gelu_new', null, 'bitfit', 'ia3', 'compacter', 'parallel', 'lora4'].map((k) => (k ? cases.get(k)! : null));
       const T = 8;
-      const seqs = deltas.map((_, b) => tokens(T, 40 + b, V));
+      const seqs = rows.map((_, b) => tokens(T, 40 + b, V));
       const fulls: Float32Array[] = [];
-      for (let b = 0; b < deltas.length; b++) {
-        const ref = await mergedSession(spec, deltas[b]);
-        fulls.push((await runOriginal(ref, bb.io, { ids: [seqs[b]], past: emptyCache(bb.io, 1) })).logits);
+      for (const c of rows) {
+        const ref = await referenceSession(spec, c);
+        fulls.push((await runOriginal(ref, bb.io, { ids: [seqs[fulls.length]], past: emptyCache(bb.io, 1) })).logits);
       }
-      const banks = new DeltaBanks(sites);
-      deltas.forEach((d, r) => banks.setRow(r, d));
+      const banks = banksOf(sites, rows.map((c) => c?.delta ?? null));
       const worst = await decodeAndCompare(seqs, banks, (b, len) => at(fulls[b], T, V, 0, len - 1));
       console.log(`# ${model} engine with deltas, incremental vs merged full forward: max abs diff ${worst.toExponential(2)}`);
     });
 
-    test('left-padded rows with deltas: prefill and two decode steps equal each row alone in its merged model', async () => {
-      const t = targets(bb);
-      const deltas: (LoadedDelta | null)[] = [
-        adapterDelta(bb, 'ad', modulesOf(bb, t.adapter), 4, 'relu', 51),
-        null,
-        loraDelta(bb, 'l16', modulesOf(bb, t.lora16), 16, 52),
-      ];
+    test('left-padded rows with deltas: prefill and two decode steps equal each row alone in its reference', async () => {
+      const rows = [cases.get('relu')!, null, cases.get('lora16')!];
       const lens = [2, 7, 4];
       const T = Math.max(...lens);
       const seqs = lens.map((n, b) => tokens(n + 2, 60 + b, V));
-      const banks = new DeltaBanks(sites);
-      deltas.forEach((d, r) => banks.setRow(r, d));
+      const banks = banksOf(sites, rows.map((c) => c?.delta ?? null));
       let mask = lens.map((n) => [...Array(T - n).fill(0), ...Array(n).fill(1)]);
       let past = emptyCache(bb.io, 3);
       let worst = 0;
@@ -131,11 +119,11 @@ for (const model of FAMILIES) {
         const pos = step === 0
           ? lens.map((n) => [...Array(T - n).fill(0), ...Array.from({ length: n }, (_, i) => i)])
           : lens.map((n) => [n + step - 1]);
-        const out = await runEngine(engine, bb.io, { ids, mask, pos, past }, banks.feeds(3));
+        const out = await runEngine(engine, bb.io, { ids, mask, pos, past }, banks.feeds());
         past = concatCache(past, out.fresh);
         for (let b = 0; b < 3; b++) {
           const n = lens[b] + step;
-          const ref = await mergedSession(spec, deltas[b]);
+          const ref = await referenceSession(spec, rows[b]);
           const alone = await runOriginal(ref, bb.io, { ids: [seqs[b].slice(0, n)], past: emptyCache(bb.io, 1) });
           const d = maxAbsDiff(row(out.logits, V, b), at(alone.logits, n, V, 0, n - 1));
           assert.ok(d <= TOL, `step ${step}, row ${b} (length ${n}): max abs diff ${d}`);

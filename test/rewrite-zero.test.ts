@@ -6,13 +6,12 @@
 import assert from 'node:assert/strict';
 import { before, describe, test } from 'node:test';
 import type { Backbone } from '../src/backbone/backbone.js';
-import { siteInput } from '../src/backbone/rewrite/delta-sites.js';
+import { bankInput, type SiteLayout } from '../src/backbone/rewrite/delta-sites.js';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
 import { createSession } from '../src/backbone/session.js';
-import { DeltaBanks } from '../src/engine/banks.js';
 import {
-  at, bareBanks, concatCache, demo, emptyCache, FAMILIES, loraDelta, adapterDelta, maxAbsDiff, modulesOf, originalSession,
-  row, runEngine, runOriginal, targets, tokens, type Session,
+  at, banksOf, concatCache, defaultGraph, demo, emptyCache, everyKind, FAMILIES, loadCases, maxAbsDiff, originalSession,
+  row, runEngine, runOriginal, tokens, type Session,
 } from './helpers/engine-graph.js';
 
 for (const model of FAMILIES) {
@@ -20,40 +19,41 @@ for (const model of FAMILIES) {
     let bb: Backbone;
     let V: number;
     let engine: Session;
-    let sites: ReturnType<typeof buildEngineGraph>['sites'];
+    let sites: SiteLayout[];
     let noSites: Session;
     let original: Session;
 
     before(async () => {
       ({ bb } = await demo(model));
       V = bb.io.vocabSize;
-      const g = buildEngineGraph(bb);
+      const g = defaultGraph(bb);
       sites = g.sites;
       engine = await createSession(g.bytes);
-      const bare = buildEngineGraph(bb, { lora: [], adapter: [], bias: [] });
+      const bare = buildEngineGraph(bb, new Map());
       assert.equal(bare.sites.length, 0);
       noSites = await createSession(bare.bytes);
       original = await originalSession(bb);
     });
 
-    test('default plan: every linear but lm_head carries lora and bias sites, block outputs carry adapters', () => {
+    test('default plan: lora and bias on every linear but lm_head, adapters on block outputs, ia3 where PEFT puts it', () => {
       const expected = bb.info.modules.filter((m) => !m.name.endsWith('lm_head')).map((m) => m.name).sort();
       assert.deepEqual(sites.map((s) => s.module).sort(), expected);
       const blockOutput = /(attn\.c_proj|mlp\.c_proj|self_attn\.o_proj|mlp\.down_proj)$/;
+      const ia3 = /(c_attn|mlp\.c_proj|k_proj|v_proj|down_proj)$/;
       for (const s of sites) {
-        assert.deepEqual(s.kinds, blockOutput.test(s.module) ? ['lora', 'adapter', 'bias'] : ['lora', 'bias'], s.module);
+        const want = ['lora', ...(blockOutput.test(s.module) ? ['adapter'] : []), 'bias', ...(ia3.test(s.module) ? ['ia3'] : [])];
+        assert.deepEqual(s.sites, want, s.module);
       }
-      assert.ok(sites.some((s) => s.kinds.includes('adapter')), 'some module carries adapter sites');
+      assert.ok(sites.some((s) => s.sites.includes('adapter')), 'some module carries adapter sites');
     });
 
     test('every site fed empty equals no sites (≤ 1e-6) and the original last logits (≤ 1e-4), prefill and decode', async () => {
       const B = 3;
       const S = 6;
       const seqs = Array.from({ length: B }, (_, b) => tokens(S + 1, 70 + b, V));
-      const banks = bareBanks(sites, B);
-      const feeds = banks.feeds(B);
+      const feeds = banksOf(sites, Array(B).fill(null)).feeds();
       // Unused sites are fed a zero-size rank, so ORT skips their MatMuls.
-      assert.deepEqual(feeds[siteInput.loraA(sites[0].module)].dims, [1, sites[0].inFeatures, 0]);
+      assert.deepEqual(feeds[bankInput(sites[0].module, 'lora_a')].dims, [1, sites[0].inFeatures, 0]);
       const full = await runOriginal(original, bb.io, { ids: seqs, past: emptyCache(bb.io, B) });
       let past = emptyCache(bb.io, B);
       let pastBare = emptyCache(bb.io, B);
@@ -78,19 +78,20 @@ for (const model of FAMILIES) {
       assert.ok(vsOrig <= 1e-4, `vs the original graph: ${vsOrig}`);
     });
 
-    test('bare rows in a batch where other rows carry deltas are unchanged (≤ 1e-6 vs the engine without sites)', async () => {
-      const t = targets(bb);
-      const banks = new DeltaBanks(sites);
-      banks.setRow(0, loraDelta(bb, 'l', modulesOf(bb, t.lora16), 16, 81));
-      banks.setRow(1, null);
-      banks.setRow(2, adapterDelta(bb, 'a', modulesOf(bb, t.adapter), 8, 'gelu', 82));
-      banks.setRow(3, null);
-      const seqs = Array.from({ length: 4 }, (_, b) => tokens(5, 90 + b, V));
-      const a = await runEngine(engine, bb.io, { ids: seqs, past: emptyCache(bb.io, 4) }, banks.feeds(4));
-      const b = await runEngine(noSites, bb.io, { ids: seqs, past: emptyCache(bb.io, 4) });
+    test('bare rows in a batch where other rows carry deltas of every kind are unchanged (≤ 1e-6 vs the engine without sites)', async () => {
+      const deltas = (await loadCases(bb, everyKind(bb))).map((c) => c.delta);
+      const rows = deltas.flatMap((d) => [d, null]);
+      const B = rows.length;
+      const seqs = Array.from({ length: B }, (_, b) => tokens(5, 90 + b, V));
+      const a = await runEngine(engine, bb.io, { ids: seqs, past: emptyCache(bb.io, B) }, banksOf(sites, rows).feeds());
+      const b = await runEngine(noSites, bb.io, { ids: seqs, past: emptyCache(bb.io, B) });
       let worst = 0;
-      for (const r of [1, 3]) worst = Math.max(worst, maxAbsDiff(row(a.logits, V, r), row(b.logits, V, r)));
-      const moved = Math.min(maxAbsDiff(row(a.logits, V, 0), row(b.logits, V, 0)), maxAbsDiff(row(a.logits, V, 2), row(b.logits, V, 2)));
+      let moved = Infinity;
+      for (let r = 0; r < B; r++) {
+        const d = maxAbsDiff(row(a.logits, V, r), row(b.logits, V, r));
+        if (rows[r]) moved = Math.min(moved, d);
+        else worst = Math.max(worst, d);
+      }
       console.log(`# ${model} bare rows beside delta rows: ${worst.toExponential(2)} (delta rows moved ≥ ${moved.toExponential(2)})`);
       assert.ok(worst <= 1e-6, `bare rows: ${worst}`);
       assert.ok(moved > 1e-2, 'the delta rows did change');

@@ -4,7 +4,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import type { Backbone } from '../../src/backbone/backbone.js';
-import type { LoadedDelta, LoraSite } from '../../src/deltas/types.js';
+import type { DeltaSite, LoadedDelta } from '../../src/deltas/types.js';
 
 /** The model cache every benchmark shares; set before anything loads a demo backbone. */
 export function benchCacheDir(): string {
@@ -65,11 +65,11 @@ export const i64 = (v: ArrayLike<number>, dims: number[]) =>
 
 /** A rank-`rank` LoRA on every `c_attn` of the backbone, already in the engine's layout (as the registry would load it). */
 export function syntheticCAttnLora(bb: Backbone, k: number, rank = 16): LoadedDelta {
-  const sites: LoraSite[] = bb.info.modules.filter((m) => m.name.endsWith('.c_attn')).map((m, j) => ({
-    kind: 'lora', module: m.name, rank,
-    a: rand(m.inFeatures * rank, k * 7919 + j, 0.05), b: rand(rank * m.outFeatures, k * 7919 + j + 1000, 0.05),
+  const sites: DeltaSite[] = bb.info.modules.filter((m) => m.name.endsWith('.c_attn')).map((m, j) => ({
+    module: m.name, site: 'lora', rank,
+    data: { lora_a: rand(m.inFeatures * rank, k * 7919 + j, 0.05), lora_b: rand(rank * m.outFeatures, k * 7919 + j + 1000, 0.05) },
   }));
-  return { id: `lora-${k}`, version: '1', type: 'lora', format: 'peft', rank, activation: null, sites, bytes: 0 };
+  return { id: `lora-${k}`, version: '1', type: 'lora', format: 'peft', rank, sites, bytes: 0 };
 }
 
 const T0 = Date.now();

@@ -9,7 +9,8 @@
 import * as ort from 'onnxruntime-node';
 import type { Backbone } from '../../src/backbone/backbone.js';
 import { encodeModel } from '../../src/backbone/onnx/proto.js';
-import { buildEngineGraph, type SitePlanOptions } from '../../src/backbone/rewrite/index.js';
+import { buildEngineGraph } from '../../src/backbone/rewrite/index.js';
+import { planSites, type SitePlan } from '../../src/deltas/kinds/index.js';
 import { createSession } from '../../src/backbone/session.js';
 import { DeltaBanks } from '../../src/engine/banks.js';
 import type { LoadedDelta } from '../../src/deltas/types.js';
@@ -23,7 +24,7 @@ export interface RewriteBenchOptions {
   context: number;
   batches: number[];
   /** Site plans of the engine graph, by label; each gets rows with no deltas, 8 and 32 distinct r16 LoRAs on c_attn. */
-  plans: Record<string, SitePlanOptions>;
+  plans: Record<string, SitePlan>;
   log?: (msg: string) => void;
   /** Sessions already made elsewhere in the run, reused instead of building them again. */
   sessions?: { original?: ort.InferenceSession; noSites?: ort.InferenceSession; byPlan?: Map<string, ort.InferenceSession> };
@@ -89,20 +90,20 @@ export async function measureRewrite(bb: Backbone, opts: RewriteBenchOptions): P
     return s;
   };
   const original = opts.sessions?.original ?? (await mk('original', () => encodeModel(bb.source.model)));
-  const noSites = opts.sessions?.noSites ?? (await mk('engine, no sites', () => buildEngineGraph(bb, { lora: [], adapter: [], bias: [] }).bytes));
+  const noSites = opts.sessions?.noSites ?? (await mk('engine, no sites', () => buildEngineGraph(bb, new Map()).bytes));
   const configs: Config[] = [
     { label: ORIGINAL_LABEL, plan: null, loras: 0, session: original, feeds: () => ({}) },
     { label: NO_SITES_LABEL, plan: null, loras: 0, session: noSites, feeds: () => ({}) },
   ];
   const byPlan = new Map<string, ort.InferenceSession>();
   for (const [name, plan] of Object.entries(opts.plans)) {
-    const g = buildEngineGraph(bb, plan);
+    const g = buildEngineGraph(bb, planSites(bb, plan));
     const session = opts.sessions?.byPlan?.get(name) ?? (await mk(name, () => g.bytes));
     byPlan.set(name, session);
     const withK = (k: number) => (B: number) => {
-      const banks = new DeltaBanks(g.sites);
-      for (let r = 0; r < B; r++) banks.setRow(r, k === 0 ? null : deltas[r % k]);
-      return banks.feeds(B);
+      const banks = new DeltaBanks(g.sites, { maxRows: B, zeroSize: true });
+      for (let r = 0; r < B; r++) banks.add(k === 0 ? null : deltas[r % k]);
+      return banks.feeds();
     };
     configs.push({ label: `${name}: no deltas`, plan: name, loras: 0, session, feeds: withK(0) });
     configs.push({ label: `${name}: 8 distinct r16 LoRAs on c_attn`, plan: name, loras: 8, session, feeds: withK(8) });

@@ -23,6 +23,7 @@ import { attrInt, dimsOf, encodeModel } from '../../src/backbone/onnx/proto.js';
 import { createSession } from '../../src/backbone/session.js';
 import { loadConfig } from '../../src/config.js';
 import { encodeSafetensors, type TensorToWrite } from '../../src/deltas/safetensors.js';
+import type { DeltaSite } from '../../src/deltas/types.js';
 import type { StepResult } from '../../src/engine/protocol.js';
 import type { FinishReason, SamplingParams } from '../../src/engine/types.js';
 import { createLogger } from '../../src/log.js';
@@ -231,7 +232,7 @@ export interface NaiveResult {
 }
 
 /** W += a·b for every LoRA site, in the backbone's own initializers; returns a restore function. */
-export function attachMerged(bb: Backbone, sites: { module: string; a: Float32Array; b: Float32Array; rank: number }[]): () => void {
+export function attachMerged(bb: Backbone, sites: DeltaSite[]): () => void {
   const graph = bb.source.model.graph!;
   const inits = new Map((graph.initializer ?? []).map((t) => [t.name!, t]));
   const restore: (() => void)[] = [];
@@ -245,19 +246,20 @@ export function attachMerged(bb: Backbone, sites: { module: string; a: Float32Ar
     // unaligned Node Buffer it reads from the start of the whole file (Buffer#slice does not copy).
     const W = new Float32Array(Uint8Array.prototype.slice.call(t.rawData!).buffer);
     const R = site.rank;
+    const { lora_a: a, lora_b: b } = site.data;
     const inF = lin.inFeatures;
     const outF = lin.outFeatures;
     if ((transB ? d0 : d1) !== outF || (transB ? d1 : d0) !== inF) throw new Error(`naive merge: ${site.module} weight is ${d0}x${d1}`);
     for (let i = 0; i < inF; i++) {
       for (let k = 0; k < R; k++) {
-        const aik = site.a[i * R + k];
+        const aik = a[i * R + k];
         if (aik === 0) continue;
         const bRow = k * outF;
         if (!transB) {
           const wRow = i * outF;
-          for (let o = 0; o < outF; o++) W[wRow + o] += aik * site.b[bRow + o];
+          for (let o = 0; o < outF; o++) W[wRow + o] += aik * b[bRow + o];
         } else {
-          for (let o = 0; o < outF; o++) W[o * inF + i] += aik * site.b[bRow + o];
+          for (let o = 0; o < outF; o++) W[o * inF + i] += aik * b[bRow + o];
         }
       }
     }
@@ -313,7 +315,7 @@ export async function measureNaive(
   for (const r of reqs.slice(0, opts.n)) {
     const t0 = performance.now();
     const delta = await stack.services.registry.load(r.task);
-    const sites = delta.sites.filter((s) => s.kind === 'lora');
+    const sites = delta.sites.filter((s) => s.site === 'lora');
     const detach = attachMerged(bb, sites);
     const t1 = performance.now();
     let bytes: Uint8Array | null = encodeModel(bb.source.model);

@@ -1,8 +1,8 @@
 /**
- * The backbone's modules as a tree, with the delta sites each one carries:
- * what OpenDelta's `delta.log()` shows, for a whole ONNX model.
+ * The backbone's modules as a tree, each linear with a note (the delta sites
+ * it carries, or what a delta puts there): what OpenDelta's `delta.log()`
+ * shows, for a whole ONNX model.
  */
-import type { SiteKind } from './rewrite/delta-sites.js';
 import type { BackboneInfo } from './types.js';
 
 interface TreeNode {
@@ -10,7 +10,7 @@ interface TreeNode {
   label?: string;
 }
 
-export function renderModuleTree(info: BackboneInfo, plan: Map<string, SiteKind[]>): string {
+export function renderModuleTree(info: BackboneInfo, notes: ReadonlyMap<string, string>, title = ''): string {
   const root: TreeNode = { children: new Map() };
   for (const m of info.modules) {
     // `layers.0` stays one segment, as torch scopes it.
@@ -24,10 +24,10 @@ export function renderModuleTree(info: BackboneInfo, plan: Map<string, SiteKind[
       if (!node.children.has(p)) node.children.set(p, { children: new Map() });
       node = node.children.get(p)!;
     }
-    const sites = plan.get(m.name);
-    node.label = `Linear ${m.inFeatures}→${m.outFeatures}${sites?.length ? `  [sites: ${sites.join(', ')}]` : ''}`;
+    const note = notes.get(m.name);
+    node.label = `Linear ${m.inFeatures}→${m.outFeatures}${note ? `  [${note}]` : ''}`;
   }
-  const lines = [`${info.name} (${info.family}, ${info.modules.length} linear modules, fingerprint ${info.fingerprint.slice(0, 12)})`];
+  const lines = [`${info.name} (${info.family}, ${info.modules.length} linear modules, fingerprint ${info.fingerprint.slice(0, 12)})${title}`];
   const walk = (node: TreeNode, prefix: string) => {
     const entries = [...node.children];
     entries.forEach(([name, child], i) => {

@@ -77,13 +77,16 @@ export function biasReader(graph: GraphProto, baseDir: string) {
   };
 }
 
-/** Default targets per family and delta kind, as OpenDelta's default configurations pick them. */
+/** Default targets per family and delta kind, as OpenDelta's default configurations (and PEFT's, for IA³) pick them. */
 export function defaultTargetsFor(family: string): Record<string, string[]> {
-  if (family === 'gpt2') return { lora: ['c_attn'], adapter: ['attn.c_proj', 'mlp.c_proj'], bitfit: ['c_attn', 'c_proj', 'c_fc'] };
+  if (family === 'gpt2') {
+    return { lora: ['c_attn'], adapter: ['attn.c_proj', 'mlp.c_proj'], bitfit: ['c_attn', 'c_proj', 'c_fc'], ia3: ['c_attn', 'mlp.c_proj'] };
+  }
   return {
     lora: ['q_proj', 'v_proj'],
     adapter: ['self_attn.o_proj', 'mlp.down_proj'],
     bitfit: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+    ia3: ['k_proj', 'v_proj', 'down_proj'],
   };
 }
 

@@ -3,6 +3,13 @@ import * as ort from 'onnxruntime-node';
 
 export type ExecutionProvider = 'cpu' | 'cuda';
 
+/**
+ * Whether a provider takes zero-size input tensors. Only the CPU provider is
+ * known to: WebGPU crashes on them, and the CUDA path is not verified on a GPU
+ * yet, so it gets the rank-1 form of an unused delta site too.
+ */
+export const takesZeroSizeTensors = (ep: ExecutionProvider) => ep === 'cpu';
+
 export interface SessionOptions {
   ep?: ExecutionProvider;
   /** Intra-op threads; default lets ORT use every core. */

@@ -1,9 +1,11 @@
 /**
- * What a format parser hands to validation: the delta's parameters in the
- * layout its files use, under the module names its files use. Validation
- * resolves the names against the backbone and builds the LoadedDelta.
+ * What a format parser hands to validation: the delta's kind and settings,
+ * and its tensors grouped by module under the names its files use.
+ * Validation resolves the names against the backbone and has the kind build
+ * each module's bank rows.
  */
-import type { Activation, DeltaFormat, DeltaType } from './types.js';
+import type { DeltaKind } from './kinds/kind.js';
+import type { DeltaFormat } from './types.js';
 
 export interface Tensor {
   /** The tensor's key in its file, for messages. */
@@ -11,36 +13,6 @@ export interface Tensor {
   shape: number[];
   data: Float32Array;
 }
-
-export type CandidateSite =
-  | {
-      kind: 'lora';
-      module: string;
-      /** [r, in], as PEFT and OpenDelta store lora_A. */
-      a: Tensor;
-      /** [out, r], as PEFT and OpenDelta store lora_B. */
-      b: Tensor;
-      /** The rank the config declares for this module (the factors must agree). */
-      rank: number;
-      scale: number;
-    }
-  | {
-      kind: 'adapter';
-      module: string;
-      /** nn.Linear(dim, bottleneck).weight: [bottleneck, dim] */
-      downWeight: Tensor;
-      downBias: Tensor;
-      /** nn.Linear(bottleneck, dim).weight: [dim, bottleneck] */
-      upWeight: Tensor;
-      upBias: Tensor;
-      bottleneck: number;
-    }
-  | {
-      kind: 'bitfit';
-      module: string;
-      /** The tuned bias itself, [out]. */
-      bias: Tensor;
-    };
 
 /** One entry of target_modules / modified_modules, so validation can name entries that match nothing. */
 export interface TargetEntry {
@@ -57,9 +29,11 @@ export interface Targets {
 }
 
 export interface CandidateDelta {
-  type: DeltaType;
+  kind: DeltaKind;
   format: DeltaFormat;
-  activation: Activation | null;
-  sites: CandidateSite[];
+  /** The kind's settings, as its format binding read them. */
+  settings: unknown;
+  /** Module name as the files write it → the kind's part name → tensor. */
+  modules: Map<string, Map<string, Tensor>>;
   targets: Targets;
 }

@@ -1,3 +1,4 @@
+import type { z } from 'zod';
 import { ServeError } from '../errors.js';
 
 /**
@@ -42,4 +43,12 @@ export class Problems {
     else this.invalid(text);
     throw this.toError(subject);
   }
+}
+
+/** Reads a config with a zod schema, one problem per issue; null if there was any. `file` names it in messages. */
+export function readSchema<T>(schema: z.ZodType<T>, value: unknown, file: string, problems: Problems): T | null {
+  const parsed = schema.safeParse(value);
+  if (parsed.success) return parsed.data;
+  for (const issue of parsed.error.issues) problems.invalid(`${file}: ${issue.path.map(String).join('.') || '(root)'}: ${issue.message}`);
+  return null;
 }

@@ -8,12 +8,12 @@ import type { BackboneInfo } from '../backbone/types.js';
 import { badRequest, ServeError } from '../errors.js';
 import { DeltaCache, type CacheHooks, type Lease } from './cache.js';
 import { parseOpenDelta } from './formats/opendelta.js';
-import { parsePeftLora } from './formats/peft-lora.js';
+import { parsePeft } from './formats/peft.js';
 import { selectFiles, type Selection } from './formats/select.js';
 import { Problems } from './problems.js';
 import { DeltaStore, recordOf, TASK_ID, type StoreOptions } from './store.js';
 import type { DeltaFile, DeltaRecord, DeltaRegistry, LoadedDelta } from './types.js';
-import { DEFAULT_MAX_RANK, siteSummary, validateDelta, type ValidDelta } from './validate.js';
+import { DEFAULT_MAX_RANK, summarize, validateDelta, type ValidDelta } from './validate.js';
 
 export interface RegistryOptions {
   dir: string;
@@ -91,7 +91,7 @@ export class Registry implements DeltaRegistry {
           rank: valid.rank,
           fingerprint: this.opts.backbone.fingerprint,
           bytes: valid.bytes,
-          sites: valid.sites.map(siteSummary),
+          sites: summarize(valid, this.opts.backbone),
         },
         opts,
       );
@@ -159,7 +159,7 @@ export class Registry implements DeltaRegistry {
     const problems = new Problems();
     const candidate =
       selection.format === 'peft'
-        ? parsePeftLora(files, problems, subject)
+        ? parsePeft(files, problems, subject)
         : parseOpenDelta(files, selection.weights, problems, subject);
     return validateDelta(candidate, this.opts.backbone, { maxRank: this.opts.maxRank ?? DEFAULT_MAX_RANK }, problems, subject);
   }

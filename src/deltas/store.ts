@@ -14,8 +14,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ServeError } from '../errors.js';
-import type { SiteSummary } from './validate.js';
-import type { DeltaFormat, DeltaRecord, DeltaType } from './types.js';
+import type { DeltaFormat, DeltaRecord, DeltaType, SiteSummary } from './types.js';
 
 export const TASK_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 export const MANIFEST = 'manifest.json';

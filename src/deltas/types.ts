@@ -1,45 +1,23 @@
 /**
- * A delta after parsing and validation, in the layout the engine's banks want:
- * every factor already transposed to `x · A · B` order with its scale folded in.
+ * A delta after parsing and validation, in the layout the engine's banks
+ * want: each module's parameters laid out as one row of its graph site's
+ * banks (factors transposed to `x · A · B` order, scales folded in, compacter
+ * and low-rank products multiplied out). What produced them is its kind's
+ * business (src/deltas/kinds); everything after validation is kind-agnostic.
  */
-export type DeltaType = 'lora' | 'adapter' | 'bitfit';
+/** A kind's `type`: lora, adapter, bitfit, ia3, compacter, low_rank_adapter, parallel_adapter. */
+export type DeltaType = string;
 export type DeltaFormat = 'peft' | 'opendelta';
-export type Activation = 'relu' | 'gelu' | 'gelu_new' | 'silu';
 
-export interface LoraSite {
-  kind: 'lora';
+export interface DeltaSite {
   module: string;
+  /** The graph site that applies it: lora, adapter, bias, ia3. */
+  site: string;
+  /** On the site's rank axis (a LoRA's r, an adapter's bottleneck); 0 for sites without one. */
   rank: number;
-  /** [in, rank], row-major. */
-  a: Float32Array;
-  /** [rank, out], row-major, already multiplied by the scale (alpha / r, or alpha / sqrt(r)). */
-  b: Float32Array;
+  /** One row's slice of each bank it writes, by bank key. */
+  data: Record<string, Float32Array>;
 }
-
-/** Bottleneck adapter on a module's output: h + up(act(h · down + downBias)) + upBias. */
-export interface AdapterSite {
-  kind: 'adapter';
-  module: string;
-  bottleneck: number;
-  /** [out, bottleneck] */
-  down: Float32Array;
-  /** [bottleneck] */
-  downBias: Float32Array;
-  /** [bottleneck, out] */
-  up: Float32Array;
-  /** [out] */
-  upBias: Float32Array;
-}
-
-/** BitFit: h + bias on a module's output; `bias` is the difference from the backbone's own bias. */
-export interface BiasSite {
-  kind: 'bitfit';
-  module: string;
-  /** [out] */
-  bias: Float32Array;
-}
-
-export type DeltaSite = LoraSite | AdapterSite | BiasSite;
 
 export interface LoadedDelta {
   id: string;
@@ -47,12 +25,22 @@ export interface LoadedDelta {
   version: string;
   type: DeltaType;
   format: DeltaFormat;
-  /** Largest rank (LoRA) or bottleneck (adapter); 0 for BitFit. */
+  /** Largest rank (LoRA) or bottleneck (adapters); 0 for BitFit and IA³. */
   rank: number;
-  activation: Activation | null;
   sites: DeltaSite[];
   /** Bytes of parameter data held in memory. */
   bytes: number;
+}
+
+/** One site as the store and the admin API describe it: no parameter data. */
+export interface SiteSummary {
+  module: string;
+  /** The delta's kind. */
+  kind: DeltaType;
+  /** The graph site serving it (a compacter is served through the adapter site). */
+  site: string;
+  /** Shapes of its parameters as served, in the site's bank order. */
+  shapes: number[][];
 }
 
 /** A delta as the store and the admin API describe it (no parameter data). */
@@ -65,7 +53,7 @@ export interface DeltaRecord {
   /** sha256 of the manifest, which lists the sha256 of every stored file. */
   sha256: string;
   createdAt: string;
-  sites: { module: string; kind: DeltaType; shapes: number[][] }[];
+  sites: SiteSummary[];
 }
 
 /** One uploaded or imported file: its own name and where it sits on disk now. */

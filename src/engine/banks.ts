@@ -1,297 +1,276 @@
 /**
- * Delta banks in row order: for each delta site of the engine graph, the
- * factors of every row's delta laid out as [batch, …] so row b of the batch
- * reads slice b, with smaller ranks zero-padded to the site's rank.
+ * Delta banks in row order: for each graph site on each module, every bank
+ * of the site laid out as [rows, a, b] so row r of the batch reads slice r;
+ * ranks smaller than the site's are padded, and a row without a delta there
+ * holds the bank's neutral value (0 added, 1 scaled). Nothing here knows a
+ * kind: the sites declare their banks (src/deltas/kinds), validation laid
+ * each delta out as bank rows.
  *
- * Banks change only when the batch does: setRow when a request joins,
- * moveRow when the batch is compacted, clearRow when it leaves. Each touches
- * one row's slices; a full rebuild of a site happens only when its rank grows.
- * Feeds are views over the bank buffers: on the CPU provider ORT reads them
- * in place.
+ * Banks change only when the batch does: `add` writes the joining row's
+ * slices, `remove` moves the last row into the hole (as the KV pool does).
+ * A site's rank follows the largest rank among its rows both ways: it grows
+ * when a larger one joins and falls back when the largest leaves, so later
+ * steps never multiply a departed row's padding. Row capacity grows by
+ * doubling and shrinks by half once a quarter is used, and a bank no row
+ * writes holds no memory. Feeds are views over the buffers: on the CPU
+ * provider ORT reads them in place.
+ *
+ * This class and the KV pool are the only writers of per-row engine memory:
+ * the seam where a device (WebGPU buffers) would replace typed arrays.
  */
 import * as ort from 'onnxruntime-node';
-import { ACTIVATIONS, ADAPTERS_ON, siteInput, type SiteLayout } from '../backbone/rewrite/delta-sites.js';
-import type { AdapterSite, BiasSite, LoadedDelta, LoraSite } from '../deltas/types.js';
+import { bankInput, gateInput, isRanked, sliceDims, type BankSpec, type GraphSite, type SiteLayout } from '../backbone/rewrite/delta-sites.js';
+import { graphSite } from '../deltas/kinds/index.js';
+import type { DeltaSite, LoadedDelta } from '../deltas/types.js';
 
-type Dims = readonly number[];
+export interface BankOptions {
+  /** Rows the batch can hold: row capacity never grows past it. */
+  maxRows: number;
+  /**
+   * Whether the provider takes zero-size tensors. A site no row uses is then
+   * fed a zero-size rank, which ORT skips; otherwise (WebGPU) a rank-1 slice
+   * of neutral values, which costs a little arithmetic.
+   */
+  zeroSize: boolean;
+}
 
-/** A [rows, a, rank, b]-shaped buffer whose rank can grow, keeping each row's data. */
-class RankedBank {
-  rank = 0;
+const tensor = (data: Float32Array, dims: number[]) => new ort.Tensor('float32', data, dims);
+
+/** One graph input of one module: [rowsCap, a, b] floats at the site's rank. */
+class Bank {
   private buf = new Float32Array(0);
   private rowsCap = 0;
+  private rank = 0;
+  /** Rows whose delta writes this bank; at 0 it holds no memory and is fed idle. */
+  writers = 0;
 
-  /** rowLen(rank) = floats per row; the padded rank axis is `inner` for [a, R] or `outer` for [R, b]. */
-  constructor(private readonly a: number, private readonly b: number, private readonly rankAxis: 'inner' | 'outer') {}
+  constructor(readonly spec: BankSpec, private readonly layout: SiteLayout) {}
 
-  private rowLen(rank = this.rank) {
-    return this.rankAxis === 'inner' ? this.a * rank : rank * this.b;
+  private floats(rank = this.rank): number {
+    const [a, b] = sliceDims(this.spec, this.layout, rank);
+    return a * b;
   }
 
-  ensure(rows: number, rank: number): void {
-    if (rank <= this.rank && rows <= this.rowsCap) return;
-    const newRank = Math.max(rank, this.rank);
-    // Rows join one at a time: grow geometrically, or a batch filling up copies O(rows²).
-    const newRows = rows > this.rowsCap ? Math.max(rows, this.rowsCap * 2) : this.rowsCap;
-    const next = new Float32Array(newRows * this.rowLen(newRank));
-    if (this.rank > 0) {
-      for (let r = 0; r < this.rowsCap; r++) this.copyRowInto(this.buf, r, this.rank, next, r, newRank);
-    }
-    this.buf = next;
-    this.rank = newRank;
-    this.rowsCap = newRows;
+  get bytes(): number {
+    return this.buf.byteLength;
   }
 
-  private copyRowInto(src: Float32Array, sr: number, sRank: number, dst: Float32Array, dr: number, dRank: number) {
-    const sOff = sr * this.rowLen(sRank);
-    const dOff = dr * this.rowLen(dRank);
-    if (this.rankAxis === 'outer' || sRank === dRank) {
-      dst.set(src.subarray(sOff, sOff + this.rowLen(sRank)), dOff);
+  get allocated(): boolean {
+    return this.rowsCap > 0;
+  }
+
+  /** Lays the first `rows` rows out again with room for `rowsCap` rows at `rank`, padding with the neutral value. */
+  reshape(rows: number, rowsCap: number, rank: number): void {
+    if (rowsCap === this.rowsCap && rank === this.rank) return;
+    const next = new Float32Array(rowsCap * this.floats(rank));
+    if (this.spec.neutral !== 0) next.fill(this.spec.neutral);
+    if (this.allocated) for (let r = 0; r < rows; r++) this.copySlice(this.buf, r, this.rank, next, r, rank);
+    [this.buf, this.rowsCap, this.rank] = [next, rowsCap, rank];
+  }
+
+  free(): void {
+    [this.buf, this.rowsCap, this.rank] = [new Float32Array(0), 0, 0];
+  }
+
+  /** Copies row `sr` of `src` at rank `sRank` into row `dr` of `dst` at `dRank`, up to the smaller rank. */
+  private copySlice(src: Float32Array, sr: number, sRank: number, dst: Float32Array, dr: number, dRank: number): void {
+    const [sa, sb] = sliceDims(this.spec, this.layout, sRank);
+    const [da, db] = sliceDims(this.spec, this.layout, dRank);
+    const [sOff, dOff] = [sr * sa * sb, dr * da * db];
+    const [a, b] = [Math.min(sa, da), Math.min(sb, db)];
+    if (b === sb && b === db) {
+      dst.set(src.subarray(sOff, sOff + a * b), dOff);
     } else {
-      for (let i = 0; i < this.a; i++) dst.set(src.subarray(sOff + i * sRank, sOff + (i + 1) * sRank), dOff + i * dRank);
+      for (let i = 0; i < a; i++) dst.set(src.subarray(sOff + i * sb, sOff + i * sb + b), dOff + i * db);
     }
   }
 
-  /** Writes `data` ([a, r] or [r, b]) into row `row`, zero-padding to the bank's rank. */
-  write(row: number, data: Float32Array, r: number): void {
-    const off = row * this.rowLen();
-    this.buf.fill(0, off, off + this.rowLen());
-    if (this.rankAxis === 'outer') this.buf.set(data.subarray(0, r * this.b), off);
-    else for (let i = 0; i < this.a; i++) this.buf.set(data.subarray(i * r, (i + 1) * r), off + i * this.rank);
+  /** Writes a row's slice, given at `rank` (≤ the bank's), into row `row`. */
+  write(row: number, data: Float32Array, rank: number): void {
+    this.copySlice(data, 0, rank, this.buf, row, this.rank);
   }
 
+  /** Row `row` back to the neutral value. */
   clear(row: number): void {
-    if (this.rank === 0 || row >= this.rowsCap) return;
-    this.buf.fill(0, row * this.rowLen(), (row + 1) * this.rowLen());
+    const n = this.floats();
+    this.buf.fill(this.spec.neutral, row * n, (row + 1) * n);
   }
 
   move(from: number, to: number): void {
-    if (this.rank === 0) return;
-    const len = this.rowLen();
-    this.buf.copyWithin(to * len, from * len, (from + 1) * len);
+    const n = this.floats();
+    this.buf.copyWithin(to * n, from * n, (from + 1) * n);
   }
 
-  view(rows: number): Float32Array {
-    return this.buf.subarray(0, rows * this.rowLen());
+  /** The first `rows` rows as a feed: [rows, a, b]. */
+  feed(rows: number): ort.Tensor {
+    return tensor(this.buf.subarray(0, rows * this.floats()), [rows, ...sliceDims(this.spec, this.layout, this.rank)]);
   }
 }
 
-/** A [rows, 1, n] bank with no rank axis (biases, activation selectors). */
-class FlatBank {
-  private buf = new Float32Array(0);
+/** One site on one module: its banks, the rank and site of each row. */
+class SiteBanks {
+  readonly banks: Bank[];
+  /** Each row's site here, or null. */
+  private readonly rows: (DeltaSite | null)[] = [];
   private rowsCap = 0;
+  rank = 0;
   used = 0;
 
-  constructor(private readonly n: number) {}
-
-  ensure(rows: number): void {
-    if (rows <= this.rowsCap) return;
-    const cap = Math.max(rows, this.rowsCap * 2);
-    const next = new Float32Array(cap * this.n);
-    next.set(this.buf);
-    this.buf = next;
-    this.rowsCap = cap;
+  constructor(readonly site: GraphSite, readonly layout: SiteLayout, private readonly maxRows: number) {
+    this.banks = site.banks.map((spec) => new Bank(spec, layout));
   }
 
-  write(row: number, data: Float32Array | null, add?: Float32Array | null): void {
-    const off = row * this.n;
-    this.buf.fill(0, off, off + this.n);
-    if (data) this.buf.set(data, off);
-    if (add) for (let i = 0; i < this.n; i++) this.buf[off + i] += add[i];
+  private reshape(): void {
+    for (const b of this.banks) if (b.allocated) b.reshape(this.rows.length, this.rowsCap, this.rank);
   }
 
-  clear(row: number): void {
-    if (row < this.rowsCap) this.buf.fill(0, row * this.n, (row + 1) * this.n);
+  add(site: DeltaSite | null): void {
+    this.rows.push(site);
+    const rows = this.rows.length;
+    if (rows > this.rowsCap) {
+      // Rows join one at a time: grow geometrically, or a batch filling up copies O(rows²).
+      this.rowsCap = Math.min(this.maxRows, Math.max(rows, 2 * this.rowsCap));
+      this.reshape();
+    }
+    if (!site) return;
+    this.used++;
+    if (site.rank > this.rank) {
+      this.rank = site.rank;
+      this.reshape();
+    }
+    for (const b of this.banks) {
+      const data = site.data[b.spec.key];
+      if (!data) continue;
+      if (b.writers++ === 0) b.reshape(rows - 1, this.rowsCap, this.rank);
+      b.write(rows - 1, data, site.rank);
+    }
   }
 
-  move(from: number, to: number): void {
-    if (from < this.rowsCap) this.buf.copyWithin(to * this.n, from * this.n, (from + 1) * this.n);
+  /** Removes row `i`, moving the last row into its place. */
+  remove(i: number): void {
+    const last = this.rows.length - 1;
+    const gone = this.rows[i];
+    for (const b of this.banks) {
+      if (!b.allocated) continue;
+      if (i !== last) b.move(last, i);
+      b.clear(last);
+    }
+    this.rows[i] = this.rows[last];
+    this.rows.pop();
+    if (gone) this.forget(gone);
+    // Shrink row capacity geometrically, like a vector: halve once a quarter is used.
+    if (this.rowsCap > 1 && this.rows.length <= this.rowsCap / 4) {
+      this.rowsCap = Math.max(1, this.rowsCap >> 1);
+      this.reshape();
+    }
   }
 
-  view(rows: number): Float32Array {
-    return this.buf.subarray(0, rows * this.n);
+  private forget(site: DeltaSite): void {
+    this.used--;
+    for (const b of this.banks) if (site.data[b.spec.key] && --b.writers === 0) b.free();
+    if (site.rank < this.rank) return;
+    // The largest rank may have left: fall back to the largest that remains.
+    const rank = Math.max(0, ...this.rows.map((s) => s?.rank ?? 0));
+    if (rank < this.rank) {
+      this.rank = rank;
+      this.reshape();
+    }
+  }
+
+  get bytes(): number {
+    return this.banks.reduce((n, b) => n + b.bytes, 0);
   }
 }
-
-interface SiteBanks {
-  layout: SiteLayout;
-  loraA?: RankedBank;
-  loraB?: RankedBank;
-  down?: RankedBank;
-  downBias?: RankedBank;
-  up?: RankedBank;
-  bias?: FlatBank;
-  /** Rows whose delta uses each part of this site; at 0 the part is fed empty. */
-  loraRows: number;
-  adapterRows: number;
-  biasRows: number;
-}
-
-const tensor = (data: Float32Array, dims: Dims) => new ort.Tensor('float32', data, dims as number[]);
 
 export class DeltaBanks {
-  private readonly sites = new Map<string, SiteBanks>();
+  private readonly groups = new Map<string, SiteBanks>();
   private readonly rows: (LoadedDelta | null)[] = [];
-  private readonly activation = new FlatBank(ACTIVATIONS.length);
-  private readonly hasAdapterSites: boolean;
-  private readonly empty = new Map<string, ort.Tensor>();
+  /** Off and idle feeds, made once per shape. */
+  private readonly constant = new Map<string, ort.Tensor>();
+  private readonly gated: string[];
 
-  constructor(layouts: SiteLayout[]) {
+  constructor(layouts: readonly SiteLayout[], private readonly opts: BankOptions) {
     for (const layout of layouts) {
-      const { inFeatures: i, outFeatures: o, kinds } = layout;
-      this.sites.set(layout.module, {
-        layout,
-        loraRows: 0, adapterRows: 0, biasRows: 0,
-        ...(kinds.includes('lora') ? { loraA: new RankedBank(i, 0, 'inner'), loraB: new RankedBank(0, o, 'outer') } : {}),
-        ...(kinds.includes('adapter')
-          ? { down: new RankedBank(o, 0, 'inner'), downBias: new RankedBank(1, 0, 'inner'), up: new RankedBank(0, o, 'outer') }
-          : {}),
-        ...(kinds.includes('bias') ? { bias: new FlatBank(o) } : {}),
-      });
+      for (const name of layout.sites) this.groups.set(groupKey(layout.module, name), new SiteBanks(graphSite(name), layout, opts.maxRows));
     }
-    this.hasAdapterSites = layouts.some((l) => l.kinds.includes('adapter'));
+    this.gated = [...new Set([...this.groups.values()].filter((g) => g.site.gated).map((g) => g.site.name))];
   }
 
-  /** Places a delta (or none) in row `row`; rows must be filled in order, without holes. */
-  setRow(row: number, delta: LoadedDelta | null): void {
-    if (row > this.rows.length) throw new Error(`bank row ${row} would leave a hole (batch has ${this.rows.length})`);
-    if (row < this.rows.length) this.clearRow(row);
-    this.rows[row] = delta;
-    const need = this.rows.length;
-    if (!delta) return;
-    const biasBySite = new Map<string, Float32Array[]>();
-    for (const s of delta.sites) {
-      const banks = this.sites.get(s.module);
-      if (!banks) throw new Error(`no delta site for ${s.module} in the engine graph`);
-      if (s.kind === 'lora') this.placeLora(banks, row, need, s);
-      else if (s.kind === 'adapter') {
-        this.placeAdapter(banks, row, need, s);
-        biasBySite.set(s.module, [...(biasBySite.get(s.module) ?? []), s.upBias]);
-      } else biasBySite.set(s.module, [...(biasBySite.get(s.module) ?? []), (s as BiasSite).bias]);
-    }
-    for (const [module, parts] of biasBySite) {
-      const banks = this.sites.get(module)!;
-      if (!banks.bias) throw new Error(`no bias site for ${module} in the engine graph`);
-      banks.bias.ensure(need);
-      banks.bias.write(row, parts[0], parts[1] ?? null);
-      banks.biasRows++;
-    }
-    if (delta.activation && this.hasAdapterSites) {
-      this.activation.ensure(need);
-      const onehot = new Float32Array(ACTIVATIONS.length);
-      onehot[ACTIVATIONS.indexOf(delta.activation)] = 1;
-      this.activation.write(row, onehot);
-      this.activation.used++;
-    }
+  get size(): number {
+    return this.rows.length;
   }
 
-  private placeLora(banks: SiteBanks, row: number, rows: number, s: LoraSite) {
-    banks.loraA!.ensure(rows, s.rank);
-    banks.loraB!.ensure(rows, s.rank);
-    banks.loraA!.write(row, s.a, s.rank);
-    banks.loraB!.write(row, s.b, s.rank);
-    banks.loraRows++;
+  /** Bytes the bank buffers hold. */
+  get bytes(): number {
+    let n = 0;
+    for (const g of this.groups.values()) n += g.bytes;
+    return n;
   }
 
-  private placeAdapter(banks: SiteBanks, row: number, rows: number, s: AdapterSite) {
-    for (const bank of [banks.down!, banks.downBias!, banks.up!]) bank.ensure(rows, s.bottleneck);
-    banks.down!.write(row, s.down, s.bottleneck);
-    banks.downBias!.write(row, s.downBias, s.bottleneck);
-    banks.up!.write(row, s.up, s.bottleneck);
-    banks.adapterRows++;
+  /** The fed rank of a site on a module (0 while no row uses it). */
+  rankOf(module: string, site: string): number {
+    return this.groups.get(groupKey(module, site))?.rank ?? 0;
   }
 
-  private forEachBank(fn: (b: RankedBank | FlatBank) => void) {
-    for (const s of this.sites.values()) {
-      for (const b of [s.loraA, s.loraB, s.down, s.downBias, s.up, s.bias]) if (b) fn(b);
+  /** Appends a row carrying `delta` (or none). */
+  add(delta: LoadedDelta | null): void {
+    const placed = new Map<SiteBanks, DeltaSite>();
+    for (const s of delta?.sites ?? []) {
+      const group = this.groups.get(groupKey(s.module, s.site));
+      if (!group) throw new Error(`no ${s.site} site on ${s.module} in the engine graph`);
+      placed.set(group, s);
     }
-    fn(this.activation);
+    this.rows.push(delta);
+    for (const g of this.groups.values()) g.add(placed.get(g) ?? null);
   }
 
-  private clearRow(row: number): void {
-    const delta = this.rows[row];
-    if (!delta) return;
-    const touched = new Set<string>();
-    for (const s of delta.sites) {
-      const banks = this.sites.get(s.module)!;
-      if (s.kind === 'lora') banks.loraRows--;
-      if (s.kind === 'adapter') banks.adapterRows--;
-      if (s.kind !== 'lora' && !touched.has(s.module)) {
-        banks.biasRows--;
-        touched.add(s.module);
-      }
-    }
-    if (delta.activation && this.hasAdapterSites) this.activation.used--;
-    this.forEachBank((b) => b.clear(row));
-    this.rows[row] = null;
+  /** Removes row `i` by moving the last row into its place (the KV pool compacts the same way). */
+  remove(i: number): void {
+    for (const g of this.groups.values()) g.remove(i);
+    const last = this.rows.pop()!;
+    if (i < this.rows.length) this.rows[i] = last;
   }
 
-  /** Removes row `row` by moving the last row into its place (the KV pool compacts the same way). */
-  removeRow(row: number): void {
-    const last = this.rows.length - 1;
-    this.clearRow(row);
-    if (row !== last) {
-      this.forEachBank((b) => b.move(last, row));
-      this.rows[row] = this.rows[last];
-      this.forEachBank((b) => b.clear(last));
-    }
-    this.rows.length = last;
-  }
-
-  private emptyTensor(key: string, dims: Dims): ort.Tensor {
-    let t = this.empty.get(key);
+  private constantFeed(key: string, dims: number[], value: number): ort.Tensor {
+    const id = `${key}:${dims.join('x')}`;
+    let t = this.constant.get(id);
     if (!t) {
-      t = tensor(new Float32Array(dims.reduce((a, b) => a * b, 1)), dims);
-      this.empty.set(key, t);
+      t = tensor(new Float32Array(dims.reduce((a, b) => a * b, 1)).fill(value), dims);
+      this.constant.set(id, t);
     }
     return t;
   }
 
-  /** The delta feeds for a step over rows 0..batch-1. */
-  feeds(batch: number): Record<string, ort.Tensor> {
-    if (batch !== this.rows.length) throw new Error(`banks hold ${this.rows.length} rows, step has ${batch}`);
-    const f: Record<string, ort.Tensor> = {};
-    // Rows that joined without touching a bank still need their (zero) slice in it.
-    this.forEachBank((b) => (b instanceof RankedBank ? b.rank > 0 && b.ensure(batch, b.rank) : b.ensure(batch)));
-    const uniform = this.rows.length > 0 && this.rows.every((r) => r === this.rows[0]);
-    for (const [m, s] of this.sites) {
-      const { inFeatures: i, outFeatures: o } = s.layout;
-      if (uniform && s.loraA && s.loraRows === batch) {
-        // Every row carries the same LoRA here: one GEMM against row 0's slice, broadcast over the batch.
-        f[siteInput.loraA(m)] = tensor(s.loraA.view(1), [1, i, s.loraA.rank]);
-        f[siteInput.loraB(m)] = tensor(s.loraB!.view(1), [1, s.loraB!.rank, o]);
-      } else if (s.loraA) {
-        const on = s.loraRows > 0;
-        f[siteInput.loraA(m)] = on ? tensor(s.loraA.view(batch), [batch, i, s.loraA.rank]) : this.emptyTensor(`a${i}`, [1, i, 0]);
-        f[siteInput.loraB(m)] = on ? tensor(s.loraB!.view(batch), [batch, s.loraB!.rank, o]) : this.emptyTensor(`b${o}`, [1, 0, o]);
-      }
-      if (s.down) {
-        const on = s.adapterRows > 0;
-        const r = s.down.rank;
-        f[siteInput.adapterDown(m)] = on ? tensor(s.down.view(batch), [batch, o, r]) : this.emptyTensor(`d${o}`, [1, o, 0]);
-        f[siteInput.adapterDownBias(m)] = on ? tensor(s.downBias!.view(batch), [batch, 1, r]) : this.emptyTensor('db', [1, 1, 0]);
-        f[siteInput.adapterUp(m)] = on ? tensor(s.up!.view(batch), [batch, r, o]) : this.emptyTensor(`u${o}`, [1, 0, o]);
-      }
-      if (s.bias) {
-        f[siteInput.bias(m)] = s.biasRows > 0 ? tensor(s.bias.view(batch), [batch, 1, o]) : this.emptyTensor(`z${o}`, [1, 1, o]);
-      }
-    }
-    if (this.hasAdapterSites) {
-      const on = [...this.sites.values()].some((s) => s.adapterRows > 0);
-      f[ADAPTERS_ON] = new ort.Tensor('bool', [on], []);
-      for (let k = 0; k < ACTIVATIONS.length; k++) {
-        f[siteInput.activation(ACTIVATIONS[k])] = this.activation.used > 0
-          ? tensor(this.activationColumn(batch, k), [batch, 1, 1])
-          : this.emptyTensor('act', [1, 1, 1]);
-      }
-    }
-    return f;
+  /**
+   * A bank's feed while none of its rows writes it: one slice of its neutral
+   * value, broadcast over the batch; a rank axis is 1, or 0 where `empty`
+   * allows (the site is unused and the provider takes zero-size tensors).
+   */
+  private idleFeed(spec: BankSpec, layout: SiteLayout, empty: boolean): ort.Tensor {
+    const rank = empty && isRanked(spec, layout) ? 0 : 1;
+    return this.constantFeed(`${spec.neutral}`, [1, ...sliceDims(spec, layout, rank)], spec.neutral);
   }
 
-  private activationColumn(batch: number, k: number): Float32Array {
-    const all = this.activation.view(batch);
-    const col = new Float32Array(batch);
-    for (let b = 0; b < batch; b++) col[b] = all[b * ACTIVATIONS.length + k];
-    return col;
+  /** The delta feeds for a step over every row. */
+  feeds(): Record<string, ort.Tensor> {
+    const batch = this.rows.length;
+    const f: Record<string, ort.Tensor> = {};
+    // When every row carries the same delta, one slice broadcast over the batch is one GEMM instead of a batched product.
+    // (Compared by id and version: each row's delta reaches the worker as its own copy.)
+    const first = this.rows[0];
+    const uniform = !!first && this.rows.every((r) => r?.id === first.id && r.version === first.version);
+    const on = new Set<string>();
+    for (const g of this.groups.values()) {
+      if (g.used > 0) on.add(g.site.name);
+      for (const b of g.banks) {
+        f[bankInput(g.layout.module, b.spec.key)] = b.writers === 0
+          ? this.idleFeed(b.spec, g.layout, g.used === 0 && this.opts.zeroSize)
+          : b.feed(uniform ? 1 : batch);
+      }
+    }
+    for (const name of this.gated) f[gateInput(name)] = new ort.Tensor('bool', [on.has(name)], []);
+    return f;
   }
 }
+
+const groupKey = (module: string, site: string) => `${module}\u0000${site}`;

@@ -22,16 +22,10 @@ export function shareDelta(delta: LoadedDelta): LoadedDelta {
   if (!s) {
     s = {
       ...delta,
-      sites: delta.sites.map((site) => {
-        switch (site.kind) {
-          case 'lora':
-            return { ...site, a: toShared(site.a), b: toShared(site.b) };
-          case 'adapter':
-            return { ...site, down: toShared(site.down), downBias: toShared(site.downBias), up: toShared(site.up), upBias: toShared(site.upBias) };
-          case 'bitfit':
-            return { ...site, bias: toShared(site.bias) };
-        }
-      }),
+      sites: delta.sites.map((site) => ({
+        ...site,
+        data: Object.fromEntries(Object.entries(site.data).map(([key, d]) => [key, toShared(d)])),
+      })),
     };
     shared.set(delta, s);
   }

@@ -4,16 +4,15 @@
  * chunk for newly admitted rows and one decode step for the running rows, so a
  * long prompt never stalls the batch for longer than a chunk.
  *
- * Rows live in the same order in the KV pool, the delta banks and `rows`;
- * every structure removes a row by moving the last one into its place.
+ * Rows, their KV cache and their delta banks' slices live together in a
+ * Batch (batch.ts): the decode batch, and the prefill group being prefilled.
  */
 import * as ort from 'onnxruntime-node';
 import type { DecoderIO } from '../backbone/decoder-io.js';
 import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import { newKvName } from '../backbone/rewrite/kv-cache.js';
 import { GREEDY_TOKEN } from '../backbone/rewrite/last-logits.js';
-import { DeltaBanks } from './banks.js';
-import { KvPool } from './kv-pool.js';
+import { Batch } from './batch.js';
 import type { EngineFinish, RowRequest, StepResult } from './protocol.js';
 import { RowSampler } from './sampler.js';
 
@@ -24,6 +23,8 @@ export interface EngineOptions {
   eosTokenIds: readonly number[];
   /** The backbone's context length: a row that reaches it finishes with `length`. */
   maxPositions: number;
+  /** Whether the provider takes zero-size tensors (an unused LoRA site is then free); see BankOptions. */
+  zeroSizeTensors?: boolean;
 }
 
 interface Row {
@@ -35,13 +36,12 @@ interface Row {
 
 /** Rows being prefilled together, left-padded to the longest prompt. */
 interface PrefillGroup {
-  rows: Row[];
+  batch: Batch<Row>;
+  /** Row by row, as the batch's rows move. */
   pads: number[];
   padded: number;
   /** Padded positions already run. */
   done: number;
-  kv: KvPool;
-  banks: DeltaBanks;
 }
 
 /** Padded tokens a prefill group may run per real prompt token. */
@@ -51,9 +51,7 @@ const i64 = (values: ArrayLike<number>, dims: number[]) =>
   new ort.Tensor('int64', BigInt64Array.from(Array.from(values, (v) => BigInt(v))), dims);
 
 export class Engine {
-  private readonly pool: KvPool;
-  private readonly banks: DeltaBanks;
-  private readonly rows: Row[] = [];
+  private readonly decoding: Batch<Row>;
   private readonly pending: Row[] = [];
   private group: PrefillGroup | null = null;
   private readonly cancelled = new Set<number>();
@@ -69,12 +67,15 @@ export class Engine {
     private readonly sites: SiteLayout[],
     private readonly opts: EngineOptions,
   ) {
-    this.pool = new KvPool(io, opts.maxBatch);
-    this.banks = new DeltaBanks(sites);
+    this.decoding = this.newBatch(opts.maxBatch);
     this.eos = new Set(opts.eosTokenIds);
     this.kvOutputs = Array.from({ length: io.layers }, (_, l) => [newKvName(l, 'key'), newKvName(l, 'value')]).flat();
     this.fetchGreedy = [GREEDY_TOKEN, ...this.kvOutputs];
     this.fetchLogits = ['logits', ...this.kvOutputs];
+  }
+
+  private newBatch(maxRows: number): Batch<Row> {
+    return new Batch(this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true });
   }
 
   add(req: RowRequest): void {
@@ -86,36 +87,50 @@ export class Engine {
   }
 
   get idle(): boolean {
-    return this.rows.length === 0 && this.pending.length === 0 && !this.group;
+    return this.decoding.size === 0 && this.pending.length === 0 && !this.group;
   }
 
   /** Row ids currently held (decoding, prefilling or waiting for prefill). */
   rowIds(): number[] {
-    return [...this.rows, ...(this.group?.rows ?? []), ...this.pending].map((r) => r.req.rowId);
+    return [...this.decoding.rows, ...(this.group?.batch.rows ?? []), ...this.pending].map((r) => r.req.rowId);
   }
 
   /** KV slots per row the decode batch's buffers hold now. */
   get kvCapacity(): number {
-    return this.pool.capacity;
+    return this.decoding.kvCapacity;
   }
 
   get kvBytes(): number {
-    return this.pool.bytesAllocated + (this.group?.kv.bytesAllocated ?? 0);
+    return this.decoding.kvBytes + (this.group?.batch.kvBytes ?? 0);
+  }
+
+  /** Bytes held by the delta banks of the decode batch and the prefill group. */
+  get bankBytes(): number {
+    return this.decoding.bankBytes + (this.group?.batch.bankBytes ?? 0);
+  }
+
+  /** The rank the decode batch feeds a site on a module (0 while no row uses it). */
+  fedRank(module: string, site: string): number {
+    return this.decoding.rankOf(module, site);
   }
 
   async step(): Promise<StepResult> {
     const result: StepResult = {
       tokens: [], finished: [], rows: [],
-      stats: { decodeRows: 0, prefillRows: 0, prefillTokens: 0, decodeMs: 0, prefillMs: 0, kvTokens: 0, kvBytes: 0, transferBytes: 0, runningDeltas: [] },
+      stats: {
+        decodeRows: 0, prefillRows: 0, prefillTokens: 0, decodeMs: 0, prefillMs: 0,
+        kvTokens: 0, kvBytes: 0, bankBytes: 0, transferBytes: 0, runningDeltas: [],
+      },
     };
     this.applyCancellations(result);
     if (!this.group) this.formGroup();
     if (this.group) await this.prefillChunk(this.group, result);
-    if (this.rows.length) await this.decode(result);
+    if (this.decoding.size) await this.decode(result);
     result.rows = this.rowIds();
-    result.stats.kvTokens = this.pool.tokensHeld;
+    result.stats.kvTokens = this.decoding.kvTokens;
     result.stats.kvBytes = this.kvBytes;
-    result.stats.runningDeltas = [...new Set([...this.rows, ...(this.group?.rows ?? [])]
+    result.stats.bankBytes = this.bankBytes;
+    result.stats.runningDeltas = [...new Set([...this.decoding.rows, ...(this.group?.batch.rows ?? [])]
       .map((r) => r.req.delta?.id).filter((id): id is string => !!id))];
     return result;
   }
@@ -128,27 +143,21 @@ export class Engine {
     }
     const g = this.group;
     if (g) {
-      for (let i = g.rows.length - 1; i >= 0; i--) {
-        if (!this.cancelled.has(g.rows[i].req.rowId)) continue;
-        done(g.rows[i]);
-        moveLastInto(g.rows, i);
+      for (let i = g.batch.size - 1; i >= 0; i--) {
+        if (!this.cancelled.has(g.batch.rows[i].req.rowId)) continue;
+        done(g.batch.remove(i));
         moveLastInto(g.pads, i);
-        g.kv.removeRow(i);
-        g.banks.removeRow(i);
       }
-      if (g.rows.length === 0) this.group = null;
+      if (g.batch.size === 0) this.group = null;
     }
-    for (let i = this.rows.length - 1; i >= 0; i--) {
-      if (this.cancelled.has(this.rows[i].req.rowId)) {
-        done(this.rows[i]);
-        this.removeDecodeRow(i);
-      }
+    for (let i = this.decoding.size - 1; i >= 0; i--) {
+      if (this.cancelled.has(this.decoding.rows[i].req.rowId)) done(this.decoding.remove(i));
     }
     this.cancelled.clear();
   }
 
   private formGroup(): void {
-    const room = this.opts.maxBatch - this.rows.length;
+    const room = this.opts.maxBatch - this.decoding.size;
     if (room <= 0 || !this.pending.length) return;
     // Rows of one group are left-padded to its longest prompt: a row joins only while
     // padding stays under half the real tokens, so one long prompt cannot make every
@@ -165,26 +174,10 @@ export class Engine {
       take++;
     }
     const rows = this.pending.splice(0, take);
-    const padded = longest;
-    const kv = new KvPool(this.io);
-    kv.ensure(rows.length, padded);
-    const banks = new DeltaBanks(this.sites);
-    rows.forEach((r, i) => {
-      kv.addEmptyRow();
-      banks.setRow(i, r.req.delta);
-    });
-    this.group = { rows, pads: rows.map((r) => padded - r.req.promptIds.length), padded, done: 0, kv, banks };
-  }
-
-  private pastFeeds(feeds: Record<string, ort.Tensor>, rows: number, kv: KvPool | null): void {
-    const { layers, kvHeads, headDim } = this.io;
-    const cap = kv ? kv.capacity : 0;
-    for (let l = 0; l < layers; l++) {
-      for (const t of ['key', 'value'] as const) {
-        const data = kv ? kv.pastView(l, t) : new Float32Array(0);
-        feeds[`past_key_values.${l}.${t}`] = new ort.Tensor('float32', data, [rows, kvHeads, cap, headDim]);
-      }
-    }
+    const batch = this.newBatch(rows.length);
+    for (const r of rows) batch.add(r);
+    batch.reserve(longest);
+    this.group = { batch, pads: rows.map((r) => longest - r.req.promptIds.length), padded: longest, done: 0 };
   }
 
   /**
@@ -210,13 +203,14 @@ export class Engine {
   }
 
   private async prefillChunk(g: PrefillGroup, result: StepResult): Promise<void> {
-    const n = g.rows.length;
+    const rows = g.batch.rows;
+    const n = rows.length;
     const start = g.done;
     const chunk = Math.min(g.padded - start, Math.max(1, Math.floor(this.opts.prefillChunkTokens / n)));
     const ids = new Array<number>(n * chunk);
     const pos = new Array<number>(n * chunk);
     for (let b = 0; b < n; b++) {
-      const prompt = g.rows[b].req.promptIds;
+      const prompt = rows[b].req.promptIds;
       for (let i = 0; i < chunk; i++) {
         const j = start + i - g.pads[b];
         ids[b * chunk + i] = j >= 0 ? prompt[j] : 0;
@@ -224,7 +218,7 @@ export class Engine {
       }
     }
     // Past is the group's buffer (full capacity, masked) once a chunk has run.
-    const pastLen = start === 0 ? 0 : g.kv.capacity;
+    const pastLen = start === 0 ? 0 : g.batch.kvCapacity;
     const mask = new Array<number>(n * (pastLen + chunk));
     for (let b = 0; b < n; b++) {
       const row = b * (pastLen + chunk);
@@ -234,23 +228,22 @@ export class Engine {
     const feeds: Record<string, ort.Tensor> = {
       input_ids: i64(ids, [n, chunk]),
       attention_mask: i64(mask, [n, pastLen + chunk]),
-      ...g.banks.feeds(n),
+      ...g.batch.feeds(start > 0),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(pos, [n, chunk]);
-    this.pastFeeds(feeds, n, start === 0 ? null : g.kv);
     const t0 = performance.now();
-    const out = await this.run(feeds, g.rows, result.stats);
+    const out = await this.run(feeds, rows, result.stats);
     result.stats.prefillMs = performance.now() - t0;
     result.stats.prefillRows = n;
     result.stats.prefillTokens = n * chunk;
-    g.kv.append(out.keys, out.values, chunk);
+    g.batch.append(out.keys, out.values, chunk);
     g.done += chunk;
     if (g.done < g.padded) return;
 
     // Prompt done: the first token comes from the prefill's logits, then the row joins the decode batch.
     this.group = null;
     for (let b = 0; b < n; b++) {
-      const row = g.rows[b];
+      const row = rows[b];
       const token = this.emit(row, out.next(b), result);
       const promptLen = row.req.promptIds.length;
       const reason = this.finishReason(row, token, promptLen + 1);
@@ -258,9 +251,7 @@ export class Engine {
         result.finished.push({ rowId: row.req.rowId, reason, generated: row.generated });
         continue;
       }
-      this.pool.addRow(promptLen, { keys: g.kv.keys, values: g.kv.values, capacity: g.kv.capacity, row: b, start: g.pads[b] });
-      this.banks.setRow(this.rows.length, row.req.delta);
-      this.rows.push(row);
+      this.decoding.add(row, { batch: g.batch, index: b, start: g.pads[b], tokens: promptLen });
     }
   }
 
@@ -278,44 +269,38 @@ export class Engine {
   }
 
   private async decode(result: StepResult): Promise<void> {
-    const B = this.rows.length;
-    this.pool.growAhead();
-    this.pool.ensure(B, Math.max(...this.pool.len) + 1);
-    const C = this.pool.capacity;
+    const batch = this.decoding;
+    const B = batch.size;
+    batch.reserveNextToken();
+    const C = batch.kvCapacity;
+    const len = batch.lengths;
     const mask = new BigInt64Array(B * (C + 1));
     for (let b = 0; b < B; b++) {
-      mask.fill(1n, b * (C + 1), b * (C + 1) + this.pool.len[b]);
+      mask.fill(1n, b * (C + 1), b * (C + 1) + len[b]);
       mask[b * (C + 1) + C] = 1n;
     }
     const feeds: Record<string, ort.Tensor> = {
-      input_ids: i64(this.rows.map((r) => r.lastToken), [B, 1]),
+      input_ids: i64(batch.rows.map((r) => r.lastToken), [B, 1]),
       attention_mask: new ort.Tensor('int64', mask, [B, C + 1]),
-      ...this.banks.feeds(B),
+      ...batch.feeds(true),
     };
-    if (this.io.hasPositionIds) feeds.position_ids = i64(this.pool.len, [B, 1]);
-    this.pastFeeds(feeds, B, this.pool);
+    if (this.io.hasPositionIds) feeds.position_ids = i64(len, [B, 1]);
     const t0 = performance.now();
-    const out = await this.run(feeds, this.rows, result.stats);
+    const out = await this.run(feeds, batch.rows, result.stats);
     result.stats.decodeMs = performance.now() - t0;
     result.stats.decodeRows = B;
-    this.pool.append(out.keys, out.values);
+    batch.append(out.keys, out.values);
     const done: number[] = [];
     for (let b = 0; b < B; b++) {
-      const row = this.rows[b];
+      const row = batch.rows[b];
       const token = this.emit(row, out.next(b), result);
-      const reason = this.finishReason(row, token, this.pool.len[b] + 1);
+      const reason = this.finishReason(row, token, len[b] + 1);
       if (reason) {
         result.finished.push({ rowId: row.req.rowId, reason, generated: row.generated });
         done.push(b);
       }
     }
-    for (let i = done.length - 1; i >= 0; i--) this.removeDecodeRow(done[i]);
-  }
-
-  private removeDecodeRow(i: number): void {
-    moveLastInto(this.rows, i);
-    this.pool.removeRow(i);
-    this.banks.removeRow(i);
+    for (let i = done.length - 1; i >= 0; i--) batch.remove(done[i]);
   }
 }
 

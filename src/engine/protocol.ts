@@ -25,6 +25,8 @@ export interface StepStats {
   prefillMs: number;
   kvTokens: number;
   kvBytes: number;
+  /** Bytes the delta banks hold (decode batch and prefill group). */
+  bankBytes: number;
   /** Bytes of feeds given to and outputs taken from the session: what crosses the bus on a GPU. */
   transferBytes: number;
   /** Delta ids (task ids) of the rows now running. */

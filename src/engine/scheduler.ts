@@ -4,13 +4,14 @@
  * between steps (iteration-level batching, as vLLM and TGI do). A request
  * whose delta is still loading lets those behind it go first, but nothing
  * overtakes a request blocked by a limit (batch rows, distinct deltas, KV
- * budget): a rare task waits no longer than its place in the queue.
+ * and delta-bank budgets): a rare task waits no longer than its place in the queue.
  *
  * Tokens come back from the engine as ids; detokenization and stop strings
  * happen here, so the engine thread only computes.
  */
 import type { BackboneTokenizer } from '../backbone/tokenizer.js';
 import type { Lease } from '../deltas/cache.js';
+import type { LoadedDelta } from '../deltas/types.js';
 import { ServeError } from '../errors.js';
 import { IncrementalDetokenizer } from './detokenizer.js';
 import type { EngineFinish, RowRequest, StepResult } from './protocol.js';
@@ -49,6 +50,8 @@ export interface SchedulerOptions {
   kvBudgetTokens: number;
   maxPositions: number;
   backboneName: string;
+  /** Bytes the delta banks may hold, and what they would hold for a set of rows' deltas. */
+  bankBudget?: { bytes: number; of(rows: readonly (LoadedDelta | null)[]): number };
 }
 
 interface Entry {
@@ -178,6 +181,7 @@ export class Scheduler implements Generator {
       }
       if (e.task !== null && !runningDeltas.has(e.task) && runningDeltas.size >= this.opts.maxLoras) break;
       if (this.reserved + e.reserve > this.opts.kvBudgetTokens && this.running.size > 0) break;
+      if (this.overBankBudget(e)) break;
       this.queue.splice(i, 1);
       this.admit(e);
       if (e.task !== null) runningDeltas.add(e.task);
@@ -185,6 +189,14 @@ export class Scheduler implements Generator {
     // Loads start early for the first requests in line, so a miss is paid while others run.
     for (const e of this.queue.slice(0, this.opts.maxBatch)) if (e.task !== null) this.startAcquire(e);
     this.publish();
+  }
+
+  /** Whether the banks with `e`'s row would pass their budget (a row alone is always let in). */
+  private overBankBudget(e: Entry): boolean {
+    const budget = this.opts.bankBudget;
+    if (!budget || this.running.size === 0) return false;
+    const rows = [...this.running.values(), e].map((r) => r.lease?.delta ?? null);
+    return budget.of(rows) > budget.bytes;
   }
 
   private startAcquire(e: Entry): void {

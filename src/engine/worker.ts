@@ -4,7 +4,7 @@
  * HTTP, SSE and /metrics while every core computes.
  */
 import { parentPort } from 'node:worker_threads';
-import { createSession } from '../backbone/session.js';
+import { createSession, takesZeroSizeTensors } from '../backbone/session.js';
 import { Engine } from './engine.js';
 import type { EngineInit, FromEngine, ToEngine } from './protocol.js';
 
@@ -22,6 +22,7 @@ async function init(init: EngineInit): Promise<void> {
     prefillChunkTokens: init.prefillChunkTokens,
     eosTokenIds: init.eosTokenIds,
     maxPositions: init.maxPositions,
+    zeroSizeTensors: takesZeroSizeTensors(init.ep),
   });
   post({ type: 'ready' });
 }

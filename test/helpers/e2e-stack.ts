@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Backbone } from '../../src/backbone/backbone.js';
 import { buildEngineGraph } from '../../src/backbone/rewrite/index.js';
+import { planSites } from '../../src/deltas/kinds/index.js';
 import { createSession } from '../../src/backbone/session.js';
 import type { BackboneInfo } from '../../src/backbone/types.js';
 import { loadConfig, type Config } from '../../src/config.js';
@@ -157,7 +158,7 @@ export async function engineGreedy(backbone: Backbone, delta: LoadedDelta | null
   let made = engines.get(backbone);
   if (!made) {
     made = (async () => {
-      const graph = buildEngineGraph(backbone);
+      const graph = buildEngineGraph(backbone, planSites(backbone));
       return new Engine(await createSession(graph.bytes), backbone.io, graph.sites, {
         maxBatch: 1, prefillChunkTokens: 512, eosTokenIds: backbone.tokenizer.eosTokenIds, maxPositions: backbone.info.maxPositions,
       });

@@ -1,8 +1,9 @@
 /**
  * Helpers for tests of the backbone and its engine-graph rewrite: real ORT
- * sessions over real graphs, KV caches built by the test itself, seeded
- * deltas, and independent reference models with a delta merged in (built by
- * buildDemoGraph with hooks, never by the rewrite under test).
+ * sessions over real graphs, KV caches built by the test itself, deltas of
+ * every kind loaded by the real registry, and independent reference models
+ * with a delta built in (buildDemoGraph with kind-cases.ts's hooks, never by
+ * the rewrite under test).
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -14,11 +15,15 @@ import { buildDemoGraph } from '../../src/backbone/demo/build.js';
 import type { BuildHooks } from '../../src/backbone/demo/layers.js';
 import { DEMO_SPECS, type DemoSpec } from '../../src/backbone/demo/spec.js';
 import { encodeModel } from '../../src/backbone/onnx/proto.js';
-import type { GraphBuilder } from '../../src/backbone/onnx/graph-builder.js';
 import { createSession } from '../../src/backbone/session.js';
 import type { SiteLayout } from '../../src/backbone/rewrite/delta-sites.js';
+import { buildEngineGraph } from '../../src/backbone/rewrite/index.js';
+import { planSites } from '../../src/deltas/kinds/index.js';
+import { Registry } from '../../src/deltas/registry.js';
+import type { LoadedDelta } from '../../src/deltas/types.js';
 import { DeltaBanks } from '../../src/engine/banks.js';
-import type { Activation, AdapterSite, BiasSite, LoadedDelta, LoraSite } from '../../src/deltas/types.js';
+import { writeDelta } from './deltas.js';
+import { deltaFiles, encodeTensors, referenceHooks, type TaskSpec } from './kind-cases.js';
 
 export type Session = ort.InferenceSession;
 
@@ -162,143 +167,61 @@ export function tokens(n: number, seed: number, vocab: number): number[] {
 
 // ---------------------------------------------------------------- deltas
 
-/** Seeded normal-ish floats (mulberry32 + Box–Muller), scaled. */
-export function seeded(n: number, seed: number, scale: number): Float32Array {
-  let s = seed >>> 0;
-  const u = () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let x = s;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) out[i] = Math.sqrt(-2 * Math.log(Math.max(u(), 1e-12))) * Math.cos(2 * Math.PI * u()) * scale;
-  return out;
+/** A delta loaded as the server loads it (files written, registered and loaded by the real registry), and its reference hooks. */
+export interface KindCase {
+  spec: TaskSpec;
+  delta: LoadedDelta;
+  reference: BuildHooks;
 }
 
-function moduleShape(bb: Backbone, module: string) {
-  const m = bb.info.modules.find((x) => x.name === module);
-  if (!m) throw new Error(`no module ${module} in ${bb.info.name}`);
-  return m;
-}
-
-function delta(id: string, type: LoadedDelta['type'], rank: number, activation: Activation | null, sites: LoadedDelta['sites']): LoadedDelta {
-  const bytes = sites.reduce((n, s) => n + 4 * (s.kind === 'lora' ? s.a.length + s.b.length
-    : s.kind === 'adapter' ? s.down.length + s.downBias.length + s.up.length + s.upBias.length : s.bias.length), 0);
-  return { id, version: id, type, format: 'peft', rank, activation, sites, bytes };
-}
-
-export function loraDelta(bb: Backbone, id: string, modules: string[], rank: number, seed: number, scale = 0.15): LoadedDelta {
-  const sites: LoraSite[] = modules.map((module, k) => {
-    const { inFeatures: i, outFeatures: o } = moduleShape(bb, module);
-    return { kind: 'lora', module, rank, a: seeded(i * rank, seed * 1000 + 2 * k, scale), b: seeded(rank * o, seed * 1000 + 2 * k + 1, scale) };
-  });
-  return delta(id, 'lora', rank, null, sites);
-}
-
-export function adapterDelta(bb: Backbone, id: string, modules: string[], bottleneck: number, activation: Activation, seed: number, scale = 0.15): LoadedDelta {
-  const sites: AdapterSite[] = modules.map((module, k) => {
-    const { outFeatures: o } = moduleShape(bb, module);
-    const s = seed * 1000 + 4 * k;
-    return {
-      kind: 'adapter', module, bottleneck,
-      down: seeded(o * bottleneck, s, scale), downBias: seeded(bottleneck, s + 1, 0.5),
-      up: seeded(bottleneck * o, s + 2, scale), upBias: seeded(o, s + 3, 0.1),
-    };
-  });
-  return delta(id, 'adapter', bottleneck, activation, sites);
-}
-
-export function bitfitDelta(bb: Backbone, id: string, modules: string[], seed: number, scale = 0.3): LoadedDelta {
-  const sites: BiasSite[] = modules.map((module, k) => ({ kind: 'bitfit', module, bias: seeded(moduleShape(bb, module).outFeatures, seed * 1000 + k, scale) }));
-  return delta(id, 'bitfit', 0, null, sites);
-}
-
-// ---------------------------------------------------------------- merged references
-
-/** Activations written out here, independently of src/backbone/onnx/activations.ts. */
-function activation(g: GraphBuilder, kind: Activation, x: string): string {
-  switch (kind) {
-    case 'relu':
-      return g.op('Relu', [x]);
-    case 'silu':
-      return g.op('Mul', [x, g.op('Sigmoid', [x])]);
-    case 'gelu': // 0.5·x·(1 + erf(x/√2))
-      return g.op('Mul', [g.op('Mul', [x, g.scalar(0.5)]), g.op('Add', [g.op('Erf', [g.op('Mul', [x, g.scalar(Math.SQRT1_2)])]), g.scalar(1)])]);
-    case 'gelu_new': { // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
-      const x3 = g.op('Mul', [x, g.op('Mul', [x, x])]);
-      const inner = g.op('Mul', [g.op('Add', [x, g.op('Mul', [x3, g.scalar(0.044715)])]), g.scalar(Math.sqrt(2 / Math.PI))]);
-      return g.op('Mul', [g.op('Mul', [x, g.scalar(0.5)]), g.op('Add', [g.op('Tanh', [inner]), g.scalar(1)])]);
-    }
+/** Registers each spec's files in a store for `bb` (a fresh one unless `storeDir` is given) and loads them back. */
+export async function loadCases(bb: Backbone, specs: TaskSpec[], storeDir?: string): Promise<KindCase[]> {
+  const dir = join(testCacheDir(), `store-${Math.random().toString(36).slice(2)}`);
+  const registry = await Registry.open({ dir: storeDir ?? join(dir, 'deltas'), backbone: bb.info, cacheBytes: 2 ** 30 });
+  const out: KindCase[] = [];
+  for (const spec of specs) {
+    const files = deltaFiles(bb.info, spec);
+    await registry.register(spec.id, await writeDelta(join(dir, 'upload', spec.id), encodeTensors(files)), { replace: false });
+    out.push({ spec, delta: await registry.load(spec.id), reference: referenceHooks(bb.info, spec, files) });
   }
-}
-
-/** Hooks that merge a delta into the demo model: W + a·b; h + up(act(h·down + d)) + u; h + bias. */
-export function mergeHooks(d: LoadedDelta | null): BuildHooks {
-  if (!d) return {};
-  const lora = new Map(d.sites.filter((s): s is LoraSite => s.kind === 'lora').map((s) => [s.module, s]));
-  const adapter = new Map(d.sites.filter((s): s is AdapterSite => s.kind === 'adapter').map((s) => [s.module, s]));
-  const bitfit = new Map(d.sites.filter((s): s is BiasSite => s.kind === 'bitfit').map((s) => [s.module, s]));
-  let n = 0;
-  return {
-    linearWeight(module, w, inF, outF) {
-      const s = lora.get(module);
-      if (!s) return w;
-      const merged = Float32Array.from(w);
-      // Accumulate in double precision: the reference should be the more exact side.
-      for (let i = 0; i < inF; i++) {
-        for (let o = 0; o < outF; o++) {
-          let acc = 0;
-          for (let r = 0; r < s.rank; r++) acc += s.a[i * s.rank + r] * s.b[r * outF + o];
-          merged[i * outF + o] = w[i * outF + o] + acc;
-        }
-      }
-      return merged;
-    },
-    linearOutput(g, module, output, outF) {
-      let y = output;
-      const a = adapter.get(module);
-      if (a) {
-        const k = n++;
-        const down = g.weight(`ref.${k}.down`, a.down, [outF, a.bottleneck]);
-        const downBias = g.weight(`ref.${k}.down_bias`, a.downBias, [a.bottleneck]);
-        const up = g.weight(`ref.${k}.up`, a.up, [a.bottleneck, outF]);
-        const upBias = g.weight(`ref.${k}.up_bias`, a.upBias, [outF]);
-        const z = g.op('Add', [g.op('MatMul', [y, down]), downBias]);
-        y = g.op('Add', [g.op('Add', [y, g.op('MatMul', [activation(g, d.activation!, z), up])]), upBias]);
-      }
-      const b = bitfit.get(module);
-      if (b) y = g.op('Add', [y, g.weight(`ref.${n++}.bitfit`, b.bias, [outF])]);
-      return y;
-    },
-  };
-}
-
-/** A separately built demo model with `d` merged into it. */
-export async function mergedSession(spec: DemoSpec, d: LoadedDelta | null): Promise<Session> {
-  return createSession(buildDemoGraph(spec, mergeHooks(d)).encode(`ref-${d?.id ?? 'bare'}`));
-}
-
-/** A few linear modules of each family that deltas target in the tests. */
-export function modulesOf(bb: Backbone, suffixes: string[]): string[] {
-  const out = bb.info.modules.map((m) => m.name).filter((n) => suffixes.some((s) => n === s || n.endsWith('.' + s)));
-  if (!out.length) throw new Error(`no module of ${bb.info.name} ends with ${suffixes.join(', ')}`);
   return out;
 }
 
-/** Which modules each kind of test delta targets, per family (several layers, attention and MLP). */
-export function targets(bb: Backbone) {
-  return bb.info.family === 'gpt2'
-    ? { lora4: ['c_attn'], lora16: ['attn.c_proj', 'mlp.c_fc'], adapter: ['attn.c_proj', 'mlp.c_proj'], bitfit: ['c_attn', 'c_fc'] }
-    : { lora4: ['q_proj', 'v_proj'], lora16: ['o_proj', 'gate_proj', 'down_proj'], adapter: ['o_proj', 'down_proj'], bitfit: ['k_proj', 'up_proj'] };
+/** A separately built demo model with a delta built into it (none: the bare model). */
+export async function referenceSession(spec: DemoSpec, c: KindCase | null): Promise<Session> {
+  return createSession(buildDemoGraph(spec, c?.reference ?? {}).encode(`ref-${c?.spec.id ?? 'bare'}`));
 }
 
-/** Banks for `rows` rows, none with a delta: every site fed empty. */
-export function bareBanks(sites: SiteLayout[], rows: number): DeltaBanks {
-  const banks = new DeltaBanks(sites);
-  for (let r = 0; r < rows; r++) banks.setRow(r, null);
+/** The default site plan's engine graph. */
+export const defaultGraph = (bb: Backbone) => buildEngineGraph(bb, planSites(bb));
+
+/** Banks for rows carrying these deltas (null: none), in order. */
+export function banksOf(sites: readonly SiteLayout[], rows: readonly (LoadedDelta | null)[], zeroSize = true): DeltaBanks {
+  const banks = new DeltaBanks(sites, { maxRows: Math.max(1, rows.length), zeroSize });
+  for (const d of rows) banks.add(d);
   return banks;
+}
+
+/** A delta of every kind for a demo family: several ranks, every activation, both PHM forms; each targets a few modules. */
+export function everyKind(bb: Backbone): TaskSpec[] {
+  const gpt2 = bb.info.family === 'gpt2';
+  const t = gpt2
+    ? { small: ['c_attn'], mid: ['attn.c_proj', 'mlp.c_fc'], out: ['attn.c_proj', 'mlp.c_proj'], bias: ['c_attn', 'c_fc'], ia3: ['c_attn', 'mlp.c_proj'], ff: ['mlp.c_proj'] }
+    : { small: ['q_proj', 'v_proj'], mid: ['o_proj', 'gate_proj', 'down_proj'], out: ['self_attn.o_proj', 'mlp.down_proj'], bias: ['k_proj', 'up_proj'], ia3: ['k_proj', 'v_proj', 'down_proj'], ff: ['down_proj'] };
+  return [
+    { id: 'lora4', kind: 'peft-lora', rank: 4, targets: t.small, seed: 1 },
+    { id: 'lora16', kind: 'opendelta-lora', rank: 16, targets: t.mid, seed: 2 },
+    { id: 'relu', kind: 'adapter', bottleneck: 4, activation: 'relu', targets: t.out, seed: 3 },
+    { id: 'gelu', kind: 'adapter', bottleneck: 8, activation: 'gelu', targets: t.out.slice(0, 1), seed: 4 },
+    { id: 'gelu_new', kind: 'adapter', bottleneck: 6, activation: 'gelu_new', targets: t.out, seed: 5 },
+    { id: 'silu', kind: 'adapter', bottleneck: 8, activation: 'silu', targets: t.out.slice(1), seed: 6 },
+    { id: 'bitfit', kind: 'bitfit', targets: t.bias, seed: 7 },
+    { id: 'ia3', kind: 'ia3', targets: t.ia3, feedforward: t.ff, seed: 8 },
+    { id: 'compacter', kind: 'compacter', reductionFactor: 16, n: 4, factorizedPhm: true, factorizedRule: false, activation: 'gelu_new', targets: t.out, seed: 9 },
+    { id: 'compacter-full', kind: 'compacter', reductionFactor: 8, n: 2, factorizedPhm: false, factorizedRule: true, activation: 'relu', targets: t.out.slice(1), seed: 10 },
+    { id: 'low-rank', kind: 'low_rank_adapter', reductionFactor: 16, activation: 'silu', targets: t.out, seed: 11 },
+    { id: 'parallel', kind: 'parallel_adapter', bottleneck: 12, scaled: 0.5, activation: 'gelu', targets: t.out, seed: 12 },
+  ];
 }
 
 /**

@@ -1,21 +1,21 @@
 /**
  * The full real stack for engine tests: startServices (real registry on disk,
  * real ORT session in a real worker thread, real scheduler, real HTTP app),
- * plus delta builders for every kind and a recorder of the engine's own step
- * results. Nothing here is a fake.
+ * registration of deltas of every kind (kind-cases.ts) and a recorder of the
+ * engine's own step results. Nothing here is a fake.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { BackboneInfo, LinearModule } from '../../src/backbone/types.js';
+import type { BackboneInfo } from '../../src/backbone/types.js';
 import { loadConfig } from '../../src/config.js';
-import { encodeSafetensors, type TensorToWrite } from '../../src/deltas/safetensors.js';
 import type { DeltaRecord } from '../../src/deltas/types.js';
 import type { StepResult } from '../../src/engine/protocol.js';
 import type { GenerationResult, SamplingParams } from '../../src/engine/types.js';
 import { createLogger } from '../../src/log.js';
 import { startServices, type Services } from '../../src/server.js';
-import { randomFloats, writeDelta } from './deltas.js';
+import { writeDelta } from './deltas.js';
+import { deltaFiles, encodeTensors, type TaskSpec } from './kind-cases.js';
 
 export interface Stack {
   services: Services;
@@ -102,74 +102,6 @@ export class StepRecorder {
 // ---------------------------------------------------------------------------
 // Deltas of every kind, written as real files and registered through the real registry.
 
-export type TaskSpec =
-  | { id: string; kind: 'peft-lora'; rank: number; targets: string[]; seed: number }
-  | { id: string; kind: 'opendelta-lora'; rank: number; targets: string[]; seed: number }
-  | { id: string; kind: 'adapter'; bottleneck: number; activation: string; targets: string[]; seed: number }
-  | { id: string; kind: 'bitfit'; targets: string[]; seed: number };
-
-const endsWith = (name: string, suffix: string) => name === suffix || name.endsWith(`.${suffix}`);
-const modulesFor = (info: BackboneInfo, targets: string[]): LinearModule[] => {
-  const mods = info.modules.filter((m) => targets.some((t) => endsWith(m.name, t)));
-  if (!mods.length) throw new Error(`no module of ${info.name} matches ${targets.join(', ')}`);
-  return mods;
-};
-const f32 = (shape: number[], data: Float32Array) => ({ dtype: 'F32' as const, shape, data });
-
-/** The files of one delta: strong enough that its task's greedy output differs from the bare backbone's. */
-export function deltaFiles(info: BackboneInfo, spec: TaskSpec): Record<string, unknown> {
-  const mods = modulesFor(info, spec.targets);
-  let seed = spec.seed * 1000;
-  const rand = (n: number, scale: number) => randomFloats(n, seed++, scale);
-  const tensors: Record<string, ReturnType<typeof f32>> = {};
-  switch (spec.kind) {
-    case 'peft-lora': {
-      const r = spec.rank;
-      for (const m of mods) {
-        tensors[`base_model.model.${m.name}.lora_A.weight`] = f32([r, m.inFeatures], rand(r * m.inFeatures, 1 / Math.sqrt(m.inFeatures)));
-        tensors[`base_model.model.${m.name}.lora_B.weight`] = f32([m.outFeatures, r], rand(m.outFeatures * r, 0.5));
-      }
-      const config = {
-        peft_type: 'LORA', task_type: 'CAUSAL_LM', r, lora_alpha: 2 * r, target_modules: spec.targets,
-        bias: 'none', fan_in_fan_out: info.family === 'gpt2',
-      };
-      return { 'adapter_config.json': config, 'adapter_model.safetensors': tensors };
-    }
-    case 'opendelta-lora': {
-      const r = spec.rank;
-      for (const m of mods) {
-        tensors[`${m.name}.lora.lora_A`] = f32([r, m.inFeatures], rand(r * m.inFeatures, 1 / Math.sqrt(m.inFeatures)));
-        tensors[`${m.name}.lora.lora_B`] = f32([m.outFeatures, r], rand(m.outFeatures * r, 0.5));
-      }
-      return { 'config.json': { delta_type: 'lora', modified_modules: spec.targets, lora_r: r, lora_alpha: 2 * r }, 'model.safetensors': tensors };
-    }
-    case 'adapter': {
-      const n = spec.bottleneck;
-      for (const m of mods) {
-        const p = `${m.name}.adapter.modulelist`;
-        const d = m.outFeatures;
-        tensors[`${p}.down_proj.weight`] = f32([n, d], rand(n * d, 2 / Math.sqrt(d)));
-        tensors[`${p}.down_proj.bias`] = f32([n], rand(n, 0.2));
-        tensors[`${p}.up_proj.weight`] = f32([d, n], rand(d * n, 3 / Math.sqrt(n)));
-        tensors[`${p}.up_proj.bias`] = f32([d], rand(d, 0.5));
-      }
-      return {
-        'config.json': { delta_type: 'adapter', modified_modules: spec.targets, bottleneck_dim: n, non_linearity: spec.activation },
-        'model.safetensors': tensors,
-      };
-    }
-    case 'bitfit': {
-      for (const m of mods) {
-        const tuned = rand(m.outFeatures, 1.5);
-        const own = info.biasOf(m.name);
-        if (own) for (let i = 0; i < tuned.length; i++) tuned[i] += own[i];
-        tensors[`${m.name}.bias`] = f32([m.outFeatures], tuned);
-      }
-      return { 'config.json': { delta_type: 'bitfit', modified_modules: spec.targets }, 'model.safetensors': tensors };
-    }
-  }
-}
-
 /** Writes a delta's files into the stack's scratch folder and registers them. */
 export async function registerDelta(stack: Stack, spec: TaskSpec, opts: { id?: string; replace?: boolean } = {}): Promise<DeltaRecord> {
   const id = opts.id ?? spec.id;
@@ -177,17 +109,6 @@ export async function registerDelta(stack: Stack, spec: TaskSpec, opts: { id?: s
   const files = await writeDelta(dir, encodeTensors(deltaFiles(stack.services.backbone.info, spec)));
   return stack.services.registry.register(id, files, { replace: opts.replace ?? false });
 }
-
-/** Files as bytes/strings, with tensor maps encoded as safetensors. */
-export function encodeTensors(files: Record<string, unknown>): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
-  for (const [name, content] of Object.entries(files)) {
-    out[name] = name.endsWith('.safetensors') ? encodeSafetensorsAny(content) : content;
-  }
-  return out;
-}
-
-const encodeSafetensorsAny = (t: unknown) => encodeSafetensors(t as Record<string, TensorToWrite>);
 
 /** Module suffixes per family, for the mixed-task tests. */
 const TARGETS = {

@@ -57,7 +57,7 @@ export class MemoryRegistry implements DeltaRegistry {
       bytes: stored.reduce((n, f) => n + f.content.length, 0),
       sha256: hash.digest('hex'),
       createdAt: new Date().toISOString(),
-      sites: [{ module: 'model.layers.0.self_attn.q_proj', kind: 'lora', shapes: [[16, 8], [8, 16]] }],
+      sites: [{ module: 'model.layers.0.self_attn.q_proj', kind: 'lora', site: 'lora', shapes: [[16, 8], [8, 16]] }],
     };
     this.records.set(id, record);
     this.received.set(id, stored);

@@ -9,8 +9,8 @@ import { floatAttr } from '../onnx/proto.js';
 export interface BuildHooks {
   /** Replaces a linear module's weight, given in [in, out] layout. */
   linearWeight?(module: string, w: Float32Array, inFeatures: number, outFeatures: number): Float32Array;
-  /** Adds ops on a linear module's output (the MatMul/Gemm result, bias included). */
-  linearOutput?(g: GraphBuilder, module: string, output: string, outFeatures: number): string;
+  /** Adds ops on a linear module's output (the MatMul/Gemm result, bias included); `input` is what the MatMul/Gemm read. */
+  linearOutput?(g: GraphBuilder, module: string, output: string, outFeatures: number, input: string): string;
 }
 
 export interface WeightSource {
@@ -34,7 +34,7 @@ export function linearMatMul(
   const wName = g.weight(weightName, w, [inF, outF]);
   return g.scope(scopeOf(module), () => {
     const y = g.op('MatMul', [x, wName]);
-    return hooks.linearOutput ? hooks.linearOutput(g, module, y, outF) : y;
+    return hooks.linearOutput ? hooks.linearOutput(g, module, y, outF, x) : y;
   });
 }
 
@@ -52,7 +52,7 @@ export function conv1dGemm(
     const outShape = g.op('Concat', [lead, g.ints([outF])], { axis: 0 });
     const x2 = g.op('Reshape', [x, g.ints([-1, inF])]);
     let y = g.op('Gemm', [x2, wName, bName], { alpha: floatAttr('alpha', 1), beta: floatAttr('beta', 1) });
-    if (hooks.linearOutput) y = hooks.linearOutput(g, module, y, outF);
+    if (hooks.linearOutput) y = hooks.linearOutput(g, module, y, outF, x2);
     return g.op('Reshape', [y, outShape]);
   });
 }

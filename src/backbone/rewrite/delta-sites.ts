@@ -1,65 +1,98 @@
 /**
- * Delta sites: side branches on linear modules, fed by per-row banks so every
- * row of a batch can carry a different delta, of a different kind and rank.
+ * Delta sites: side branches spliced onto linear modules, fed by per-row banks
+ * so every row of a batch can carry a different delta, of a different kind
+ * and rank.
  *
- *   y  = x·W (+b)                                    the original MatMul / Gemm
- *   y' = y + (x·A)·B                                 LoRA      A: [B|1, in, R]  B: [B|1, R, out]
- *   y''= y' + act(y'·D + d)·U                        adapter   D: [B|1, out, R] d: [B|1, 1, R] U: [B|1, R, out]
- *   y'''= y'' + b                                    bias      b: [B|1, 1, out] (adapter up-bias + BitFit)
+ * What a kind of site computes (LoRA's `y + (x·A)·B`, an adapter's bottleneck,
+ * IA³'s scales, BitFit's bias) lives with its delta kind in src/deltas/kinds;
+ * this file only splices. For each planned module it hands every site the
+ * module's input x and output y as [batch, seq, features] (GPT-2's Gemm sees a
+ * 2-D view; per-row banks need the rows back), declares the site's banks as
+ * graph inputs `delta.<module>.<key>` of shape [rows|1, a, b], chains the
+ * sites' ops, rewires the module's MatMul to a replaced input and every reader
+ * of its output to the delta-applied value.
  *
  * Banks are laid out in row order, so no in-graph Gather copies them each
- * step. A site no row uses is fed a zero-size rank (ORT skips the MatMuls) and
- * a batch dimension of 1 (broadcast), so it costs next to nothing.
+ * step. A site no row uses is fed a zero-size rank (ORT skips the MatMuls) or,
+ * where a provider cannot take zero-size tensors, a rank-1 slice of neutral
+ * values; a gated site sits in an If that skips it whole.
  */
 import { DataType, type GraphBuilder } from '../onnx/graph-builder.js';
 import { onnx } from '../onnx/proto.js';
-
-const GRAPH_ATTR = onnx.AttributeProto.AttributeType.GRAPH;
 import type { LinearSite } from '../modules.js';
-import { geluErf, geluNew, silu } from '../onnx/activations.js';
+import type { BackboneInfo } from '../types.js';
 import type { GraphEditor } from './editor.js';
 
-export type SiteKind = 'lora' | 'adapter' | 'bias';
+const GRAPH_ATTR = onnx.AttributeProto.AttributeType.GRAPH;
 
-/** The kind of site each kind of delta needs (BitFit is a bias). */
-export const SITE_KIND = { lora: 'lora', adapter: 'adapter', bitfit: 'bias' } as const satisfies Record<string, SiteKind>;
+/** A bank's per-row dimension: a size, or the site's padded rank. */
+export type BankDim = number | 'rank';
 
-export const ACTIVATIONS = ['relu', 'gelu', 'gelu_new', 'silu'] as const;
-
-export const siteInput = {
-  loraA: (m: string) => `delta.${m}.lora_a`,
-  loraB: (m: string) => `delta.${m}.lora_b`,
-  adapterDown: (m: string) => `delta.${m}.adapter_down`,
-  adapterDownBias: (m: string) => `delta.${m}.adapter_down_bias`,
-  adapterUp: (m: string) => `delta.${m}.adapter_up`,
-  bias: (m: string) => `delta.${m}.bias`,
-  activation: (a: (typeof ACTIVATIONS)[number]) => `delta.act.${a}`,
-};
-
-export interface SiteLayout {
-  module: string;
-  inFeatures: number;
-  outFeatures: number;
-  kinds: SiteKind[];
+export interface BankSpec {
+  /** The graph input is `delta.<module>.<key>`. */
+  key: string;
+  /** One row's slice [a, b] for a module of these features (the input is [rows|1, a, b]). */
+  dims(features: SiteFeatures): [BankDim, BankDim];
+  /** What a row without this delta holds: 0 for terms that are added, 1 for scales. */
+  neutral: 0 | 1;
+  /** A per-row switch the kinds fill in (an activation selector), not a parameter: left out of a delta's shapes. */
+  selector?: boolean;
 }
 
-function activationMix(g: GraphBuilder, z: string): string {
-  const relu = g.op('Relu', [z]);
-  const acts = [relu, geluErf(g, z), geluNew(g, z), silu(g, z)];
-  const parts = acts.map((a, i) => g.op('Mul', [a, siteInput.activation(ACTIVATIONS[i])]));
-  return parts.reduce((acc, p) => g.op('Add', [acc, p]));
+export interface SiteFeatures {
+  inFeatures: number;
+  outFeatures: number;
+}
+
+/** What a site's ops get: where to add them, the module's input, its banks as graph inputs. */
+export interface SiteOps {
+  /** The graph, or the then-branch of a gated site's If. */
+  g: GraphBuilder;
+  /** The module's input, [batch, seq, in] (what its MatMul read before any site replaced it). */
+  x: string;
+  bank(key: string): string;
 }
 
 /**
- * Adapter branches sit inside an If on `delta.adapters_on`: a step with no
- * adapter row skips them whole, where empty tensors would still cost a few
- * dozen kernel launches per site (the activation mix above all).
+ * One kind of side branch on a linear module. Banks of rank-bearing sites
+ * share one padded rank per module; a bank no row of a step writes is fed one
+ * slice of neutral values of rank 1, which the site's ops must broadcast.
  */
-export const ADAPTERS_ON = 'delta.adapters_on';
+export interface GraphSite {
+  /** Its name in DELTASERVE_SITES, in plans and in `inspect` (lora, adapter, bias, ia3). */
+  readonly name: string;
+  readonly banks: readonly BankSpec[];
+  /** Its output ops sit in an If on `delta.<name>.on`, skipped whole in a step no row uses the site. */
+  readonly gated?: boolean;
+  /** The modules it goes on unless DELTASERVE_SITES says otherwise: name suffixes, or every linear. */
+  defaultModules(info: BackboneInfo): string[] | 'all';
+  /** Ops before the module's MatMul: returns the input the MatMul reads instead. */
+  input?(ops: SiteOps): string;
+  /** Ops on `y`, the module's output so far ([batch, seq, out], its own bias included): returns the new output. */
+  output?(ops: SiteOps & { y: string }): string;
+}
 
-export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Map<string, SiteKind[]>): SiteLayout[] {
+/** A module's sites as the engine sees them: plain data, so it crosses to the worker thread. */
+export interface SiteLayout extends SiteFeatures {
+  module: string;
+  /** Names of the graph sites on it, in chain order. */
+  sites: string[];
+}
+
+export const bankInput = (module: string, key: string) => `delta.${module}.${key}`;
+
+/** One row's slice of a bank at a rank: [a, b]. */
+export function sliceDims(spec: BankSpec, features: SiteFeatures, rank: number): [number, number] {
+  const [a, b] = spec.dims(features);
+  return [a === 'rank' ? rank : a, b === 'rank' ? rank : b];
+}
+
+/** Whether the bank has a rank axis (its slices grow and shrink with the site's rank). */
+export const isRanked = (spec: BankSpec, features: SiteFeatures) => spec.dims(features).includes('rank');
+export const gateInput = (site: string) => `delta.${site}.on`;
+
+export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: ReadonlyMap<string, readonly GraphSite[]>): SiteLayout[] {
   const layouts: SiteLayout[] = [];
-  const floatIn = (name: string, dims: (number | string)[]) => g.input(name, DataType.FLOAT, dims);
   const shapes = new Map<number, string>();
   // [batch, -1, features]: GPT-2's Gemm sees [batch*seq, features]; per-row banks need the rows back.
   const shape3d = (features: number) => {
@@ -73,17 +106,24 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Map
     }
     return s;
   };
-  if ([...plan.values()].some((k) => k.includes('adapter'))) {
-    g.input(ADAPTERS_ON, DataType.BOOL, []);
-    for (const a of ACTIVATIONS) floatIn(siteInput.activation(a), ['delta_batch', 1, 1]);
-  }
+  const gated = new Set([...plan.values()].flat().filter((s) => s.gated).map((s) => s.name));
+  for (const name of gated) g.input(gateInput(name), DataType.BOOL, []);
 
-  let siteNo = 0;
+  let branchNo = 0;
   for (const site of linear) {
-    const kinds = plan.get(site.name);
-    if (!kinds?.length) continue;
+    const sites = plan.get(site.name);
+    if (!sites?.length) continue;
     const { name: m, inFeatures: inF, outFeatures: outF } = site;
-    layouts.push({ module: m, inFeatures: inF, outFeatures: outF, kinds });
+    // The editor's copy of the module's MatMul/Gemm (site.node belongs to the backbone's own graph).
+    const node = g.nodes.find((n) => n.output?.[0] === site.node.output![0])!;
+    layouts.push({ module: m, inFeatures: inF, outFeatures: outF, sites: sites.map((s) => s.name) });
+    for (const s of sites) {
+      for (const spec of s.banks) {
+        const dims = spec.dims(site).map((d) => (d === 'rank' ? `${s.name}_rank` : d));
+        g.input(bankInput(m, spec.key), DataType.FLOAT, ['delta_batch', ...dims]);
+      }
+    }
+    const bank = (key: string) => bankInput(m, key);
     // The module's output keeps its name, so every reader sees the delta-applied value.
     const out = site.output;
     const producer = g.nodes.find((n) => n.output?.includes(out))!;
@@ -92,29 +132,27 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Map
     const scope = `/deltaserve/${m}`;
 
     g.scope(scope, () => {
+      const input = node.input![0];
+      const x = site.twoD ? g.op('Reshape', [input, shape3d(inF)]) : input;
+      let xIn = x;
+      for (const s of sites) if (s.input) xIn = s.input({ g, x: xIn, bank });
+      if (xIn !== x) node.input![0] = site.twoD ? g.op('Reshape', [xIn, g.ints([-1, inF])]) : xIn;
+
       let y = site.twoD ? g.op('Reshape', [base, shape3d(outF)]) : base;
-      if (kinds.includes('lora')) {
-        const a = floatIn(siteInput.loraA(m), ['delta_batch', inF, 'lora_rank']);
-        const b = floatIn(siteInput.loraB(m), ['delta_batch', 'lora_rank', outF]);
-        const x = site.twoD ? g.op('Reshape', [site.node.input![0], shape3d(inF)]) : site.node.input![0];
-        y = g.op('Add', [y, g.op('MatMul', [g.op('MatMul', [x, a]), b])]);
-      }
-      if (kinds.includes('adapter')) {
+      for (const s of sites) {
+        if (!s.output) continue;
         const h = y;
-        const down = floatIn(siteInput.adapterDown(m), ['delta_batch', outF, 'adapter_rank']);
-        const downBias = floatIn(siteInput.adapterDownBias(m), ['delta_batch', 1, 'adapter_rank']);
-        const up = floatIn(siteInput.adapterUp(m), ['delta_batch', 'adapter_rank', outF]);
-        const n = siteNo++;
-        const thenBranch = g.subgraph(`site${n}_then`, `${scope}/adapter`, (sub) => {
-          const z = sub.op('Add', [sub.op('MatMul', [h, down]), downBias]);
-          return [sub.op('Add', [h, sub.op('MatMul', [activationMix(sub, z), up])])];
-        });
+        const ops = (b: GraphBuilder) => ({ g: b, x, y: h, bank });
+        if (!s.gated) {
+          y = s.output(ops(g));
+          continue;
+        }
+        const n = branchNo++;
+        const thenBranch = g.subgraph(`site${n}_then`, `${scope}/${s.name}`, (sub) => [s.output!(ops(sub))]);
         const elseBranch = g.subgraph(`site${n}_else`, `${scope}/bare`, (sub) => [sub.op('Identity', [h])]);
-        const graphAttr = (name: string, graph: typeof thenBranch) => ({ name, type: GRAPH_ATTR, g: graph });
-        y = g.op('If', [ADAPTERS_ON], { then_branch: graphAttr('then_branch', thenBranch), else_branch: graphAttr('else_branch', elseBranch) });
+        const branch = (name: string, graph: typeof thenBranch) => ({ name, type: GRAPH_ATTR, g: graph });
+        y = g.op('If', [gateInput(s.name)], { then_branch: branch('then_branch', thenBranch), else_branch: branch('else_branch', elseBranch) });
       }
-      // After the adapter: the bias bank holds adapters' up-projection bias as well as BitFit's.
-      if (kinds.includes('bias')) y = g.op('Add', [y, floatIn(siteInput.bias(m), ['delta_batch', 1, outF])]);
       g.opNamed(site.twoD ? 'Reshape' : 'Identity', site.twoD ? [y, g.ints([-1, outF])] : [y], out);
     });
   }

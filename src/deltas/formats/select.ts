@@ -4,8 +4,7 @@
  */
 import type { DeltaFormat } from '../types.js';
 import { Problems } from '../problems.js';
-import { PEFT_CONFIG, PEFT_WEIGHTS } from './peft-lora.js';
-import { OPENDELTA_CONFIG } from './opendelta.js';
+import { OPENDELTA_CONFIG, PEFT_CONFIG, PEFT_WEIGHTS } from './files.js';
 
 export interface Selection {
   format: DeltaFormat;
@@ -64,6 +63,6 @@ export function selectFiles(names: string[], subject: string): Selection {
 
   return problems.fail(
     subject,
-    `cannot tell the delta's format from its files (${names.join(', ') || 'none'}): expected ${PEFT_CONFIG} + ${PEFT_WEIGHTS} (PEFT LoRA) or ${OPENDELTA_CONFIG} + a .safetensors file (OpenDelta)`,
+    `cannot tell the delta's format from its files (${names.join(', ') || 'none'}): expected ${PEFT_CONFIG} + ${PEFT_WEIGHTS} (PEFT) or ${OPENDELTA_CONFIG} + a .safetensors file (OpenDelta)`,
   );
 }

@@ -88,7 +88,7 @@ export function deltaRoutes(deps: DeltaRouteDeps): Router {
     res.json({
       ...listing(r, registry.isCached(r.id)),
       sha256: r.sha256,
-      sites: r.sites.map((s) => ({ module: s.module, kind: s.kind, shapes: s.shapes })),
+      sites: r.sites.map((s) => ({ module: s.module, kind: s.kind, site: s.site, shapes: s.shapes })),
     });
   });
 

@@ -1,0 +1,121 @@
+/**
+ * The rows of one engine run and everything kept in their order: their KV
+ * cache and their slices of the delta banks. One `add` and one `remove` keep
+ * the three in step (a removed row's place is taken by the last row, in the
+ * rows, the KV pool and every bank alike), as vLLM's punica wrapper rebuilds
+ * a batch's adapter mapping from its rows in `update_metadata`. The engine
+ * runs two kinds of batch: the decode batch, and a prefill group whose rows
+ * move into it once their prompt is done.
+ */
+import * as ort from 'onnxruntime-node';
+import type { DecoderIO } from '../backbone/decoder-io.js';
+import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
+import type { LoadedDelta } from '../deltas/types.js';
+import { DeltaBanks, type BankOptions } from './banks.js';
+import { KvPool } from './kv-pool.js';
+
+export interface BatchRow {
+  readonly req: { readonly delta: LoadedDelta | null };
+}
+
+/** A row's prompt K/V in another batch: `tokens` slots of row `index`, from slot `start`. */
+export interface KvSource {
+  batch: Batch<BatchRow>;
+  index: number;
+  start: number;
+  tokens: number;
+}
+
+export class Batch<R extends BatchRow> {
+  readonly rows: R[] = [];
+  private readonly kv: KvPool;
+  private readonly banks: DeltaBanks;
+
+  constructor(private readonly io: DecoderIO, layouts: readonly SiteLayout[], opts: BankOptions) {
+    this.kv = new KvPool(io, opts.maxRows);
+    this.banks = new DeltaBanks(layouts, opts);
+  }
+
+  get size(): number {
+    return this.rows.length;
+  }
+
+  /** Adds a row, its K/V copied from `from` or empty (a prefill group fills it chunk by chunk). */
+  add(row: R, from?: KvSource): void {
+    if (from) {
+      const src = from.batch.kv;
+      this.kv.addRow(from.tokens, { keys: src.keys, values: src.values, capacity: src.capacity, row: from.index, start: from.start });
+    } else {
+      this.kv.addEmptyRow();
+    }
+    this.banks.add(row.req.delta);
+    this.rows.push(row);
+  }
+
+  /** Removes row `i`: the last row takes its place everywhere. */
+  remove(i: number): R {
+    const row = this.rows[i];
+    const last = this.rows.pop()!;
+    if (i < this.rows.length) this.rows[i] = last;
+    this.kv.removeRow(i);
+    this.banks.remove(i);
+    return row;
+  }
+
+  /** KV slots each row holds now. */
+  get lengths(): readonly number[] {
+    return this.kv.len;
+  }
+
+  get kvCapacity(): number {
+    return this.kv.capacity;
+  }
+
+  get kvTokens(): number {
+    return this.kv.tokensHeld;
+  }
+
+  get kvBytes(): number {
+    return this.kv.bytesAllocated;
+  }
+
+  get bankBytes(): number {
+    return this.banks.bytes;
+  }
+
+  /** The fed rank of a site on a module (0 while no row uses it). */
+  rankOf(module: string, site: string): number {
+    return this.banks.rankOf(module, site);
+  }
+
+  /** Room for every row to hold `tokens` slots. */
+  reserve(tokens: number): void {
+    this.kv.ensure(this.rows.length, tokens);
+  }
+
+  /** Before a decode step: room for one more token per row, the next capacity bucket filled ahead of need. */
+  reserveNextToken(): void {
+    this.kv.growAhead();
+    this.kv.ensure(this.rows.length, Math.max(...this.kv.len) + 1);
+  }
+
+  /** Writes a run's new K/V ([rows, kvHeads, steps, D] per layer) after each row's slots. */
+  append(keys: Float32Array[], values: Float32Array[], steps = 1): void {
+    this.kv.append(keys, values, steps);
+  }
+
+  /** The delta feeds and the past K/V for a run over every row; without `past`, a first prefill chunk's empty past. */
+  feeds(past: boolean): Record<string, ort.Tensor> {
+    const { layers, kvHeads, headDim } = this.io;
+    const rows = this.rows.length;
+    const cap = past ? this.kv.capacity : 0;
+    const f = this.banks.feeds();
+    for (let l = 0; l < layers; l++) {
+      for (const t of ['key', 'value'] as const) {
+        const data = past ? this.kv.pastView(l, t) : new Float32Array(0);
+        f[`past_key_values.${l}.${t}`] = new ort.Tensor('float32', data, [rows, kvHeads, cap, headDim]);
+      }
+    }
+    return f;
+  }
+}
