@@ -10,6 +10,7 @@ import * as ort from 'onnxruntime-node';
 import type { Backbone } from '../../src/backbone/backbone.js';
 import { encodeModel } from '../../src/backbone/onnx/proto.js';
 import { buildEngineGraph, type SitePlanOptions } from '../../src/backbone/rewrite/index.js';
+import { LOGPROBS_ON } from '../../src/backbone/rewrite/logprobs.js';
 import { createSession } from '../../src/backbone/session.js';
 import { DeltaBanks } from '../../src/engine/banks.js';
 import type { LoadedDelta } from '../../src/deltas/types.js';
@@ -58,6 +59,8 @@ function stepFeeds(bb: Backbone, B: number, context: number): Record<string, ort
     input_ids: i64(Array.from({ length: B }, (_, b) => 100 + b), [B, 1]),
     attention_mask: i64(Array(B * (context + 1)).fill(1), [B, context + 1]),
     position_ids: i64(Array(B).fill(context), [B, 1]),
+    // Steps in this benchmark ask for no logprobs (the original graph ignores the extra feed).
+    [LOGPROBS_ON]: new ort.Tensor('bool', [false], []),
   };
   const n = B * kvHeads * context * headDim;
   for (let l = 0; l < layers; l++) {

@@ -8,6 +8,7 @@ import { GraphEditor } from './editor.js';
 import { insertDeltaSites, type SiteKind, type SiteLayout } from './delta-sites.js';
 import { rewriteKvCache } from './kv-cache.js';
 import { rewriteLastLogits } from './last-logits.js';
+import { addLogprobs } from './logprobs.js';
 
 /**
  * Which linear modules get which kinds of delta site. Defaults, by measurement
@@ -49,6 +50,7 @@ export function buildEngineGraph(backbone: Backbone, opts: SitePlanOptions = {})
   const g = new GraphEditor(backbone.source.model);
   const { splitLayers } = rewriteKvCache(g, backbone.io);
   rewriteLastLogits(g, backbone.io.vocabSize);
+  addLogprobs(g, backbone.io.vocabSize);
   const sites = insertDeltaSites(g, backbone.linear, planSites(backbone, opts));
   return { bytes: g.encodeModel(), sites, splitLayers };
 }
