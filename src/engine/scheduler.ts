@@ -259,7 +259,7 @@ export class Scheduler implements Generator {
     if (logprobs) {
       event.logprobs = {
         text: this.tokenText(id), logprob: logprobs.logprob,
-        top: logprobs.top.map((t) => ({ id: t.id, text: this.tokenText(t.id), logprob: t.logprob })),
+        top: logprobs.top.map((t) => ({ id: t.id, text: this.tokenText(t.id), logprob: t.logprob, special: this.specialIds.has(t.id) })),
       };
     }
     e.onToken(event);

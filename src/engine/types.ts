@@ -35,7 +35,7 @@ export interface TokenEvent {
   /** A special token (eos, bos, …): it adds no text of its own. */
   special: boolean;
   /** When the request asked: the token's log-probability and the alternatives, each with its own text. */
-  logprobs?: TokenLogprob & { top: (TokenLogprob & { id: number })[] };
+  logprobs?: TokenLogprob & { top: (TokenLogprob & { id: number; special: boolean })[] };
 }
 
 /**

@@ -90,7 +90,7 @@ export interface EchoOptions {
 
 /** Made-up logprobs of the right shape: the echoed character at -0.25, then "a", "b", … below it. */
 function echoLogprobs(ch: string, n: number): NonNullable<TokenEvent['logprobs']> {
-  const top = Array.from({ length: n }, (_, j) => ({ id: 97 + j, text: String.fromCharCode(97 + j), logprob: -1 - j }));
+  const top = Array.from({ length: n }, (_, j) => ({ id: 97 + j, text: String.fromCharCode(97 + j), logprob: -1 - j, special: false }));
   return { text: ch, logprob: -0.25, top };
 }
 
