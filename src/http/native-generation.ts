@@ -100,8 +100,10 @@ export async function respondNative(deps: GenerationDeps, res: Response, run: Na
   // token, so a token is held only until the event loop turns (setImmediate):
   // if the result arrives first, that token was the last one.
   const sse = new SseStream(res);
-  let held: TokenEvent | null = null;
+  // Set in onToken: `as` keeps TypeScript from narrowing it to null past the await.
+  let held = null as TokenEvent | null;
   let index = 0;
+  let received = '';
   let release: NodeJS.Immediate | undefined;
   const sendHeld = () => {
     if (held) sse.send(dialect.event(run, held, index, null));
@@ -115,11 +117,16 @@ export async function respondNative(deps: GenerationDeps, res: Response, run: Na
         sendHeld();
         held = t;
         index++;
+        received += t.text;
         release = setImmediate(sendHeld);
       },
     });
     clearImmediate(release);
-    sse.send(dialect.event(run, held, index, r));
+    // Text held back until the end (bytes of an unfinished character, a possible stop string's start)
+    // goes with the last token, so that the tokens' texts add up to generated_text.
+    const rest = r.generatedText.slice(received.length);
+    const last: TokenEvent | null = held && rest ? { ...held, text: held.text + rest } : held;
+    sse.send(dialect.event(run, last, index, r));
     sse.end();
   } catch (err) {
     clearImmediate(release);
