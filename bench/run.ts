@@ -1,12 +1,12 @@
 /**
- * `npm run bench`: every benchmark of issues 3 and 5 on demo:gpt2-small
+ * `npm run bench`: every benchmark of issues 3, 5 and 18 on demo:gpt2-small
  * (GPT-2 small's exact shapes), in one process, figures and ratios measured
  * side by side; medians and minima of several repetitions (this VM is noisy).
  * Prints markdown tables and writes them to bench/results.md.
  *
  *   npm run bench                                   # everything, ~5–8 min on 2 cores
  *   npm run bench -- --quick                        # fewer repetitions, contexts 64 and 256 (~2–3 min)
- *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive (or 1,2,3,4)
+ *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | logprobs (or 1-5)
  *
  * Other flags: --reps N (throughput rounds), --contexts 64,256,512, --naive N
  * (naive requests actually measured, the rest extrapolated), --sequential N,
@@ -22,6 +22,7 @@ import { loadBackbone, type Backbone } from '../src/backbone/backbone.js';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
 import { benchCacheDir, fmt, machine, mdTable, median, minimum, progress } from './lib/common.js';
 import { kvFloorTables, measureKvFloor, type KvFloorResult } from './lib/kv-floor.js';
+import { logprobsTable, measureLogprobs, NOT_ASKED_LABEL, WITHOUT_LABEL, type LogprobsBenchResult } from './lib/logprobs-step.js';
 import { measureRewrite, NO_SITES_LABEL, ORIGINAL_LABEL, rewriteTables, type RewriteBenchResult } from './lib/rewrite-step.js';
 import {
   benchRequests, healthTable, LORA_RANK, measureNaive, measureSequential, measureThroughput, naiveTable, startBenchStack,
@@ -52,19 +53,19 @@ for (const a of argv) {
   if (a.startsWith('--') && !KNOWN.has(a.slice(2))) throw new Error(`unknown flag ${a}; see the comment at the top of bench/run.ts`);
 }
 if (has('help')) {
-  console.log('npm run bench -- [--quick] [--sections rewrite,kv,throughput,naive] [--reps N] [--contexts 64,256,512] [--naive N] [--sequential N] [--max-new N] [--prompt N] [--out FILE] [--no-write]');
+  console.log('npm run bench -- [--quick] [--sections rewrite,kv,throughput,naive,logprobs] [--reps N] [--contexts 64,256,512] [--naive N] [--sequential N] [--max-new N] [--prompt N] [--out FILE] [--no-write]');
   process.exit(0);
 }
 
 const QUICK = has('quick');
-const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive'] as const;
+const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'logprobs'] as const;
 type Section = (typeof SECTION_NAMES)[number];
 const sections = new Set<Section>(
   (arg('sections') ?? SECTION_NAMES.join(',')).split(',').map((s) => {
     const t = s.trim();
     const byNumber = SECTION_NAMES[Number(t) - 1];
     const name = (SECTION_NAMES as readonly string[]).includes(t) ? (t as Section) : byNumber;
-    if (!name) throw new Error(`unknown section ${t}: use ${SECTION_NAMES.join(', ')} or 1-4`);
+    if (!name) throw new Error(`unknown section ${t}: use ${SECTION_NAMES.join(', ')} or 1-${SECTION_NAMES.length}`);
     return name;
   }),
 );
@@ -76,6 +77,7 @@ const cfg = {
     contexts: (arg('contexts') ?? (QUICK ? '64,256' : '64,256,512')).split(',').map(Number),
     rounds: QUICK ? 2 : 6, perBlock: QUICK ? 3 : 3, originalRuns: QUICK ? 2 : 3, prefillChunkTokens: 4096,
   },
+  logprobs: { rounds: QUICK ? 2 : 5, perBlock: QUICK ? 4 : 8, context: 64, batches: [1, 8, 32] },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
@@ -121,6 +123,18 @@ function rewriteGoals(res: RewriteBenchResult, planLabel: string): Goal[] {
     met: `${yes(r(l32.median, a2.median) <= 1.15)} (medians vs a'), ${yes(r(l32.min, a2.min) <= 1.15)} (minima vs a')`,
   });
   return goals;
+}
+
+function logprobsGoals(res: LogprobsBenchResult): Goal[] {
+  const [a, b] = [WITHOUT_LABEL, NOT_ASKED_LABEL].map((l) => res.configs.find((c) => c.label === l)!);
+  const ratios = (pick: (c: typeof a) => Map<number, number>) => res.opts.batches.map((B) => pick(b).get(B)! / pick(a).get(B)!);
+  const show = (rs: number[]) => rs.map((r, i) => `B=${res.opts.batches[i]} ${fmt(r, 2)}`).join(', ');
+  const [med, min] = [ratios((c) => c.median), ratios((c) => c.min)];
+  return [{
+    what: 'Logprobs: a greedy step where no row asks ≤ 1.03× the graph without the logprobs rewrite (issue 18)',
+    measured: `medians ${show(med)}; minima ${show(min)}`,
+    met: `${yes(med.every((r) => r <= 1.03))} (medians), ${yes(min.every((r) => r <= 1.03))} (minima)`,
+  }];
 }
 
 function kvGoals(res: KvFloorResult): Goal[] {
@@ -177,7 +191,7 @@ async function main(): Promise<void> {
   const DEFAULT_PLAN = 'engine, default plan';
   const toRelease: ort.InferenceSession[] = [];
 
-  if (sections.has('rewrite') || sections.has('kv')) {
+  if (sections.has('rewrite') || sections.has('kv') || sections.has('logprobs')) {
     const t = Date.now();
     bb = await loadBackbone({ model: 'demo:gpt2-small', cacheDir });
     progress(`loaded ${bb.info.name} in ${((Date.now() - t) / 1000).toFixed(1)} s`);
@@ -213,6 +227,19 @@ async function main(): Promise<void> {
       'The floor is a GraphBuilder graph of only the 49 weight Gemms of a step (the backbone\'s own initializers, on [32, in] inputs) plus a ReduceSum of every past tensor [32, 12, ctx, 64]; ' +
       'its two halves are also timed alone. The original Optimum graph gets random past of length ctx and returns present = Concat(past, new).',
       kvFloorTables(kv),
+    ].join('\n\n'));
+  }
+
+  if (sections.has('logprobs')) {
+    progress('section 5: logprobs (issue 18)');
+    const lp = await measureLogprobs(bb!, { ...cfg.logprobs, log: progress });
+    goals.push(...logprobsGoals(lp));
+    add('5. Logprobs: the greedy step with and without them (issue 18)', [
+      'session.run of one decode step with the fetches the engine makes (random past, all-ones mask, bare banks). ' +
+      'The logprobs (top-5 log-probabilities and ids, log-sum-exp) sit behind an If on `logprobs_on`; (a) is the same graph with that If pruned, ' +
+      'as the engine graph was before it. (b) against (a) is what a greedy step pays when nobody asks; (c) what asking costs; ' +
+      '(d) what fetching the logits for a JavaScript log-softmax would cost instead.',
+      logprobsTable(lp),
     ].join('\n\n'));
   }
 

@@ -53,7 +53,7 @@ export const ORIGINAL_LABEL = '(a) original graph (returns present = concat)';
 export const NO_SITES_LABEL = "(a') engine, no sites";
 
 /** Feeds of one decode step: one new token per row over `context` past tokens. */
-function stepFeeds(bb: Backbone, B: number, context: number): Record<string, ort.Tensor> {
+export function stepFeeds(bb: Backbone, B: number, context: number): Record<string, ort.Tensor> {
   const { layers, kvHeads, headDim } = bb.io;
   const f: Record<string, ort.Tensor> = {
     input_ids: i64(Array.from({ length: B }, (_, b) => 100 + b), [B, 1]),
