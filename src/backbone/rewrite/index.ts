@@ -1,6 +1,7 @@
 /**
  * The engine's graph: the backbone rewritten once at load time so that it
- * returns only the new K/V and the last position's logits, and carries delta
+ * returns only the new K/V and the last position's logits (with their argmax
+ * and, when a step asks, their top log-probabilities), and carries delta
  * sites on the linear modules a delta may target.
  */
 import type { Backbone } from '../backbone.js';

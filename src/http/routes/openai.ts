@@ -1,6 +1,7 @@
 /**
  * OpenAI-compatible completions, chat completions and model listing. `model`
- * is a task id or the backbone's name. One choice per request (n = 1).
+ * is a task id or the backbone's name, or TGI/LoRAX's `adapter_id` names the
+ * task. One choice per request (n = 1); logprobs as OpenAI shapes them.
  */
 import { randomUUID } from 'node:crypto';
 import { Router, type Request, type Response } from 'express';
