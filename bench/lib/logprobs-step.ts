@@ -19,7 +19,7 @@ import { LOGPROBS_ON, LOGSUMEXP, TOP_LOGPROB_IDS, TOP_LOGPROBS } from '../../src
 import { createSession } from '../../src/backbone/session.js';
 import { DeltaBanks } from '../../src/engine/banks.js';
 import { fmt, mdTable, median, minimum } from './common.js';
-import { stepFeeds } from './rewrite-step.js';
+import { stepFeeds, type RewriteConfigResult } from './rewrite-step.js';
 
 export interface LogprobsBenchOptions {
   rounds: number;
@@ -29,11 +29,8 @@ export interface LogprobsBenchOptions {
   log?: (msg: string) => void;
 }
 
-export interface LogprobsConfigResult {
-  label: string;
-  median: Map<number, number>;
-  min: Map<number, number>;
-}
+/** Per batch size, the median and the minimum step time (as section 1 keeps them). */
+export type LogprobsConfigResult = Pick<RewriteConfigResult, 'label' | 'median' | 'min'>;
 
 export interface LogprobsBenchResult {
   opts: LogprobsBenchOptions;
