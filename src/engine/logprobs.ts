@@ -37,10 +37,8 @@ export function tokenLogprobs(
     if (j < n) top.push({ id, logprob: value });
     if (id === token) logprob = value;
   }
-  if (logprob === null) {
-    // Only a sampled token can miss the top k (the argmax is the top's first, ties included), and sampling fetched the logits.
-    if (!logits) throw new Error(`token ${token} is not among the step's top ${step.k} and the step has no logits`);
-    logprob = logits.data[b * logits.vocab + token] - step.logsumexp[b];
-  }
+  // Only a sampled token can miss the top k (the argmax is the top's first, ties included), and sampling
+  // fetched the logits. A greedy token missing it means the row's values are not finite (NaN): no number to give.
+  logprob ??= logits ? logits.data[b * logits.vocab + token] - step.logsumexp[b] : Number.NaN;
   return { logprob, top };
 }
