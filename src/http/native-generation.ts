@@ -103,7 +103,8 @@ export async function respondNative(deps: GenerationDeps, res: Response, run: Na
   // Set in onToken: `as` keeps TypeScript from narrowing it to null past the await.
   let held = null as TokenEvent | null;
   let index = 0;
-  let received = '';
+  /** UTF-16 units of the tokens' texts so far. */
+  let received = 0;
   let release: NodeJS.Immediate | undefined;
   const sendHeld = () => {
     if (held) sse.send(dialect.event(run, held, index, null));
@@ -117,14 +118,14 @@ export async function respondNative(deps: GenerationDeps, res: Response, run: Na
         sendHeld();
         held = t;
         index++;
-        received += t.text;
+        received += t.text.length;
         release = setImmediate(sendHeld);
       },
     });
     clearImmediate(release);
     // Text held back until the end (bytes of an unfinished character, a possible stop string's start)
     // goes with the last token, so that the tokens' texts add up to generated_text.
-    const rest = r.generatedText.slice(received.length);
+    const rest = r.generatedText.slice(received);
     const last: TokenEvent | null = held && rest ? { ...held, text: held.text + rest } : held;
     sse.send(dialect.event(run, last, index, r));
     sse.end();

@@ -119,7 +119,9 @@ export function openaiRoutes(deps: OpenAIRouteDeps): Router {
       sse.send({ ...chunkHead, choices, ...(includeUsage ? { usage: null } : {}), ...extra });
     const sse = new SseStream(res);
     let opened = false;
-    let streamed = '';
+    /** What the chunks sent so far hold: UTF-16 units (to find the held-back rest), characters (logprobs' offsets). */
+    let sentUnits = 0;
+    let sentChars = 0;
     const open = () => {
       if (!opened && shape.opening) send([shape.opening]);
       opened = true;
@@ -131,13 +133,14 @@ export function openaiRoutes(deps: OpenAIRouteDeps): Router {
           open();
           // An empty piece (half of a multi-byte character) is no news to an OpenAI client, unless it wants the token's logprobs.
           if (!t.text && !wantLogprobs) return;
-          send([shape.chunk(t.text, null, wantLogprobs ? shape.logprobs([t], textLength(streamed)) : null)]);
-          streamed += t.text;
+          send([shape.chunk(t.text, null, wantLogprobs ? shape.logprobs([t], sentChars) : null)]);
+          sentUnits += t.text.length;
+          sentChars += textLength(t.text);
         },
       });
       open();
       // Text held back until the end (bytes of an unfinished character, a possible stop string's start).
-      const rest = r.generatedText.slice(streamed.length);
+      const rest = r.generatedText.slice(sentUnits);
       if (rest) send([shape.chunk(rest, null, null)]);
       send([shape.chunk(null, finishReason(r.finishReason), null)]);
       if (includeUsage) send([], { usage: usage(r) });
