@@ -31,7 +31,7 @@ export interface LogprobsBenchOptions {
 }
 
 /** Per batch size, the median and the minimum step time, and the median of the round-by-round ratios to (a). */
-export type LogprobsConfigResult = Pick<RewriteConfigResult, 'label' | 'median' | 'min'> & { ratio: Map<number, number> };
+type LogprobsConfigResult = Pick<RewriteConfigResult, 'label' | 'median' | 'min'> & { ratio: Map<number, number> };
 
 export interface LogprobsBenchResult {
   opts: LogprobsBenchOptions;

@@ -13,7 +13,7 @@ export interface TokenLogprobs {
 }
 
 /** The step's in-graph logprob outputs, [batch, k] and [batch]. */
-export interface StepLogprobs {
+interface StepLogprobs {
   top: Float32Array;
   ids: BigInt64Array;
   logsumexp: Float32Array;

@@ -31,7 +31,7 @@ export function admit(readiness: Readiness): RequestHandler {
 }
 
 /** A request naming no task, or the backbone itself, runs the bare backbone (null). */
-export function resolveTask(name: string | null | undefined, backbone: BackboneInfo, field: string): string | null {
+function resolveTask(name: string | null | undefined, backbone: BackboneInfo, field: string): string | null {
   if (name === null || name === undefined || name === '' || name === backbone.name) return null;
   if (!TASK_ID.test(name)) {
     // LoRAX users name Hub repositories (org/adapter); deltaserve serves what was registered, by id.
@@ -42,7 +42,7 @@ export function resolveTask(name: string | null | undefined, backbone: BackboneI
 }
 
 /** A field that may name the task, as the request spelled it. */
-export interface TaskField {
+interface TaskField {
   field: string;
   value: string | null | undefined;
 }
