@@ -1,12 +1,12 @@
 /**
- * `npm run bench`: every benchmark of issues 3 and 5 on demo:gpt2-small
+ * `npm run bench`: every benchmark of issues 3, 5 and 18 on demo:gpt2-small
  * (GPT-2 small's exact shapes), in one process, figures and ratios measured
  * side by side; medians and minima of several repetitions (this VM is noisy).
  * Prints markdown tables and writes them to bench/results.md.
  *
  *   npm run bench                                   # everything, ~5–8 min on 2 cores
  *   npm run bench -- --quick                        # fewer repetitions, contexts 64 and 256 (~2–3 min)
- *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds (or 1-5)
+ *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs (or 1-6)
  *
  * Other flags: --reps N (throughput rounds), --contexts 64,256,512, --naive N
  * (naive requests actually measured, the rest extrapolated), --sequential N,
@@ -24,6 +24,7 @@ import { planSites } from '../src/deltas/kinds/index.js';
 import { benchCacheDir, fmt, machine, mdTable, median, minimum, progress } from './lib/common.js';
 import { kindsGoals, kindsTables, measureKinds } from './lib/kinds-step.js';
 import { kvFloorTables, measureKvFloor, type KvFloorResult } from './lib/kv-floor.js';
+import { logprobsTable, measureLogprobs, NOT_ASKED_LABEL, type LogprobsBenchResult } from './lib/logprobs-step.js';
 import { measureRewrite, NO_SITES_LABEL, ORIGINAL_LABEL, rewriteTables, type RewriteBenchResult } from './lib/rewrite-step.js';
 import {
   benchRequests, healthTable, LORA_RANK, measureNaive, measureSequential, measureThroughput, naiveTable, startBenchStack,
@@ -54,12 +55,12 @@ for (const a of argv) {
   if (a.startsWith('--') && !KNOWN.has(a.slice(2))) throw new Error(`unknown flag ${a}; see the comment at the top of bench/run.ts`);
 }
 if (has('help')) {
-  console.log('npm run bench -- [--quick] [--sections rewrite,kv,throughput,naive] [--reps N] [--contexts 64,256,512] [--naive N] [--sequential N] [--max-new N] [--prompt N] [--out FILE] [--no-write]');
+  console.log('npm run bench -- [--quick] [--sections rewrite,kv,throughput,naive,logprobs] [--reps N] [--contexts 64,256,512] [--naive N] [--sequential N] [--max-new N] [--prompt N] [--out FILE] [--no-write]');
   process.exit(0);
 }
 
 const QUICK = has('quick');
-const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds'] as const;
+const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs'] as const;
 type Section = (typeof SECTION_NAMES)[number];
 const sections = new Set<Section>(
   (arg('sections') ?? SECTION_NAMES.join(',')).split(',').map((s) => {
@@ -79,6 +80,7 @@ const cfg = {
     rounds: QUICK ? 2 : 6, perBlock: QUICK ? 3 : 3, originalRuns: QUICK ? 2 : 3, prefillChunkTokens: 4096,
   },
   kinds: { rounds: QUICK ? 2 : 6, perBlock: 4 },
+  logprobs: { rounds: QUICK ? 10 : 40, context: 64, batches: [1, 8, 32] },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
@@ -124,6 +126,16 @@ function rewriteGoals(res: RewriteBenchResult, planLabel: string): Goal[] {
     met: `${yes(r(l32.median, a2.median) <= 1.15)} (medians vs a'), ${yes(r(l32.min, a2.min) <= 1.15)} (minima vs a')`,
   });
   return goals;
+}
+
+function logprobsGoals(res: LogprobsBenchResult): Goal[] {
+  const b = res.configs.find((c) => c.label === NOT_ASKED_LABEL)!;
+  const ratios = res.opts.batches.map((B) => b.ratio.get(B)!);
+  return [{
+    what: 'Logprobs: a greedy step where no row asks ≤ 1.03× the graph without the logprobs rewrite (issue 18)',
+    measured: `paired medians ${ratios.map((r, i) => `B=${res.opts.batches[i]} ${fmt(r, 2)}`).join(', ')}`,
+    met: yes(ratios.every((r) => r <= 1.03)),
+  }];
 }
 
 function kvGoals(res: KvFloorResult): Goal[] {
@@ -180,7 +192,7 @@ async function main(): Promise<void> {
   const DEFAULT_PLAN = 'engine, default plan';
   const toRelease: ort.InferenceSession[] = [];
 
-  if (sections.has('rewrite') || sections.has('kv') || sections.has('kinds')) {
+  if (sections.has('rewrite') || sections.has('kv') || sections.has('kinds') || sections.has('logprobs')) {
     const t = Date.now();
     bb = await loadBackbone({ model: 'demo:gpt2-small', cacheDir });
     progress(`loaded ${bb.info.name} in ${((Date.now() - t) / 1000).toFixed(1)} s`);
@@ -231,6 +243,19 @@ async function main(): Promise<void> {
       'The real `Engine` in-process on the default site plan; every configuration an Engine of its own, its rows prefilled untimed, ' +
       'deltas written in their formats (test/helpers/kind-cases.ts) and loaded through the registry; 4 distinct deltas per kind cycled over the rows, 32 distinct r8 LoRAs.',
       kindsTables(kinds),
+    ].join('\n\n'));
+  }
+
+  if (sections.has('logprobs')) {
+    progress('section 6: logprobs (issue 18)');
+    const lp = await measureLogprobs(bb!, { ...cfg.logprobs, log: progress });
+    goals.push(...logprobsGoals(lp));
+    add('6. Logprobs: the greedy step with and without them (issue 18)', [
+      'session.run of one decode step with the fetches the engine makes (random past, all-ones mask, bare banks). ' +
+      'The logprobs (top-5 log-probabilities and ids, log-sum-exp) sit behind an If on `logprobs_on`; (a) is the same graph with that If pruned, ' +
+      'as the engine graph was before it. (b) against (a) is what a greedy step pays when nobody asks; (c) what asking costs; ' +
+      '(d) what fetching the logits for a JavaScript log-softmax would cost instead.',
+      logprobsTable(lp),
     ].join('\n\n'));
   }
 

@@ -65,7 +65,7 @@ test('unsupported parameters are refused with 422 and say what to do', async () 
     [{ n: 2 }, /n must be 1/],
     [{ frequency_penalty: 0.5 }, /repetition_penalty/],
     [{ presence_penalty: 1 }, /repetition_penalty/],
-    [{ logprobs: true }, /logprobs/],
+    [{ top_logprobs: 2 }, /"logprobs": true/],
     [{ tools: [{ type: 'function' }] }, /tools/],
   ];
   for (const [extra, message] of cases) {

@@ -11,6 +11,7 @@ import type { Backbone } from '../../src/backbone/backbone.js';
 import { encodeModel } from '../../src/backbone/onnx/proto.js';
 import { buildEngineGraph } from '../../src/backbone/rewrite/index.js';
 import { planSites, type SitePlan } from '../../src/deltas/kinds/index.js';
+import { LOGPROBS_ON } from '../../src/backbone/rewrite/logprobs.js';
 import { createSession } from '../../src/backbone/session.js';
 import { DeltaBanks } from '../../src/engine/banks.js';
 import type { LoadedDelta } from '../../src/deltas/types.js';
@@ -53,12 +54,14 @@ export const ORIGINAL_LABEL = '(a) original graph (returns present = concat)';
 export const NO_SITES_LABEL = "(a') engine, no sites";
 
 /** Feeds of one decode step: one new token per row over `context` past tokens. */
-function stepFeeds(bb: Backbone, B: number, context: number): Record<string, ort.Tensor> {
+export function stepFeeds(bb: Backbone, B: number, context: number): Record<string, ort.Tensor> {
   const { layers, kvHeads, headDim } = bb.io;
   const f: Record<string, ort.Tensor> = {
     input_ids: i64(Array.from({ length: B }, (_, b) => 100 + b), [B, 1]),
     attention_mask: i64(Array(B * (context + 1)).fill(1), [B, context + 1]),
     position_ids: i64(Array(B).fill(context), [B, 1]),
+    // Steps in this benchmark ask for no logprobs (the original graph ignores the extra feed).
+    [LOGPROBS_ON]: new ort.Tensor('bool', [false], []),
   };
   const n = B * kvHeads * context * headDim;
   for (let l = 0; l < layers; l++) {

@@ -12,7 +12,9 @@ import type { DecoderIO } from '../backbone/decoder-io.js';
 import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import { newKvName } from '../backbone/rewrite/kv-cache.js';
 import { GREEDY_TOKEN } from '../backbone/rewrite/last-logits.js';
+import { LOGPROBS_ON, LOGSUMEXP, TOP_LOGPROB_IDS, TOP_LOGPROBS } from '../backbone/rewrite/logprobs.js';
 import { Batch } from './batch.js';
+import { tokenLogprobs, type TokenLogprobs } from './logprobs.js';
 import type { EngineFinish, RowRequest, StepResult } from './protocol.js';
 import { RowSampler } from './sampler.js';
 
@@ -47,6 +49,10 @@ interface PrefillGroup {
 /** Padded tokens a prefill group may run per real prompt token. */
 const PADDING_LIMIT = 1.5;
 
+const LOGPROB_OUTPUTS = [TOP_LOGPROBS, TOP_LOGPROB_IDS, LOGSUMEXP];
+const LOGPROBS_YES = new ort.Tensor('bool', [true], []);
+const LOGPROBS_NO = new ort.Tensor('bool', [false], []);
+
 const i64 = (values: ArrayLike<number>, dims: number[]) =>
   new ort.Tensor('int64', BigInt64Array.from(Array.from(values, (v) => BigInt(v))), dims);
 
@@ -56,10 +62,12 @@ export class Engine {
   private group: PrefillGroup | null = null;
   private readonly cancelled = new Set<number>();
   private readonly eos: Set<number>;
-  /** Outputs a step fetches: all-greedy steps take the in-graph argmax instead of the logits. */
+  /**
+   * Outputs a step fetches: all-greedy steps take the in-graph argmax instead of
+   * the logits; steps where a row asks for logprobs add the in-graph top-k.
+   */
   private readonly kvOutputs: string[];
-  private readonly fetchGreedy: string[];
-  private readonly fetchLogits: string[];
+  private readonly fetches: Record<'greedy' | 'logits', [plain: string[], withLogprobs: string[]]>;
 
   constructor(
     private readonly session: ort.InferenceSession,
@@ -70,8 +78,8 @@ export class Engine {
     this.decoding = this.newBatch(opts.maxBatch);
     this.eos = new Set(opts.eosTokenIds);
     this.kvOutputs = Array.from({ length: io.layers }, (_, l) => [newKvName(l, 'key'), newKvName(l, 'value')]).flat();
-    this.fetchGreedy = [GREEDY_TOKEN, ...this.kvOutputs];
-    this.fetchLogits = ['logits', ...this.kvOutputs];
+    const fetch = (pick: string) => [[pick, ...this.kvOutputs], [pick, ...LOGPROB_OUTPUTS, ...this.kvOutputs]] as [string[], string[]];
+    this.fetches = { greedy: fetch(GREEDY_TOKEN), logits: fetch('logits') };
   }
 
   private newBatch(maxRows: number): Batch<Row> {
@@ -182,21 +190,33 @@ export class Engine {
 
   /**
    * Runs the session. When every row is greedy it fetches the in-graph argmax
-   * instead of the logits: [batch] ids cross into JavaScript, not [batch, vocab] floats.
+   * instead of the logits: [batch] ids cross into JavaScript, not [batch, vocab]
+   * floats. Logprobs are computed in the graph only when a row of the step asks.
    */
   private async run(feeds: Record<string, ort.Tensor>, rows: Row[], stats: StepResult['stats']) {
     const greedy = rows.every((r) => r.sampler.greedy);
-    const { layers } = this.io;
-    const out = await this.session.run(feeds, greedy ? this.fetchGreedy : this.fetchLogits);
+    const logprobs = rows.some((r) => r.req.logprobs !== undefined);
+    feeds[LOGPROBS_ON] = logprobs ? LOGPROBS_YES : LOGPROBS_NO;
+    const { layers, vocabSize } = this.io;
+    const out = await this.session.run(feeds, this.fetches[greedy ? 'greedy' : 'logits'][logprobs ? 1 : 0]);
     for (const t of [...Object.values(feeds), ...Object.values(out)]) {
       stats.transferBytes += (t.data as ArrayBufferView).byteLength;
     }
     const data = (name: string) => out[name].data as Float32Array;
+    const logits = greedy ? null : { data: data('logits'), vocab: vocabSize };
+    const step = logprobs
+      ? { top: data(TOP_LOGPROBS), ids: out[TOP_LOGPROB_IDS].data as BigInt64Array, logsumexp: data(LOGSUMEXP), k: out[TOP_LOGPROBS].dims[1] }
+      : null;
     return {
       /** Row b's next token: the graph's argmax, or sampled from row b's logits. */
-      next: greedy
-        ? (b: number) => Number((out[GREEDY_TOKEN].data as BigInt64Array)[b])
-        : (b: number) => rows[b].sampler.sample(data('logits'), b * this.io.vocabSize, this.io.vocabSize),
+      next: logits
+        ? (b: number) => rows[b].sampler.sample(logits.data, b * vocabSize, vocabSize)
+        : (b: number) => Number((out[GREEDY_TOKEN].data as BigInt64Array)[b]),
+      /** Row b's logprobs for the token it picked, when it asked for them. */
+      logprobs: (b: number, token: number): TokenLogprobs | undefined => {
+        const n = rows[b].req.logprobs;
+        return step && n !== undefined ? tokenLogprobs(step, b, token, n, logits) : undefined;
+      },
       keys: Array.from({ length: layers }, (_, l) => data(this.kvOutputs[2 * l])),
       values: Array.from({ length: layers }, (_, l) => data(this.kvOutputs[2 * l + 1])),
     };
@@ -244,7 +264,7 @@ export class Engine {
     this.group = null;
     for (let b = 0; b < n; b++) {
       const row = rows[b];
-      const token = this.emit(row, out.next(b), result);
+      const token = this.emit(row, out, b, result);
       const promptLen = row.req.promptIds.length;
       const reason = this.finishReason(row, token, promptLen + 1);
       if (reason) {
@@ -255,10 +275,13 @@ export class Engine {
     }
   }
 
-  private emit(row: Row, token: number, result: StepResult): number {
+  /** Row b of the step picks its token (with its logprobs, when asked). */
+  private emit(row: Row, out: StepOutputs, b: number, result: StepResult): number {
+    const token = out.next(b);
+    const logprobs = out.logprobs(b, token);
     row.generated++;
     row.lastToken = token;
-    result.tokens.push({ rowId: row.req.rowId, token });
+    result.tokens.push({ rowId: row.req.rowId, token, ...(logprobs ? { logprobs } : {}) });
     return token;
   }
 
@@ -293,7 +316,7 @@ export class Engine {
     const done: number[] = [];
     for (let b = 0; b < B; b++) {
       const row = batch.rows[b];
-      const token = this.emit(row, out.next(b), result);
+      const token = this.emit(row, out, b, result);
       const reason = this.finishReason(row, token, len[b] + 1);
       if (reason) {
         result.finished.push({ rowId: row.req.rowId, reason, generated: row.generated });
@@ -303,6 +326,8 @@ export class Engine {
     for (let i = done.length - 1; i >= 0; i--) batch.remove(done[i]);
   }
 }
+
+type StepOutputs = Awaited<ReturnType<Engine['run']>>;
 
 function moveLastInto<T>(arr: T[], i: number): void {
   const last = arr.pop()!;

@@ -3,6 +3,7 @@ import type { DecoderIO } from '../backbone/decoder-io.js';
 import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import type { ExecutionProvider } from '../backbone/session.js';
 import type { LoadedDelta } from '../deltas/types.js';
+import type { TokenLogprobs } from './logprobs.js';
 import type { SamplerParams } from './sampler.js';
 
 export interface RowRequest {
@@ -11,6 +12,8 @@ export interface RowRequest {
   sampling: SamplerParams;
   maxNewTokens: number;
   delta: LoadedDelta | null;
+  /** Set: each token comes with its logprob and this many alternatives (0–5). */
+  logprobs?: number;
 }
 
 export type EngineFinish = 'eos_token' | 'length' | 'cancelled';
@@ -34,7 +37,7 @@ export interface StepStats {
 }
 
 export interface StepResult {
-  tokens: { rowId: number; token: number }[];
+  tokens: { rowId: number; token: number; logprobs?: TokenLogprobs }[];
   finished: { rowId: number; reason: EngineFinish; generated: number }[];
   /** Row ids in the engine after this step (decoding or prefilling). */
   rows: number[];

@@ -14,6 +14,7 @@ import type { Lease } from '../deltas/cache.js';
 import type { LoadedDelta } from '../deltas/types.js';
 import { ServeError } from '../errors.js';
 import { IncrementalDetokenizer } from './detokenizer.js';
+import type { TokenLogprobs } from './logprobs.js';
 import type { EngineFinish, RowRequest, StepResult } from './protocol.js';
 import { StopSequenceMatcher } from './stop-sequences.js';
 import type { FinishReason, GenerateRequest, GenerationResult, Generator, TokenEvent } from './types.js';
@@ -84,6 +85,8 @@ export class Scheduler implements Generator {
   private readonly running = new Map<number, Entry>();
   private nextRowId = 1;
   private reserved = 0;
+  /** Ids of tokens that add no text (TGI's `special`). */
+  private readonly specialIds: Set<number>;
 
   constructor(
     private readonly engine: EngineHandle,
@@ -92,6 +95,7 @@ export class Scheduler implements Generator {
     private readonly metrics: SchedulerMetrics,
     private readonly opts: SchedulerOptions,
   ) {
+    this.specialIds = new Set([...tokenizer.specialTokens.values(), ...tokenizer.eosTokenIds]);
     engine.on('step', (r) => this.onStep(r));
     engine.on('error', (message, rowIds) => {
       // The rows stay counted as running until the engine confirms they are gone.
@@ -229,16 +233,17 @@ export class Scheduler implements Generator {
       sampling: { temperature: p.temperature, topK: p.topK, topP: p.topP, repetitionPenalty: p.repetitionPenalty, seed: p.seed },
       maxNewTokens: e.maxNewTokens,
       delta: e.lease?.delta ?? null,
+      logprobs: e.req.logprobs,
     });
   }
 
   private onStep(r: StepResult): void {
-    for (const { rowId, token } of r.tokens) {
+    for (const { rowId, token, logprobs } of r.tokens) {
       const e = this.running.get(rowId);
       if (!e || e.settled) continue;
       e.generated++;
       const { text, stop } = e.stops.push(e.detok.push(token));
-      this.deliver(e, token, text);
+      this.deliver(e, token, text, logprobs);
       if (stop !== null) {
         this.settle(e, 'stop_sequence');
         this.engine.cancel(rowId);
@@ -259,9 +264,22 @@ export class Scheduler implements Generator {
     this.pump();
   }
 
-  private deliver(e: Entry, id: number, text: string): void {
+  private deliver(e: Entry, id: number, text: string, logprobs: TokenLogprobs | undefined): void {
     e.text += text;
-    e.onToken?.({ id, text });
+    if (!e.onToken) return;
+    const event: TokenEvent = { id, text, special: this.specialIds.has(id) };
+    if (logprobs) {
+      event.logprobs = {
+        text: this.tokenText(id), logprob: logprobs.logprob,
+        top: logprobs.top.map((t) => ({ id: t.id, text: this.tokenText(t.id), logprob: t.logprob, special: this.specialIds.has(t.id) })),
+      };
+    }
+    e.onToken(event);
+  }
+
+  /** A token decoded alone, as logprobs show it. */
+  private tokenText(id: number): string {
+    return this.tokenizer.decode([id], { skipSpecial: false, cleanUpSpaces: false });
   }
 
   private finishReason(e: Entry, reason: EngineFinish): FinishReason {

@@ -24,12 +24,28 @@ export interface GenerateRequest {
   signal?: AbortSignal;
   /** Absolute time (ms since epoch) after which the request is cut off with finish_reason length. */
   deadline?: number;
+  /** Set: each token comes with its log-probability and this many of the most likely alternatives (0–5). */
+  logprobs?: number;
 }
 
 export interface TokenEvent {
   id: number;
   /** Text this token adds to the output (may be empty while a multi-byte character is incomplete). */
   text: string;
+  /** A special token (eos, bos, …): it adds no text of its own. */
+  special: boolean;
+  /** When the request asked: the token's log-probability and the alternatives, each with its own text. */
+  logprobs?: TokenLogprob & { top: (TokenLogprob & { id: number; special: boolean })[] };
+}
+
+/**
+ * A token as logprobs show it. `text` is the token decoded alone (special tokens
+ * as written, a partial UTF-8 character as U+FFFD): what vLLM and OpenAI show.
+ * The log-probability is the model's own, before temperature and the other warpers.
+ */
+export interface TokenLogprob {
+  text: string;
+  logprob: number;
 }
 
 export interface GenerationResult {

@@ -20,6 +20,7 @@ import { generateRoutes } from './routes/generate.js';
 import { healthRoutes } from './routes/health.js';
 import { metricsRoutes } from './routes/metrics.js';
 import { openaiRoutes } from './routes/openai.js';
+import { tgiRoutes } from './routes/tgi.js';
 
 /** At most this many files in one delta upload; real deltas have two or three. */
 const MAX_UPLOAD_FILES = 16;
@@ -29,7 +30,7 @@ export interface AppDeps {
   registry: DeltaRegistry;
   backbone: BackboneInfo;
   metrics: Metrics;
-  config: Pick<Config, 'adminToken' | 'importDir' | 'maxBodyBytes' | 'maxUploadBytes'>;
+  config: Pick<Config, 'adminToken' | 'importDir' | 'maxBodyBytes' | 'maxUploadBytes' | 'maxBatch' | 'maxQueue'>;
   readiness: Readiness;
   chatTemplate: ChatTemplate;
   logger: Logger;
@@ -50,6 +51,7 @@ export function createApp(deps: AppDeps): Express {
   app.use(metricsRoutes(metrics, registry, readiness));
   app.use(backboneRoutes(backbone, chatTemplate));
   app.use(generateRoutes({ generator, metrics, backbone, readiness }));
+  app.use(tgiRoutes({ generator, metrics, backbone, readiness, config }));
   app.use(openaiRoutes({ generator, metrics, backbone, registry, readiness, chatTemplate }));
   app.use(deltaRoutes({
     registry,

@@ -31,12 +31,56 @@ export function admit(readiness: Readiness): RequestHandler {
 }
 
 /** A request naming no task, or the backbone itself, runs the bare backbone (null). */
-export function resolveTask(name: string | null | undefined, backbone: BackboneInfo, field: string): string | null {
+function resolveTask(name: string | null | undefined, backbone: BackboneInfo, field: string): string | null {
   if (name === null || name === undefined || name === '' || name === backbone.name) return null;
   if (!TASK_ID.test(name)) {
-    throw new ServeError(400, 'bad_request', `${field}: expected ${TASK_ID_RULE}, or the backbone's name "${backbone.name}"`);
+    // LoRAX users name Hub repositories (org/adapter); deltaserve serves what was registered, by id.
+    const hub = name.includes('/') ? '; register the adapter with POST /v1/deltas and name it by that id' : '';
+    throw new ServeError(400, 'bad_request', `${field}: expected ${TASK_ID_RULE}, or the backbone's name "${backbone.name}"${hub}`);
   }
   return name;
+}
+
+/** A field that may name the task, as the request spelled it. */
+interface TaskField {
+  field: string;
+  value: string | null | undefined;
+}
+
+/** What @huggingface/inference puts in `model` when given an endpointUrl. A task id holds no ':' or '/', so it is never one. */
+const URL = /^[a-z][a-z0-9+.-]*:\/\//i;
+
+const given = (f: TaskField | null) => (f && f.value !== null && f.value !== undefined && f.value !== '' ? f.value : null);
+
+/**
+ * The task a request selects. A route names it its own way (`task`, OpenAI's
+ * `model`) and TGI/LoRAX's `adapter_id` may name it too; when both are given
+ * they must agree. A `model` that is a URL is no task: it is ignored beside an
+ * adapter_id and refused without one, never served as the bare backbone.
+ * `required`: the route's field or adapter_id must be given (OpenAI's `model`).
+ */
+export function selectTask(backbone: BackboneInfo, named: (TaskField & { required?: boolean }) | null, adapter: TaskField): string | null {
+  const name = given(named);
+  const adapterId = given(adapter);
+  const isUrl = name !== null && URL.test(name);
+  if (adapterId === null) {
+    if (isUrl) {
+      throw new ServeError(422, 'invalid_request',
+        `${named!.field} "${name}" is a URL, not a task (@huggingface/inference sends its endpointUrl there): name the task with ` +
+        `${adapter.field} ("parameters": {"adapter_id": "my-task"} with @huggingface/inference), or set ${named!.field} to a task id, ` +
+        `or to the backbone's name "${backbone.name}" for the bare backbone`);
+    }
+    if (name === null && named?.required) {
+      throw new ServeError(400, 'bad_request', `${named.field}: required: a task id, or the backbone's name "${backbone.name}" (or name the task with ${adapter.field})`);
+    }
+    return resolveTask(name, backbone, named?.field ?? adapter.field);
+  }
+  const task = resolveTask(adapterId, backbone, adapter.field);
+  if (name !== null && !isUrl && resolveTask(name, backbone, named!.field) !== task) {
+    throw new ServeError(422, 'invalid_request',
+      `${named!.field} "${name}" and ${adapter.field} "${adapterId}" name different tasks: send one of them, or the same task in both`);
+  }
+  return task;
 }
 
 /** Sampling parameters with the neutral value for every one a client left out (absent or null). */
@@ -61,6 +105,8 @@ export interface Run {
   task: string | null;
   prompt: string;
   params: SamplingParams;
+  /** Set: each token comes with its logprob and this many alternatives. */
+  logprobs?: number;
   onToken?: (t: TokenEvent) => void;
 }
 
@@ -78,7 +124,7 @@ export async function runGeneration(deps: GenerationDeps, res: Response, run: Ru
   let firstToken: number | null = null;
   try {
     const result = await deps.generator.generate(
-      { task: run.task, prompt: run.prompt, params: run.params, signal: abort.signal },
+      { task: run.task, prompt: run.prompt, params: run.params, signal: abort.signal, ...(run.logprobs === undefined ? {} : { logprobs: run.logprobs }) },
       (t) => {
         firstToken ??= performance.now();
         run.onToken?.(t);

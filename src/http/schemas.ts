@@ -6,6 +6,7 @@
  */
 import { z } from 'zod';
 import { ServeError } from '../errors.js';
+import { MAX_TOP_LOGPROBS } from '../backbone/rewrite/logprobs.js';
 import { TASK_ID } from '../deltas/store.js';
 import { fromZod } from './errors.js';
 
@@ -21,9 +22,12 @@ const topP = z.number().gt(0).max(1);
 const topK = z.number().int().min(0);
 const seed = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
 const repetitionPenalty = z.number().gt(0);
-const stopList = z.array(z.string().min(1, 'a stop sequence must not be empty')).max(16);
+export const MAX_STOP_SEQUENCES = 16;
+const stopList = z.array(z.string().min(1, 'a stop sequence must not be empty')).max(MAX_STOP_SEQUENCES);
 
-// --- POST /v1/generate (TGI-style) -------------------------------------------
+// --- POST /v1/generate, and TGI's POST /generate and /generate_stream -------
+
+const topN = z.number().int().min(0).max(MAX_TOP_LOGPROBS, `at most ${MAX_TOP_LOGPROBS}: deltaserve returns up to ${MAX_TOP_LOGPROBS} alternatives per token`);
 
 export const generateBody = z.object({
   task: z.string().nullish(),
@@ -37,6 +41,20 @@ export const generateBody = z.object({
       seed: seed.nullish(),
       stop: stopList.nullish(),
       repetition_penalty: repetitionPenalty.nullish(),
+      // TGI's and LoRAX's parameters (added 2026-12).
+      adapter_id: z.string().nullish(),
+      do_sample: z.boolean().nullish(),
+      details: z.boolean().nullish(),
+      top_n_tokens: topN.nullish(),
+      return_full_text: z.boolean().nullish(),
+      // TGI's, refused in the route unless neutral.
+      decoder_input_details: z.boolean().nullish(),
+      best_of: z.number().int().nullish(),
+      truncate: z.number().int().nullish(),
+      typical_p: z.number().nullish(),
+      watermark: z.boolean().nullish(),
+      frequency_penalty: z.number().nullish(),
+      grammar: z.unknown().optional(),
     })
     .nullish(),
   stream: z.boolean().nullish(),
@@ -50,12 +68,13 @@ const unsupported = {
   frequency_penalty: z.number().nullish(),
   presence_penalty: z.number().nullish(),
   logit_bias: z.record(z.string(), z.number()).nullish(),
-  logprobs: z.union([z.boolean(), z.number()]).nullish(),
-  top_logprobs: z.number().nullish(),
 };
 
 const openaiCommon = {
-  model: z.string().min(1),
+  // A task id or the backbone's name; may be left out when adapter_id names the task.
+  model: z.string().nullish(),
+  /** TGI/LoRAX's adapter selector (@huggingface/inference sends it here, flattened from `parameters`). */
+  adapter_id: z.string().nullish(),
   temperature: temperature.nullish(),
   top_p: topP.nullish(),
   seed: seed.nullish(),
@@ -73,6 +92,8 @@ export const completionBody = z.object({
   ...openaiCommon,
   prompt: z.union([z.string(), z.array(z.string()).length(1, 'deltaserve takes one prompt per request')]),
   max_tokens: maxTokens.nullish(),
+  /** The sampled token's logprob and this many alternatives per token (OpenAI's legacy completions: 0–5). */
+  logprobs: topN.nullish(),
   echo: z.boolean().nullish(),
   best_of: z.number().int().nullish(),
   suffix: z.string().nullish(),
@@ -92,6 +113,8 @@ export const chatBody = z.object({
   messages: z.array(chatMessage).min(1),
   max_tokens: maxTokens.nullish(),
   max_completion_tokens: maxTokens.nullish(),
+  logprobs: z.boolean().nullish(),
+  top_logprobs: topN.nullish(),
   tools: z.array(z.unknown()).nullish(),
   response_format: z.object({ type: z.string() }).nullish(),
 });

@@ -60,14 +60,18 @@ export function peftFactors(modules: [string, number, number][], r: number, seed
   return out;
 }
 
+/** A delta file's content as bytes: binary as it is, text as UTF-8, an object as its JSON. */
+export function fileBytes(content: unknown): Buffer {
+  if (content instanceof Uint8Array) return Buffer.from(content);
+  return Buffer.from(typeof content === 'string' ? content : JSON.stringify(content, null, 2));
+}
+
 export async function writeDelta(dir: string, files: Record<string, unknown>): Promise<DeltaFile[]> {
   await mkdir(dir, { recursive: true });
   const list: DeltaFile[] = [];
   for (const [name, content] of Object.entries(files)) {
     const path = join(dir, name);
-    const bytes =
-      content instanceof Uint8Array ? content : typeof content === 'string' ? content : JSON.stringify(content, null, 2);
-    await writeFile(path, bytes);
+    await writeFile(path, fileBytes(content));
     list.push({ name, path });
   }
   return list;

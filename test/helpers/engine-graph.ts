@@ -21,6 +21,7 @@ import { buildEngineGraph } from '../../src/backbone/rewrite/index.js';
 import { planSites } from '../../src/deltas/kinds/index.js';
 import { Registry } from '../../src/deltas/registry.js';
 import type { LoadedDelta } from '../../src/deltas/types.js';
+import { LOGPROBS_ON } from '../../src/backbone/rewrite/logprobs.js';
 import { DeltaBanks } from '../../src/engine/banks.js';
 import { writeDelta } from './deltas.js';
 import { deltaFiles, encodeTensors, referenceHooks, type TaskSpec } from './kind-cases.js';
@@ -104,7 +105,10 @@ function baseFeeds(step: Step): Record<string, ort.Tensor> {
   const P = step.past.len;
   const mask = step.mask ?? step.ids.map(() => Array(P + S).fill(1));
   const pos = step.pos ?? step.ids.map(() => Array.from({ length: S }, (_, i) => P + i));
-  const f: Record<string, ort.Tensor> = { input_ids: i64(step.ids), attention_mask: i64(mask), position_ids: i64(pos) };
+  // The engine graph's logprobs switch, off (the original graph ignores the extra feed).
+  const f: Record<string, ort.Tensor> = {
+    input_ids: i64(step.ids), attention_mask: i64(mask), position_ids: i64(pos), [LOGPROBS_ON]: new ort.Tensor('bool', [false], []),
+  };
   const { heads, dim } = step.past;
   step.past.layers.forEach((l, i) => {
     f[`past_key_values.${i}.key`] = new ort.Tensor('float32', l.key, [B, heads, P, dim]);
@@ -225,18 +229,35 @@ export function everyKind(bb: Backbone): TaskSpec[] {
 }
 
 /**
- * The tokens greedy decoding must produce after `prompt`, read off one full
- * forward of the original graph over prompt + generated (the last one
- * excluded): position t's argmax is the token that follows it.
+ * One full forward of the original graph over prompt + generated (the last one
+ * excluded): for each generated token, the logits of the position it follows.
  */
-export async function fullForwardGreedy(sess: Session, io: DecoderIO, prompt: number[], generated: number[]): Promise<number[]> {
+export async function fullForwardLogits(sess: Session, io: DecoderIO, prompt: number[], generated: number[]): Promise<Float32Array[]> {
   const seq = [...prompt, ...generated.slice(0, -1)];
   const { logits } = await runOriginal(sess, io, { ids: [seq], past: emptyCache(io, 1) });
-  const V = io.vocabSize;
-  return generated.map((_, i) => {
-    const l = at(logits, seq.length, V, 0, prompt.length - 1 + i);
+  return generated.map((_, i) => at(logits, seq.length, io.vocabSize, 0, prompt.length - 1 + i));
+}
+
+/** The tokens greedy decoding must produce after `prompt`, read off a full forward: each position's argmax. */
+export async function fullForwardGreedy(sess: Session, io: DecoderIO, prompt: number[], generated: number[]): Promise<number[]> {
+  return (await fullForwardLogits(sess, io, prompt, generated)).map((l) => {
     let best = 0;
-    for (let v = 1; v < V; v++) if (l[v] > l[best]) best = v;
+    for (let v = 1; v < l.length; v++) if (l[v] > l[best]) best = v;
     return best;
   });
+}
+
+/** log-softmax of one row of logits, in double precision (the reference side of logprob checks). */
+export function logSoftmax(logits: Float32Array): Float64Array {
+  let max = -Infinity;
+  for (const x of logits) max = Math.max(max, x);
+  let sum = 0;
+  for (const x of logits) sum += Math.exp(x - max);
+  const lse = max + Math.log(sum);
+  return Float64Array.from(logits, (x) => x - lse);
+}
+
+/** The n most likely ids of a log-softmax row, best first (ties: lower id first). */
+export function topIds(logprobs: Float64Array, n: number): number[] {
+  return Array.from(logprobs.keys()).sort((a, b) => logprobs[b] - logprobs[a] || a - b).slice(0, n);
 }

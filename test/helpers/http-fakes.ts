@@ -88,6 +88,12 @@ export interface EchoOptions {
   fail?: ServeError;
 }
 
+/** Made-up logprobs of the right shape: the echoed character at -0.25, then "a", "b", … below it. */
+function echoLogprobs(ch: string, n: number): NonNullable<TokenEvent['logprobs']> {
+  const top = Array.from({ length: n }, (_, j) => ({ id: 97 + j, text: String.fromCharCode(97 + j), logprob: -1 - j, special: false }));
+  return { text: ch, logprob: -0.25, top };
+}
+
 /** Streams the prompt back character by character; not a language model. */
 export class EchoGenerator implements Generator {
   readonly requests: GenerateRequest[] = [];
@@ -125,7 +131,7 @@ export class EchoGenerator implements Generator {
       }
       text += ch;
       count++;
-      onToken?.({ id: ch.codePointAt(0)!, text: ch });
+      onToken?.({ id: ch.codePointAt(0)!, text: ch, special: false, ...(req.logprobs === undefined ? {} : { logprobs: echoLogprobs(ch, req.logprobs) }) });
       if (req.params.stop.some((s) => text.endsWith(s))) {
         finishReason = 'stop_sequence';
         break;

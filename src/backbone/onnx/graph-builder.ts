@@ -109,12 +109,13 @@ export class GraphBuilder {
   /**
    * A subgraph (an If branch) that reads this graph's tensors by name. Its
    * constants get their own prefix: ONNX forbids a subgraph to shadow a name.
+   * Its outputs are float unless `elemTypes` says otherwise, output by output.
    */
-  subgraph(name: string, scope: string, build: (sub: GraphBuilder) => string[]): GraphProto {
+  subgraph(name: string, scope: string, build: (sub: GraphBuilder) => string[], elemTypes: number[] = []): GraphProto {
     const sub = new GraphBuilder();
     sub.constPrefix = `${this.constPrefix}${name}::`;
     const outputs = sub.scope(scope, () => build(sub));
-    sub.outputs.push(...outputs.map((o) => ({ name: o, type: { tensorType: { elemType: DataType.FLOAT } } })));
+    sub.outputs.push(...outputs.map((o, i) => ({ name: o, type: { tensorType: { elemType: elemTypes[i] ?? DataType.FLOAT } } })));
     return sub.graph(name);
   }
 

@@ -1,6 +1,7 @@
 /**
  * The engine's graph: the backbone rewritten once at load time so that it
- * returns only the new K/V and the last position's logits, and carries delta
+ * returns only the new K/V and the last position's logits (with their argmax
+ * and, when a step asks, their top log-probabilities), and carries delta
  * sites on the linear modules a delta may target (which sites go where is the
  * delta kinds' plan: src/deltas/kinds).
  */
@@ -9,6 +10,7 @@ import { GraphEditor } from './editor.js';
 import { insertDeltaSites, type GraphSite, type SiteLayout } from './delta-sites.js';
 import { rewriteKvCache } from './kv-cache.js';
 import { rewriteLastLogits } from './last-logits.js';
+import { addLogprobs } from './logprobs.js';
 
 export interface EngineGraph {
   bytes: Uint8Array;
@@ -22,6 +24,7 @@ export function buildEngineGraph(backbone: Backbone, plan: ReadonlyMap<string, r
   const g = new GraphEditor(backbone.source.model);
   const { splitLayers } = rewriteKvCache(g, backbone.io);
   rewriteLastLogits(g, backbone.io.vocabSize);
+  addLogprobs(g, backbone.io.vocabSize);
   const sites = insertDeltaSites(g, backbone.linear, plan);
   return { bytes: g.encodeModel(), sites, splitLayers };
 }

@@ -1,17 +1,19 @@
 /**
  * OpenAI-compatible completions, chat completions and model listing. `model`
- * is a task id or the backbone's name. One choice per request (n = 1).
+ * is a task id or the backbone's name, or TGI/LoRAX's `adapter_id` names the
+ * task. One choice per request (n = 1); logprobs as OpenAI shapes them.
  */
 import { randomUUID } from 'node:crypto';
 import { Router, type Request, type Response } from 'express';
 import type { BackboneInfo } from '../../backbone/types.js';
 import type { DeltaRegistry } from '../../deltas/types.js';
-import type { FinishReason, GenerationResult, SamplingParams } from '../../engine/types.js';
+import type { FinishReason, GenerationResult, SamplingParams, TokenEvent } from '../../engine/types.js';
 import { ServeError } from '../../errors.js';
 import type { ChatMessage, ChatTemplate } from '../chat-template.js';
 import { errorBody, toServeError } from '../errors.js';
-import { admit, resolveTask, runGeneration, samplingParams, type GenerationDeps } from '../generation.js';
+import { admit, runGeneration, samplingParams, selectTask, type GenerationDeps, type Run } from '../generation.js';
 import type { Readiness } from '../lifecycle.js';
+import { chatLogprobs, completionLogprobs, textLength } from '../openai-logprobs.js';
 import { chatBody, completionBody, parseBody, TASK_ID, type ChatBody, type CompletionBody } from '../schemas.js';
 import { SseStream } from '../sse.js';
 
@@ -34,7 +36,6 @@ function refuseUnsupported(b: CompletionBody | ChatBody): void {
     throw invalid('frequency_penalty and presence_penalty are not supported; use repetition_penalty (e.g. 1.1) instead');
   }
   if (b.logit_bias && Object.keys(b.logit_bias).length) throw invalid('logit_bias is not supported');
-  if (b.logprobs || b.top_logprobs) throw invalid('logprobs are not supported');
 }
 
 function sampling(b: CompletionBody | ChatBody, maxNewTokens: number): SamplingParams {
@@ -65,50 +66,50 @@ interface Shape {
   object: string;
   idPrefix: string;
   /** A choice carrying the whole text (non-streamed). */
-  full(text: string, finish: string): Record<string, unknown>;
+  full(text: string, finish: string, logprobs: unknown): Record<string, unknown>;
   /** A streamed chunk's choice; `text` null = the closing chunk. */
-  chunk(text: string | null, finish: string | null): Record<string, unknown>;
+  chunk(text: string | null, finish: string | null, logprobs: unknown): Record<string, unknown>;
   /** Chat streams open with the assistant's role. */
   opening: Record<string, unknown> | null;
+  /** The choice's `logprobs` for these tokens; `offset`: characters of the text before the first. */
+  logprobs(tokens: TokenEvent[], offset: number): unknown;
 }
 
 const completionShape: Shape = {
   object: 'text_completion',
   idPrefix: 'cmpl-',
-  full: (text, finish) => ({ index: 0, text, logprobs: null, finish_reason: finish }),
-  chunk: (text, finish) => ({ index: 0, text: text ?? '', logprobs: null, finish_reason: finish }),
+  full: (text, finish, logprobs) => ({ index: 0, text, logprobs, finish_reason: finish }),
+  chunk: (text, finish, logprobs) => ({ index: 0, text: text ?? '', logprobs, finish_reason: finish }),
   opening: null,
+  logprobs: completionLogprobs,
 };
 
 const chatShape: Shape = {
   object: 'chat.completion',
   idPrefix: 'chatcmpl-',
-  full: (text, finish) => ({ index: 0, message: { role: 'assistant', content: text }, logprobs: null, finish_reason: finish }),
-  chunk: (text, finish) => ({ index: 0, delta: text === null ? {} : { content: text }, logprobs: null, finish_reason: finish }),
+  full: (text, finish, logprobs) => ({ index: 0, message: { role: 'assistant', content: text }, logprobs, finish_reason: finish }),
+  chunk: (text, finish, logprobs) => ({ index: 0, delta: text === null ? {} : { content: text }, logprobs, finish_reason: finish }),
   opening: { index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null },
+  logprobs: chatLogprobs,
 };
 
 export function openaiRoutes(deps: OpenAIRouteDeps): Router {
   const router = Router();
   const gate = admit(deps.readiness);
 
-  async function respond(
-    req: Request,
-    res: Response,
-    b: CompletionBody | ChatBody,
-    shape: Shape,
-    prompt: string,
-    task: string | null,
-    params: SamplingParams,
-  ) {
-    req.log.debug({ task, promptChars: prompt.length, params }, shape.object);
+  async function respond(req: Request, res: Response, b: CompletionBody | ChatBody, shape: Shape, run: Run) {
+    req.log.debug({ task: run.task, promptChars: run.prompt.length, params: run.params }, shape.object);
     const id = shape.idPrefix + randomUUID().replaceAll('-', '');
     const created = Math.floor(Date.now() / 1000);
-    const head = { id, object: shape.object, created, model: b.model };
+    // The task that ran (a client may have named it by adapter_id, with its endpoint's URL as the model).
+    const head = { id, object: shape.object, created, model: run.task ?? deps.backbone.name };
+    const wantLogprobs = run.logprobs !== undefined;
 
     if (!b.stream) {
-      const r = await runGeneration(deps, res, { task, prompt, params });
-      res.json({ ...head, choices: [shape.full(r.generatedText, finishReason(r.finishReason))], usage: usage(r) });
+      const tokens: TokenEvent[] = [];
+      const r = await runGeneration(deps, res, { ...run, onToken: wantLogprobs ? (t) => tokens.push(t) : undefined });
+      const logprobs = wantLogprobs ? shape.logprobs(tokens, 0) : null;
+      res.json({ ...head, choices: [shape.full(r.generatedText, finishReason(r.finishReason), logprobs)], usage: usage(r) });
       return;
     }
 
@@ -118,18 +119,30 @@ export function openaiRoutes(deps: OpenAIRouteDeps): Router {
       sse.send({ ...chunkHead, choices, ...(includeUsage ? { usage: null } : {}), ...extra });
     const sse = new SseStream(res);
     let opened = false;
+    /** What the chunks sent so far hold: UTF-16 units (to find the held-back rest), characters (logprobs' offsets). */
+    let sentUnits = 0;
+    let sentChars = 0;
+    const open = () => {
+      if (!opened && shape.opening) send([shape.opening]);
+      opened = true;
+    };
     try {
       const r = await runGeneration(deps, res, {
-        task, prompt, params,
+        ...run,
         onToken: (t) => {
-          if (!opened && shape.opening) send([shape.opening]);
-          opened = true;
-          // An empty piece (half of a multi-byte character) is no news to an OpenAI client.
-          if (t.text) send([shape.chunk(t.text, null)]);
+          open();
+          // An empty piece (half of a multi-byte character) is no news to an OpenAI client, unless it wants the token's logprobs.
+          if (!t.text && !wantLogprobs) return;
+          send([shape.chunk(t.text, null, wantLogprobs ? shape.logprobs([t], sentChars) : null)]);
+          sentUnits += t.text.length;
+          sentChars += textLength(t.text);
         },
       });
-      if (!opened && shape.opening) send([shape.opening]);
-      send([shape.chunk(null, finishReason(r.finishReason))]);
+      open();
+      // Text held back until the end (bytes of an unfinished character, a possible stop string's start).
+      const rest = r.generatedText.slice(sentUnits);
+      if (rest) send([shape.chunk(rest, null, null)]);
+      send([shape.chunk(null, finishReason(r.finishReason), null)]);
       if (includeUsage) send([], { usage: usage(r) });
       sse.done();
       sse.end();
@@ -141,15 +154,20 @@ export function openaiRoutes(deps: OpenAIRouteDeps): Router {
     }
   }
 
+  const taskOf = (b: CompletionBody | ChatBody) =>
+    selectTask(deps.backbone, { field: 'model', value: b.model, required: true }, { field: 'adapter_id', value: b.adapter_id });
+
   router.post('/v1/completions', gate, async (req, res) => {
     const b = parseBody(completionBody, req.body);
     refuseUnsupported(b);
     if (b.echo) throw invalid('echo is not supported');
     if ((b.best_of ?? 1) !== 1) throw invalid('best_of must be 1');
     if (b.suffix) throw invalid('suffix (insertion) is not supported');
-    const task = resolveTask(b.model, deps.backbone, 'model');
+    const task = taskOf(b);
     const prompt = typeof b.prompt === 'string' ? b.prompt : b.prompt[0];
-    await respond(req, res, b, completionShape, prompt, task, sampling(b, b.max_tokens ?? DEFAULT_COMPLETION_TOKENS));
+    await respond(req, res, b, completionShape, {
+      task, prompt, params: sampling(b, b.max_tokens ?? DEFAULT_COMPLETION_TOKENS), ...(b.logprobs != null ? { logprobs: b.logprobs } : {}),
+    });
   });
 
   router.post('/v1/chat/completions', gate, async (req, res) => {
@@ -157,7 +175,8 @@ export function openaiRoutes(deps: OpenAIRouteDeps): Router {
     refuseUnsupported(b);
     if (b.tools?.length) throw invalid('tools (function calling) are not supported');
     if (b.response_format && b.response_format.type !== 'text') throw invalid('response_format must be {"type":"text"}');
-    const task = resolveTask(b.model, deps.backbone, 'model');
+    if (b.top_logprobs && b.logprobs !== true) throw invalid('top_logprobs needs "logprobs": true');
+    const task = taskOf(b);
     const messages: ChatMessage[] = b.messages.map((m) => ({
       role: m.role,
       content: messageText(m.content),
@@ -167,7 +186,7 @@ export function openaiRoutes(deps: OpenAIRouteDeps): Router {
     // OpenAI's chat default is "until the context is full".
     const room = deps.backbone.maxPositions - deps.generator.countTokens(prompt);
     const max = b.max_completion_tokens ?? b.max_tokens ?? Math.max(1, room);
-    await respond(req, res, b, chatShape, prompt, task, sampling(b, max));
+    await respond(req, res, b, chatShape, { task, prompt, params: sampling(b, max), ...(b.logprobs ? { logprobs: b.top_logprobs ?? 0 } : {}) });
   });
 
   const backboneCard = () => ({
