@@ -498,6 +498,8 @@ def greedy(model, prompt_ids, n):
 
 
 PROMPTS = ["Hello, world", "The quick brown fox", "deltaserve"]
+LONG_TEXTS = ["Once upon a time, in a small town by the sea, there lived a keeper of lighthouses. ",
+              "All work and no play makes a dull model. ", "Lorem ipsum dolor sit amet, consectetur adipiscing elit. "]
 
 
 def build(name, full=False, out_root=None):
@@ -557,6 +559,15 @@ def build(name, full=False, out_root=None):
                                   "min_margin_bare": min(m_bare), "min_margin_lora": min(m_lora)})
         if ids_bare == ids_lora:
             sys.exit(f"{name}: the LoRA does not change the greedy ids for {p!r}; pick another seed")
+    # The whole context: a prompt that, with its greedy continuation, fills every position
+    # (the first of a few texts whose continuation has no eos, so generation runs to the end).
+    for seed_text in LONG_TEXTS:
+        long_text = (seed_text * 8)[: max_pos * 3 // 4]
+        long_ids = encode(long_text)
+        cont = greedy(model, long_ids, max_pos - len(long_ids))[0]
+        if c["eos_token_id"] not in cont:
+            break
+    record["full_context"] = {"text": long_text, "prompt_ids": long_ids, "lora": cont}
     with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump(record, f, indent=2)
     print(name, "->", out, "min margins",

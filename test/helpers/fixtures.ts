@@ -39,16 +39,20 @@ export interface TorchFixture {
   /** Tokens generated per recorded prompt. */
   maxNewTokens: number;
   prompts: RecordedPrompt[];
+  /** A prompt of 3/4 of the context and PyTorch's greedy ids with the LoRA up to the last position. */
+  fullContext: { text: string; prompt_ids: number[]; lora: number[] };
 }
 
 export function torchFixture(name: TorchFixtureName): TorchFixture {
   const dir = join(TORCH_FIXTURES_DIR, name);
   const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as {
     max_positions: number; max_new_tokens: number; prompts: RecordedPrompt[]; lora: { dir: string };
+    full_context: TorchFixture['fullContext'];
   };
   return {
     name, dir, loraDir: join(dir, expected.lora.dir),
     maxPositions: expected.max_positions, maxNewTokens: expected.max_new_tokens, prompts: expected.prompts,
+    fullContext: expected.full_context,
   };
 }
 
