@@ -5,14 +5,19 @@
  * PyTorch's own greedy ids (`expected.json`, full recompute, no cache), bare and
  * with the LoRA merged into the weights. CI never needs torch: only these files.
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const TORCH_FIXTURES_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'torch');
 
-/** GPT-2 (Conv1D, fixed causal bias), Llama (GQA repeat_kv, logits.float()), Qwen2-style (q/k/v biases, tied). */
-export const TORCH_FIXTURE_NAMES = ['gpt2', 'llama', 'qwen2'] as const;
+/**
+ * GPT-2 (Conv1D, fixed causal bias), Llama (GQA repeat_kv, logits.float()), Qwen2-style (q/k/v biases, tied);
+ * Qwen2 again in the onnx-community layout (onnx/decoder_model_merged.onnx, its use_cache_branch If; the
+ * same weights, so qwen2's recorded ids and LoRA); GPT-2 in float16 (onnx/model_fp16.onnx, its ids recorded
+ * by PyTorch on the float16-rounded weights).
+ */
+export const TORCH_FIXTURE_NAMES = ['gpt2', 'llama', 'qwen2', 'qwen2-onnx-community', 'gpt2-fp16'] as const;
 export type TorchFixtureName = (typeof TORCH_FIXTURE_NAMES)[number];
 
 export interface RecordedPrompt {
@@ -39,18 +44,21 @@ export interface TorchFixture {
   /** Tokens generated per recorded prompt. */
   maxNewTokens: number;
   prompts: RecordedPrompt[];
-  /** A prompt of 3/4 of the context and PyTorch's greedy ids with the LoRA up to the last position. */
-  fullContext: { text: string; prompt_ids: number[]; lora: number[] };
+  /** A prompt of 3/4 of the context and PyTorch's greedy ids with the LoRA up to the last position (not for float16). */
+  fullContext: { text: string; prompt_ids: number[]; lora?: number[] };
 }
 
 export function torchFixture(name: TorchFixtureName): TorchFixture {
   const dir = join(TORCH_FIXTURES_DIR, name);
-  const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as {
+  // A layout variant without its own expected.json shares its base model's (same weights).
+  const own = join(dir, 'expected.json');
+  const recorded = existsSync(own) ? dir : join(TORCH_FIXTURES_DIR, name.split('-')[0]);
+  const expected = JSON.parse(readFileSync(join(recorded, 'expected.json'), 'utf8')) as {
     max_positions: number; max_new_tokens: number; prompts: RecordedPrompt[]; lora: { dir: string };
     full_context: TorchFixture['fullContext'];
   };
   return {
-    name, dir, loraDir: join(dir, expected.lora.dir),
+    name, dir, loraDir: join(recorded, expected.lora.dir),
     maxPositions: expected.max_positions, maxNewTokens: expected.max_new_tokens, prompts: expected.prompts,
     fullContext: expected.full_context,
   };

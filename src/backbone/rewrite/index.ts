@@ -27,6 +27,6 @@ export function buildEngineGraph(backbone: Backbone, plan: ReadonlyMap<string, r
   const { splitLayers, layers: kvPaths } = rewriteKvCache(g, backbone.io);
   rewriteLastLogits(g, backbone.io.vocabSize);
   addLogprobs(g, backbone.io.vocabSize);
-  const sites = insertDeltaSites(g, backbone.linear, plan);
+  const sites = insertDeltaSites(g, backbone.linear, plan, backbone.io.float16);
   return { bytes: g.encodeModel(), sites, splitLayers, kvPaths };
 }

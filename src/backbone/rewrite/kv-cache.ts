@@ -39,7 +39,25 @@ export interface KvRewriteReport {
 const isLastTwoSwap = (perm: number[] | undefined) =>
   !!perm && perm.length === 4 && perm[0] === 0 && perm[1] === 1 && perm[2] === 3 && perm[3] === 2;
 
+/**
+ * A float16 export's past inputs become float32 inputs cast to float16 inside the graph (and its
+ * new K/V are cast back), so the engine's cache buffers and feeds stay float32 for every model.
+ */
+function float32Past(g: GraphEditor, io: DecoderIO): void {
+  for (let layer = 0; layer < io.layers; layer++) {
+    for (const kv of ['key', 'value'] as const) {
+      const past = `past_key_values.${layer}.${kv}`;
+      const half = `${past}/float16`;
+      for (const n of g.nodes) n.input = (n.input ?? []).map((i) => (i === past ? half : i));
+      g.scope('/deltaserve/float16', () => g.opNamed('Cast', [past], half, { to: DataType.FLOAT16 }));
+      const i = g.inputs.findIndex((v) => v.name === past);
+      g.inputs[i] = valueInfo(past, DataType.FLOAT, ['batch_size', io.kvHeads, 'past_sequence_length', io.headDim]);
+    }
+  }
+}
+
 export function rewriteKvCache(g: GraphEditor, io: DecoderIO): KvRewriteReport {
+  if (io.float16) float32Past(g, io);
   const layers: LayerKvPath[] = [];
   for (let layer = 0; layer < io.layers; layer++) {
     const idx = g.index();
@@ -54,7 +72,8 @@ export function rewriteKvCache(g: GraphEditor, io: DecoderIO): KvRewriteReport {
       }
       concat[kv] = node;
       g.removeOutput(present);
-      g.opNamed('Identity', [node.input![1]], newKvName(layer, kv));
+      if (io.float16) g.opNamed('Cast', [node.input![1]], newKvName(layer, kv), { to: DataType.FLOAT });
+      else g.opNamed('Identity', [node.input![1]], newKvName(layer, kv));
       g.outputs.push(valueInfo(newKvName(layer, kv), DataType.FLOAT, ['batch_size', io.kvHeads, 'sequence_length', io.headDim]));
     }
     const why = splitAttention(g, concat.key, concat.value);
