@@ -21,10 +21,15 @@ export interface EngineGraph {
   kvPaths: LayerKvPath[];
 }
 
-/** `plan`: the sites on each linear module, in chain order (`planSites`; an empty map builds a graph without sites). */
-export function buildEngineGraph(backbone: Backbone, plan: ReadonlyMap<string, readonly GraphSite[]>): EngineGraph {
+/**
+ * `plan`: the sites on each linear module, in chain order (`planSites`; an empty map builds a graph without sites).
+ * `splitAttention: false` keeps the Concat fallback on every layer (the benchmark's comparison).
+ */
+export function buildEngineGraph(
+  backbone: Backbone, plan: ReadonlyMap<string, readonly GraphSite[]>, opts: { splitAttention?: boolean } = {},
+): EngineGraph {
   const g = new GraphEditor(backbone.source.model);
-  const { splitLayers, layers: kvPaths } = rewriteKvCache(g, backbone.io);
+  const { splitLayers, layers: kvPaths } = rewriteKvCache(g, backbone.io, { split: opts.splitAttention ?? true });
   rewriteLastLogits(g, backbone.io.vocabSize);
   addLogprobs(g, backbone.io.vocabSize);
   const sites = insertDeltaSites(g, backbone.linear, plan, backbone.io.float16);

@@ -56,7 +56,8 @@ function float32Past(g: GraphEditor, io: DecoderIO): void {
   }
 }
 
-export function rewriteKvCache(g: GraphEditor, io: DecoderIO): KvRewriteReport {
+/** `split: false` keeps every Concat (the fallback path, for comparing against it). */
+export function rewriteKvCache(g: GraphEditor, io: DecoderIO, { split = true } = {}): KvRewriteReport {
   if (io.float16) float32Past(g, io);
   const layers: LayerKvPath[] = [];
   for (let layer = 0; layer < io.layers; layer++) {
@@ -76,7 +77,7 @@ export function rewriteKvCache(g: GraphEditor, io: DecoderIO): KvRewriteReport {
       else g.opNamed('Identity', [node.input![1]], newKvName(layer, kv));
       g.outputs.push(valueInfo(newKvName(layer, kv), DataType.FLOAT, ['batch_size', io.kvHeads, 'sequence_length', io.headDim]));
     }
-    const why = splitAttention(g, concat.key, concat.value);
+    const why = split ? splitAttention(g, concat.key, concat.value) : 'split attention turned off';
     layers.push(typeof why === 'string'
       ? { layer, path: 'concat', reason: why }
       : { layer, path: 'split', reason: why.join('; ') });
