@@ -82,7 +82,7 @@ const cfg = {
   },
   kinds: { rounds: QUICK ? 2 : 6, perBlock: 4 },
   logprobs: { rounds: QUICK ? 10 : 40, context: 64, batches: [1, 8, 32] },
-  torchKv: { batch: 32, contexts: QUICK ? [64, 256] : [64, 256, 512, 1000], rounds: QUICK ? 2 : 4, perBlock: 3, prefillChunkTokens: 4096 },
+  torchKv: { batch: 32, contexts: arg('contexts')?.split(',').map(Number) ?? (QUICK ? [64, 256] : [64, 256, 512, 1000]), rounds: QUICK ? 2 : 4, perBlock: 3, prefillChunkTokens: 4096 },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
