@@ -56,6 +56,22 @@ test('inspect runs the serving rewrite and prints each layer\'s KV path', async 
   assert.match(stdout, /layer 1: split — /);
 });
 
+test('a graph that cannot be served is refused naming the node and what was expected', async () => {
+  const bb = await loadBackbone({ model: torchFixture('llama').dir });
+  const graph = bb.source.model.graph!;
+  // A non-linear op between lm_head's Cast and logits: not value-preserving, so not lm_head's output.
+  const cast = graph.node!.find((n) => n.output!.includes('logits'))!;
+  cast.output = ['logits/before-relu'];
+  graph.node!.push({ name: '/test/Relu', opType: 'Relu', input: ['logits/before-relu'], output: ['logits'] });
+  assert.throws(() => buildEngineGraph(bb, planSites(bb)),
+    /walking back from logits reached Relu node \/test\/Relu; expected a MatMul or Gemm with a weight initializer, reached only through .*Cast/);
+  // present.0.key made by something other than Concat(past, new).
+  const bb2 = await loadBackbone({ model: torchFixture('gpt2').dir });
+  const concat = bb2.source.model.graph!.node!.find((n) => n.output!.includes('present.0.key'))!;
+  concat.attribute = concat.attribute!.map((a) => (a.name === 'axis' ? { ...a, i: 1 } : a));
+  assert.throws(() => buildEngineGraph(bb2, planSites(bb2)), /present\.0\.key is produced by Concat node \/transformer\/h\.0\/attn\/Concat\S* on axis 1; expected Concat\(past, new\) on the sequence axis/);
+});
+
 for (const f of torchFixtures()) {
   describe(`torch export: ${f.name}`, { timeout: 120_000 }, () => {
     let stack: Stack;
