@@ -6,7 +6,7 @@
  *
  *   npm run bench                                   # everything, ~5–8 min on 2 cores
  *   npm run bench -- --quick                        # fewer repetitions, contexts 64 and 256 (~2–3 min)
- *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs (or 1-6)
+ *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs | torch-kv (or 1-7)
  *
  * Other flags: --reps N (throughput rounds), --contexts 64,256,512, --naive N
  * (naive requests actually measured, the rest extrapolated), --sequential N,
@@ -21,10 +21,11 @@ import type * as ort from 'onnxruntime-node';
 import { loadBackbone, type Backbone } from '../src/backbone/backbone.js';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
 import { planSites } from '../src/deltas/kinds/index.js';
-import { benchCacheDir, fmt, machine, mdTable, median, minimum, progress } from './lib/common.js';
+import { benchCacheDir, fmt, machine, mdTable, median, minimum, progress, ratio } from './lib/common.js';
 import { kindsGoals, kindsTables, measureKinds } from './lib/kinds-step.js';
 import { kvFloorTables, measureKvFloor, type KvFloorResult } from './lib/kv-floor.js';
 import { logprobsTable, measureLogprobs, NOT_ASKED_LABEL, type LogprobsBenchResult } from './lib/logprobs-step.js';
+import { measureTorchKv, torchGpt2Small, torchKvTable } from './lib/torch-kv.js';
 import { measureRewrite, NO_SITES_LABEL, ORIGINAL_LABEL, rewriteTables, type RewriteBenchResult } from './lib/rewrite-step.js';
 import {
   benchRequests, healthTable, LORA_RANK, measureNaive, measureSequential, measureThroughput, naiveTable, startBenchStack,
@@ -60,7 +61,7 @@ if (has('help')) {
 }
 
 const QUICK = has('quick');
-const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs'] as const;
+const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs', 'torch-kv'] as const;
 type Section = (typeof SECTION_NAMES)[number];
 const sections = new Set<Section>(
   (arg('sections') ?? SECTION_NAMES.join(',')).split(',').map((s) => {
@@ -81,6 +82,7 @@ const cfg = {
   },
   kinds: { rounds: QUICK ? 2 : 6, perBlock: 4 },
   logprobs: { rounds: QUICK ? 10 : 40, context: 64, batches: [1, 8, 32] },
+  torchKv: { batch: 32, contexts: arg('contexts')?.split(',').map(Number) ?? (QUICK ? [64, 256] : [64, 256, 512, 1000]), rounds: QUICK ? 2 : 4, perBlock: 3, prefillChunkTokens: 4096 },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
@@ -257,6 +259,26 @@ async function main(): Promise<void> {
       '(d) what fetching the logits for a JavaScript log-softmax would cost instead.',
       logprobsTable(lp),
     ].join('\n\n'));
+  }
+
+  if (sections.has('torch-kv')) {
+    progress('section 7: KV table on a torch export of GPT-2 small (issue 9)');
+    const found = torchGpt2Small(cacheDir);
+    if ('skipped' in found) add('7. KV cache on a real torch export of GPT-2 small (issue 9)', `Not measured: ${found.skipped}.`);
+    else {
+      const res = await measureTorchKv(found.dir, { ...cfg.torchKv, log: progress });
+      const worst = Math.max(...res.rows.map((r) => median(r.split) / median(r.floor)));
+      goals.push({
+        what: 'torch-exported GPT-2 small: Engine.step() at batch 32 ≤ 1.5× its floor at every context (issue 9)',
+        measured: res.rows.map((r) => `ctx ${r.ctx}: ${ratio(median(r.split), median(r.floor))} (fallback ${ratio(median(r.fallback), median(r.floor))})`).join('; '),
+        met: `${yes(worst <= 1.5)} (medians)`,
+      });
+      add('7. KV cache on a real torch export of GPT-2 small (issue 9)', [
+        `\`scripts/export-fixtures.py --full\`: HF GPT-2 math (eager attention, Conv1D, the fixed causal bias of 1024 positions), random weights, torch.onnx.export opset 14 in Optimum's names. ` +
+        'The real `Engine` on the served graph (split attention) and on the same graph with every Concat(past, new) kept (the fallback), each prefilled untimed.',
+        torchKvTable(res),
+      ].join('\n\n'));
+    }
   }
 
   for (const s of toRelease) await s.release();

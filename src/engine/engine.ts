@@ -83,7 +83,7 @@ export class Engine {
   }
 
   private newBatch(maxRows: number): Batch<Row> {
-    return new Batch(this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true });
+    return new Batch(this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true, maxTokens: this.opts.maxPositions - 1 });
   }
 
   add(req: RowRequest): void {
@@ -237,8 +237,10 @@ export class Engine {
         pos[b * chunk + i] = Math.max(0, j);
       }
     }
-    // Past is the group's buffer (full capacity, masked) once a chunk has run.
-    const pastLen = start === 0 ? 0 : g.batch.kvCapacity;
+    // Past is the group's buffer (full capacity, masked) once a chunk has run; packed to the
+    // filled slots where capacity + chunk would pass the model's context (GPT-2's causal bias).
+    const packed = start > 0 && g.batch.kvCapacity + chunk > this.opts.maxPositions ? start : undefined;
+    const pastLen = start === 0 ? 0 : packed ?? g.batch.kvCapacity;
     const mask = new Array<number>(n * (pastLen + chunk));
     for (let b = 0; b < n; b++) {
       const row = b * (pastLen + chunk);
@@ -248,7 +250,7 @@ export class Engine {
     const feeds: Record<string, ort.Tensor> = {
       input_ids: i64(ids, [n, chunk]),
       attention_mask: i64(mask, [n, pastLen + chunk]),
-      ...g.batch.feeds(start > 0),
+      ...g.batch.feeds(start > 0, packed),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(pos, [n, chunk]);
     const t0 = performance.now();
