@@ -65,3 +65,17 @@ export function torchFixture(name: TorchFixtureName): TorchFixture {
 }
 
 export const torchFixtures = (): TorchFixture[] => TORCH_FIXTURE_NAMES.map(torchFixture);
+
+/** A delta of one kind on a torch fixture and PyTorch's greedy ids with it (scripts/record-torch-kinds.py). */
+export interface TorchKindFixture {
+  kind: string;
+  /** The delta's files, as PEFT or OpenDelta saves it. */
+  dir: string;
+  prompts: { text: string; ids: number[]; min_margin: number }[];
+}
+
+export function torchKinds(f: TorchFixture): TorchKindFixture[] {
+  const root = join(f.dir, 'kinds');
+  const recorded = JSON.parse(readFileSync(join(root, 'expected.json'), 'utf8')) as Record<string, { dir: string; prompts: TorchKindFixture['prompts'] }>;
+  return Object.entries(recorded).map(([kind, r]) => ({ kind, dir: join(root, r.dir), prompts: r.prompts }));
+}
