@@ -11,12 +11,15 @@ import { insertDeltaSites, type GraphSite, type SiteLayout } from './delta-sites
 import { rewriteKvCache } from './kv-cache.js';
 import { rewriteLastLogits } from './last-logits.js';
 import { addLogprobs } from './logprobs.js';
+import { addPromptEmbeds } from './prompt-embeds.js';
 
 export interface EngineGraph {
   bytes: Uint8Array;
   sites: SiteLayout[];
   /** Layers whose attention reads past and new K/V without a Concat. */
   splitLayers: number;
+  /** Whether the graph takes `prompt_embeds` (prompt tuning's virtual tokens; see prompt-embeds.ts). */
+  promptEmbeds: boolean;
 }
 
 /** `plan`: the sites on each linear module, in chain order (`planSites`; an empty map builds a graph without sites). */
@@ -26,5 +29,6 @@ export function buildEngineGraph(backbone: Backbone, plan: ReadonlyMap<string, r
   rewriteLastLogits(g, backbone.io.vocabSize);
   addLogprobs(g, backbone.io.vocabSize);
   const sites = insertDeltaSites(g, backbone.linear, plan);
-  return { bytes: g.encodeModel(), sites, splitLayers };
+  const promptEmbeds = addPromptEmbeds(g, backbone.io.vocabSize);
+  return { bytes: g.encodeModel(), sites, splitLayers, promptEmbeds };
 }
