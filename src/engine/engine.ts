@@ -226,7 +226,8 @@ export class Engine {
       attention_mask: i64(new Array<number>(P).fill(1), [1, P]),
       ...bare.feeds(false),
       [LOGPROBS_ON]: LOGPROBS_NO,
-      [PROMPT_EMBEDS]: new ort.Tensor('float32', prefix.embeds, [P, prefix.embeds.length / P]),
+      // slice(): onnxruntime-node refuses a tensor over shared memory.
+      [PROMPT_EMBEDS]: new ort.Tensor('float32', prefix.embeds.slice(), [P, prefix.embeds.length / P]),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(Array.from({ length: P }, (_, i) => i), [1, P]);
     const out = await this.session.run(feeds, this.kvOutputs);
