@@ -13,7 +13,7 @@ import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import { newKvName } from '../backbone/rewrite/kv-cache.js';
 import { GREEDY_TOKEN } from '../backbone/rewrite/last-logits.js';
 import { LOGPROBS_ON, LOGSUMEXP, TOP_LOGPROB_IDS, TOP_LOGPROBS } from '../backbone/rewrite/logprobs.js';
-import { PROMPT_EMBEDS } from '../backbone/rewrite/prompt-embeds.js';
+import { noPromptEmbeds, PROMPT_EMBEDS } from '../backbone/rewrite/prompt-embeds.js';
 import type { DeltaPrefix } from '../deltas/types.js';
 import { Batch, type BatchRow } from './batch.js';
 import { tokenLogprobs, type TokenLogprobs } from './logprobs.js';
@@ -95,7 +95,7 @@ export class Engine {
     this.kvOutputs = Array.from({ length: io.layers }, (_, l) => [newKvName(l, 'key'), newKvName(l, 'value')]).flat();
     const fetch = (pick: string) => [[pick, ...this.kvOutputs], [pick, ...LOGPROB_OUTPUTS, ...this.kvOutputs]] as [string[], string[]];
     this.fetches = { greedy: fetch(GREEDY_TOKEN), logits: fetch('logits') };
-    this.noPromptEmbeds = session.inputNames.includes(PROMPT_EMBEDS) ? new ort.Tensor('float32', new Float32Array(1), [1, 1]) : null;
+    this.noPromptEmbeds = session.inputNames.includes(PROMPT_EMBEDS) ? noPromptEmbeds() : null;
   }
 
   private newBatch(maxRows: number): Batch<Row> {

@@ -11,6 +11,7 @@
  * adds position embeddings, Gemma scales) applies to virtual tokens alike,
  * as it does to PEFT's inputs_embeds.
  */
+import * as ort from 'onnxruntime-node';
 import { DataType } from '../onnx/graph-builder.js';
 import { dimsOf } from '../onnx/proto.js';
 import type { GraphEditor } from './editor.js';
@@ -21,6 +22,9 @@ import type { GraphEditor } from './editor.js';
  * zero (the final Where broadcasts it and takes none of it).
  */
 export const PROMPT_EMBEDS = 'prompt_embeds';
+
+/** The feed of a run without virtual tokens. */
+export const noPromptEmbeds = (): ort.Tensor => new ort.Tensor('float32', new Float32Array(1), [1, 1]);
 
 /** Adds the input; false when no embedding Gather of input_ids is found (then nothing changes). */
 export function addPromptEmbeds(g: GraphEditor, vocabSize: number): boolean {
