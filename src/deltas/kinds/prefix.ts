@@ -49,7 +49,7 @@ function fromPeft(t: Tensor, s: PromptLearningSettings, backbone: BackboneInfo, 
   }
   if ((s.tokenDim !== null && s.tokenDim !== width) || (s.numAttentionHeads !== null && s.numAttentionHeads !== g.kvHeads)) {
     const gqa = backbone.hiddenSize !== width && s.tokenDim === backbone.hiddenSize
-      ? ` (this backbone has grouped-query attention: a prefix saved by PEFT before 0.12 has the query heads' width; retrain it with a current PEFT)`
+      ? ` (this backbone has grouped-query attention: a prefix saved by a PEFT without grouped-query support (before PEFT #1901) has the query heads' width; retrain it with a current PEFT)`
       : '';
     problems.invalid(
       `token_dim ${s.tokenDim} and num_attention_heads ${s.numAttentionHeads} do not match the backbone's K/V: ${g.kvHeads} heads × ${g.headDim} = ${width}${gqa}`,
