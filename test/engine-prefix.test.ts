@@ -26,7 +26,9 @@ import { encodeSafetensors } from '../src/deltas/safetensors.js';
 import { Registry } from '../src/deltas/registry.js';
 import type { LoadedDelta } from '../src/deltas/types.js';
 import { Engine } from '../src/engine/engine.js';
+import { ServeError } from '../src/errors.js';
 import { PEFT_BASE_CONFIG, randomFloats, writeDelta } from './helpers/deltas.js';
+import { generate, params, startStack } from './helpers/engine-stack.js';
 import { at, demo, emptyCache, FAMILIES, runOriginal, testCacheDir, tokens, defaultGraph, type KvCache, type Session } from './helpers/engine-graph.js';
 
 const GREEDY = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, seed: null };
@@ -241,3 +243,38 @@ for (const model of FAMILIES) {
     });
   });
 }
+
+describe('through the served stack (worker thread, scheduler)', () => {
+  test('prompt_tokens counts the real tokens, the virtual ones count in the context, and the worker computes the prompt prefix', async (t) => {
+    const stack = await startStack('demo:gpt2');
+    t.after(() => stack.close());
+    const { backbone, registry, scheduler } = stack.services;
+    const H = backbone.info.hiddenSize;
+    const P = 6;
+    const embeds = randomFloats(P * H, 77, 0.3);
+    await registry.register('soft', await writeDelta(join(stack.scratch, 'soft'), {
+      'adapter_config.json': promptLearning('PROMPT_TUNING', { num_virtual_tokens: P, token_dim: H, num_transformer_submodules: 1 }),
+      'adapter_model.safetensors': encodeSafetensors({ prompt_embeddings: { dtype: 'F32', shape: [P, H], data: embeds } }),
+    }), { replace: false });
+    const text = 'The prefix comes first';
+    const ids = backbone.tokenizer.encode(text, { addSpecialTokens: true });
+    const run = await generate(stack.services, 'soft', text, params({ maxNewTokens: NEW_TOKENS }));
+    assert.equal(run.result.promptTokens, ids.length, 'prompt_tokens are the real tokens only');
+    const ref = await extendedTableSession(backbone, embeds);
+    const V = backbone.io.vocabSize;
+    const seq = [...Array.from({ length: P }, (_, i) => V + i), ...ids, ...run.tokens.slice(0, -1)];
+    const { logits } = await runOriginal(ref, backbone.io, { ids: [seq], past: emptyCache(backbone.io, 1) });
+    const argmax = (l: Float32Array) => l.reduce((best, x, i) => (x > l[best] ? i : best), 0);
+    assert.deepEqual(run.tokens, run.tokens.map((_, i) => argmax(at(logits, seq.length, V, 0, P + ids.length - 1 + i))));
+
+    // The context holds virtual + real + generated tokens: a prompt that fits alone but not with the prefix is refused,
+    // and one that leaves room for 2 more tokens gets 2.
+    const max = backbone.info.maxPositions;
+    const long = (n: number) => 'x'.repeat(n - (ids.length - text.length));
+    assert.equal(scheduler.countTokens(long(max - P)), max - P);
+    await assert.rejects(generate(stack.services, 'soft', long(max - P), params()), (e: unknown) => e instanceof ServeError && e.status === 422 && /virtual tokens/.test(e.message));
+    const tight = await generate(stack.services, 'soft', long(max - P - 2), params({ maxNewTokens: 50 }));
+    assert.equal(tight.result.generatedTokens, 2);
+    assert.equal(tight.result.finishReason, 'length');
+  });
+});
