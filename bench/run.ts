@@ -272,7 +272,7 @@ async function main(): Promise<void> {
     add('7. Prompt learning: TTFT with a cached prefix, and decode steps with 20-token prefixes (issue 12)', [
       'The real `Engine` in-process on the default site plan; PEFT PROMPT_TUNING and PREFIX_TUNING deltas (20 virtual tokens) written as files and loaded through the registry. ' +
       `TTFT: one \`Engine.step()\` of a lone request with max_new_tokens 1 (its prefill and first token), a ${cfg.prefix.ttftPrompt}-token prompt, bare and prompt-tuned alternated request by request ` +
-      '(the prompt-tuned prefix computed once before, as the first request of a task does). Decode: each configuration an Engine of its own, prefilled untimed, pure decode steps of 32 rows timed in blocks per configuration.',
+      '(the prompt-tuned prefix computed once before, as the first request of a task does). Decode: each configuration an Engine of its own, prefilled untimed, pure decode steps of 32 rows alternated one by one (all three feed the same shapes; paired ratios).',
       prefixTables(res),
     ].join('\n\n'));
   }
