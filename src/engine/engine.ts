@@ -197,8 +197,9 @@ export class Engine {
       real += len;
       take++;
     }
+    // Before the rows leave `pending`: if this fails, the step's error handler still finds them there.
+    for (const r of this.pending.slice(0, take)) if (r.req.delta?.prefix) await this.computePrefix(r.req.delta.prefix);
     const rows = this.pending.splice(0, take);
-    for (const r of rows) if (r.req.delta?.prefix) await this.computePrefix(r.req.delta.prefix);
     const batch = this.newBatch(rows.length);
     for (const r of rows) batch.add(r);
     const prefixSlots = Math.max(...rows.map(prefixTokens));
