@@ -101,7 +101,7 @@ for (const model of FAMILIES) {
     const written: Written[] = [];
     const loaded = new Map<string, LoadedDelta>();
     const refSessions = new Map<string, Session>();
-    const engine = () => new Engine(session, bb.io, sites, { maxBatch: 32, prefillChunkTokens: 512, eosTokenIds: [], maxPositions: bb.info.maxPositions });
+    const engine = (prefillChunkTokens = 512) => new Engine(session, bb.io, sites, { maxBatch: 32, prefillChunkTokens, eosTokenIds: [], maxPositions: bb.info.maxPositions });
     const promptOf = (i: number) => tokens(3 + ((i * 5) % 9), 500 + i, bb.io.vocabSize);
 
     before(async () => {
@@ -201,8 +201,8 @@ for (const model of FAMILIES) {
       return got.map((_, i) => argmax(at(logits, ids.length, V, 0, P + prompt.length - 1 + i)));
     }
 
-    async function serve(rows: { delta: LoadedDelta | null; promptIds: number[] }[]): Promise<number[][]> {
-      const e = engine();
+    async function serve(rows: { delta: LoadedDelta | null; promptIds: number[] }[], chunkTokens?: number): Promise<number[][]> {
+      const e = engine(chunkTokens);
       const out = rows.map(() => [] as number[]);
       rows.forEach((r, rowId) => e.add({ rowId, promptIds: r.promptIds, sampling: GREEDY, maxNewTokens: NEW_TOKENS, delta: r.delta }));
       while (!e.idle) for (const t of (await e.step()).tokens) out[t.rowId].push(t.token);
@@ -225,6 +225,8 @@ for (const model of FAMILIES) {
       // Twice over, with prompts of different lengths, so rows with and without prefixes share prefill groups and decode steps.
       const rows = [...deltas, ...deltas.slice().reverse()].map((delta, i) => ({ delta, promptIds: promptOf(i + 3) }));
       const mixed = await serve(rows);
+      // Prefilled in chunks of a few tokens per row, the prefixes in place before the first: the same tokens.
+      assert.deepEqual(await serve(rows, 2 * rows.length), mixed, 'a chunked prefill gives the same tokens');
       for (const [i, r] of rows.entries()) {
         const [alone] = await serve([r]);
         assert.deepEqual(mixed[i], alone, `row ${i} (${r.delta?.id ?? 'bare'}) differs from the same request alone`);
