@@ -30,8 +30,9 @@ export class Batch<R extends BatchRow> {
   private readonly kv: KvPool;
   private readonly banks: DeltaBanks;
 
-  constructor(private readonly io: DecoderIO, layouts: readonly SiteLayout[], opts: BankOptions) {
-    this.kv = new KvPool(io, opts.maxRows);
+  /** `maxTokens`: the most KV slots a row may hold (the model's context less one). */
+  constructor(private readonly io: DecoderIO, layouts: readonly SiteLayout[], opts: BankOptions & { maxTokens?: number }) {
+    this.kv = new KvPool(io, opts.maxRows, opts.maxTokens);
     this.banks = new DeltaBanks(layouts, opts);
   }
 
@@ -117,15 +118,18 @@ export class Batch<R extends BatchRow> {
     this.kv.append(keys, values, steps);
   }
 
-  /** The delta feeds and the past K/V for a run over every row; without `past`, a first prefill chunk's empty past. */
-  feeds(past: boolean): Record<string, ort.Tensor> {
+  /**
+   * The delta feeds and the past K/V for a run over every row; without `past`, a first prefill
+   * chunk's empty past. `packed`: feed only each row's first `packed` slots (a copy), not the whole capacity.
+   */
+  feeds(past: boolean, packed?: number): Record<string, ort.Tensor> {
     const { layers, kvHeads, headDim } = this.io;
     const rows = this.rows.length;
-    const cap = past ? this.kv.capacity : 0;
+    const cap = past ? packed ?? this.kv.capacity : 0;
     const f = this.banks.feeds();
     for (let l = 0; l < layers; l++) {
       for (const t of ['key', 'value'] as const) {
-        const data = past ? this.kv.pastView(l, t) : new Float32Array(0);
+        const data = !past ? new Float32Array(0) : packed === undefined ? this.kv.pastView(l, t) : this.kv.pastPacked(l, t, packed);
         f[`past_key_values.${l}.${t}`] = new ort.Tensor('float32', data, [rows, kvHeads, cap, headDim]);
       }
     }

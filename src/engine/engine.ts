@@ -99,7 +99,7 @@ export class Engine {
   }
 
   private newBatch(maxRows: number): Batch<Row> {
-    return new Batch(this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true });
+    return new Batch(this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true, maxTokens: this.opts.maxPositions - 1 });
   }
 
   add(req: RowRequest): void {
@@ -294,9 +294,11 @@ export class Engine {
         pos[b * chunk + i] = first + Math.max(0, j);
       }
     }
-    // Past is the group's buffer (full capacity, masked) once a chunk has run or prefixes are in place.
+    // Past is the group's buffer (full capacity, masked) once a chunk has run or prefixes are in place;
+    // packed to the filled slots where capacity + chunk would pass the model's context (GPT-2's causal bias).
     const hasPast = start > 0 || slots > 0;
-    const pastLen = hasPast ? g.batch.kvCapacity : 0;
+    const packed = hasPast && g.batch.kvCapacity + chunk > this.opts.maxPositions ? slots + start : undefined;
+    const pastLen = hasPast ? packed ?? g.batch.kvCapacity : 0;
     const mask = new Array<number>(n * (pastLen + chunk));
     for (let b = 0; b < n; b++) {
       const row = b * (pastLen + chunk);
@@ -310,7 +312,7 @@ export class Engine {
     const feeds: Record<string, ort.Tensor> = {
       input_ids: i64(ids, [n, chunk]),
       attention_mask: i64(mask, [n, pastLen + chunk]),
-      ...g.batch.feeds(hasPast),
+      ...g.batch.feeds(hasPast, packed),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(pos, [n, chunk]);
     const t0 = performance.now();
