@@ -295,9 +295,11 @@ export class Engine {
       }
     }
     // Past is the group's buffer (full capacity, masked) once a chunk has run or prefixes are in place;
-    // packed to the filled slots where capacity + chunk would pass the model's context (GPT-2's causal bias).
+    // packed to the filled slots where capacity + chunk would pass the model's context (GPT-2's causal bias),
+    // and for the first chunk after the prefixes (a copy of a few slots beats attending over the whole capacity).
     const hasPast = start > 0 || slots > 0;
-    const packed = hasPast && g.batch.kvCapacity + chunk > this.opts.maxPositions ? slots + start : undefined;
+    const pack = start === 0 || g.batch.kvCapacity + chunk > this.opts.maxPositions;
+    const packed = hasPast && pack ? slots + start : undefined;
     const pastLen = hasPast ? packed ?? g.batch.kvCapacity : 0;
     const mask = new Array<number>(n * (pastLen + chunk));
     for (let b = 0; b < n; b++) {
