@@ -82,7 +82,7 @@ const cfg = {
   },
   kinds: { rounds: QUICK ? 2 : 6, perBlock: 4 },
   logprobs: { rounds: QUICK ? 10 : 40, context: 64, batches: [1, 8, 32] },
-  prefix: { ttftPairs: QUICK ? 4 : 12, ttftPrompt: 64, decodePrompt: 150, rounds: QUICK ? 2 : 5, perBlock: 3 },
+  prefix: { ttftPairs: QUICK ? 4 : 30, ttftPrompt: 64, decodePrompt: 150, rounds: QUICK ? 2 : 8, perBlock: 3 },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
