@@ -29,7 +29,7 @@ import { Engine } from '../src/engine/engine.js';
 import { ServeError } from '../src/errors.js';
 import { PEFT_BASE_CONFIG, randomFloats, writeDelta } from './helpers/deltas.js';
 import { generate, params, startStack } from './helpers/engine-stack.js';
-import { at, demo, emptyCache, FAMILIES, runOriginal, testCacheDir, tokens, defaultGraph, type KvCache, type Session } from './helpers/engine-graph.js';
+import { at, demo, loadCases, emptyCache, FAMILIES, runOriginal, testCacheDir, tokens, defaultGraph, type KvCache, type Session } from './helpers/engine-graph.js';
 
 const GREEDY = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, seed: null };
 const NEW_TOKENS = 6;
@@ -177,6 +177,9 @@ for (const model of FAMILIES) {
         'adapter_model.safetensors': encodeSafetensors(lora),
       }), { replace: false });
       loaded.set('lora', await registry.load('lora'));
+      // And a bottleneck adapter (OpenDelta format), as the kind tests write it.
+      const [adapter] = await loadCases(bb, [{ id: 'adapter', kind: 'adapter', bottleneck: 8, activation: 'relu', targets: [bb.info.family === 'gpt2' ? 'mlp.c_proj' : 'mlp.down_proj'], seed: 31 }]);
+      loaded.set('adapter', adapter.delta);
     });
 
     /** Greedy tokens of the reference for `w` after `prompt`, checked position by position against `got`. */
@@ -201,11 +204,16 @@ for (const model of FAMILIES) {
       return got.map((_, i) => argmax(at(logits, ids.length, V, 0, P + prompt.length - 1 + i)));
     }
 
-    async function serve(rows: { delta: LoadedDelta | null; promptIds: number[] }[], chunkTokens?: number): Promise<number[][]> {
+    /** Each row's tokens; `decodeRows` gets each step's count of rows decoded together. */
+    async function serve(rows: { delta: LoadedDelta | null; promptIds: number[] }[], chunkTokens?: number, decodeRows: number[] = []): Promise<number[][]> {
       const e = engine(chunkTokens);
       const out = rows.map(() => [] as number[]);
       rows.forEach((r, rowId) => e.add({ rowId, promptIds: r.promptIds, sampling: GREEDY, maxNewTokens: NEW_TOKENS, delta: r.delta }));
-      while (!e.idle) for (const t of (await e.step()).tokens) out[t.rowId].push(t.token);
+      while (!e.idle) {
+        const s = await e.step();
+        decodeRows.push(s.stats.decodeRows);
+        for (const t of s.tokens) out[t.rowId].push(t.token);
+      }
       return out;
     }
 
@@ -220,18 +228,20 @@ for (const model of FAMILIES) {
       }
     });
 
-    test('a batch mixing prefix-tuned, prompt-tuned, LoRA and bare rows gives each row what it gives alone', async () => {
-      const deltas: (LoadedDelta | null)[] = [...written.map((w) => loaded.get(w.id)!), loaded.get('lora')!, null];
+    test('a batch mixing prefix-tuned, prompt-tuned, LoRA, adapter and bare rows gives each row what it gives alone', async () => {
+      const deltas: (LoadedDelta | null)[] = [...written.map((w) => loaded.get(w.id)!), loaded.get('lora')!, loaded.get('adapter')!, null];
       // Twice over, with prompts of different lengths, so rows with and without prefixes share prefill groups and decode steps.
       const rows = [...deltas, ...deltas.slice().reverse()].map((delta, i) => ({ delta, promptIds: promptOf(i + 3) }));
-      const mixed = await serve(rows);
+      const decodeRows: number[] = [];
+      const mixed = await serve(rows, undefined, decodeRows);
+      assert.equal(Math.max(...decodeRows), rows.length, `every row decodes in one step at least once (steps: ${decodeRows})`);
       // Prefilled in chunks of a few tokens per row, the prefixes in place before the first: the same tokens.
       assert.deepEqual(await serve(rows, 2 * rows.length), mixed, 'a chunked prefill gives the same tokens');
       for (const [i, r] of rows.entries()) {
         const [alone] = await serve([r]);
         assert.deepEqual(mixed[i], alone, `row ${i} (${r.delta?.id ?? 'bare'}) differs from the same request alone`);
         const w = written.find((x) => x.id === r.delta?.id) ?? null;
-        if (r.delta?.id !== 'lora') assert.deepEqual(mixed[i], await reference(w, r.promptIds, mixed[i]), `row ${i}: differs from the reference`);
+        if (r.delta?.type !== 'lora' && r.delta?.type !== 'adapter') assert.deepEqual(mixed[i], await reference(w, r.promptIds, mixed[i]), `row ${i}: differs from the reference`);
       }
     });
 
