@@ -133,8 +133,12 @@ export async function measurePrefix(bb: Backbone, session: ort.InferenceSession,
     };
     for (const i of engines.keys()) await step(i); // warm-up
     for (let round = 0; round < opts.rounds * opts.perBlock; round++) {
-      const ms: number[] = [];
-      for (const i of engines.keys()) ms.push(await step(i));
+      // The order rotates round by round, so no configuration always runs right after another.
+      const ms: number[] = new Array(engines.length);
+      for (let k = 0; k < engines.length; k++) {
+        const i = (round + k) % engines.length;
+        ms[i] = await step(i);
+      }
       ms.forEach((x, i) => {
         decode[i].steps.push(x);
         decode[i].ratios.push(x / ms[0]);
