@@ -6,7 +6,7 @@
  *
  *   npm run bench                                   # everything, ~5–8 min on 2 cores
  *   npm run bench -- --quick                        # fewer repetitions, contexts 64 and 256 (~2–3 min)
- *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs | torch-kv (or 1-7)
+ *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs | torch-kv | prefix (or 1-8)
  *
  * Other flags: --reps N (throughput rounds), --contexts 64,256,512, --naive N
  * (naive requests actually measured, the rest extrapolated), --sequential N,
@@ -26,6 +26,7 @@ import { kindsGoals, kindsTables, measureKinds } from './lib/kinds-step.js';
 import { kvFloorTables, measureKvFloor, type KvFloorResult } from './lib/kv-floor.js';
 import { logprobsTable, measureLogprobs, NOT_ASKED_LABEL, type LogprobsBenchResult } from './lib/logprobs-step.js';
 import { measureTorchKv, torchGpt2Small, torchKvTable } from './lib/torch-kv.js';
+import { measurePrefix, prefixGoals, prefixTables } from './lib/prefix-step.js';
 import { measureRewrite, NO_SITES_LABEL, ORIGINAL_LABEL, rewriteTables, type RewriteBenchResult } from './lib/rewrite-step.js';
 import {
   benchRequests, healthTable, LORA_RANK, measureNaive, measureSequential, measureThroughput, naiveTable, startBenchStack,
@@ -61,7 +62,7 @@ if (has('help')) {
 }
 
 const QUICK = has('quick');
-const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs', 'torch-kv'] as const;
+const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs', 'torch-kv', 'prefix'] as const;
 type Section = (typeof SECTION_NAMES)[number];
 const sections = new Set<Section>(
   (arg('sections') ?? SECTION_NAMES.join(',')).split(',').map((s) => {
@@ -83,6 +84,7 @@ const cfg = {
   kinds: { rounds: QUICK ? 2 : 6, perBlock: 4 },
   logprobs: { rounds: QUICK ? 10 : 40, context: 64, batches: [1, 8, 32] },
   torchKv: { batch: 32, contexts: arg('contexts')?.split(',').map(Number) ?? (QUICK ? [64, 256] : [64, 256, 512, 1000]), rounds: QUICK ? 2 : 4, perBlock: 3, prefillChunkTokens: 4096 },
+  prefix: { ttftPairs: QUICK ? 4 : 30, ttftPrompt: 64, decodePrompt: 150, rounds: QUICK ? 2 : 8, perBlock: 3 },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
@@ -194,7 +196,7 @@ async function main(): Promise<void> {
   const DEFAULT_PLAN = 'engine, default plan';
   const toRelease: ort.InferenceSession[] = [];
 
-  if (sections.has('rewrite') || sections.has('kv') || sections.has('kinds') || sections.has('logprobs')) {
+  if (sections.has('rewrite') || sections.has('kv') || sections.has('kinds') || sections.has('logprobs') || sections.has('prefix')) {
     const t = Date.now();
     bb = await loadBackbone({ model: 'demo:gpt2-small', cacheDir });
     progress(`loaded ${bb.info.name} in ${((Date.now() - t) / 1000).toFixed(1)} s`);
@@ -279,6 +281,22 @@ async function main(): Promise<void> {
         torchKvTable(res),
       ].join('\n\n'));
     }
+  }
+
+  if (sections.has('prefix')) {
+    progress('section 8: prompt learning as KV prefixes (issue 12)');
+    const g = buildEngineGraph(bb!, planSites(bb!));
+    const { createSession } = await import('../src/backbone/session.js');
+    const engine = rewrite?.sessions.byPlan.get(DEFAULT_PLAN) ?? (await createSession(g.bytes));
+    if (!rewrite) toRelease.push(engine);
+    const res = await measurePrefix(bb!, engine, g.sites, { ...cfg.prefix, log: progress });
+    goals.push(...prefixGoals(res));
+    add('8. Prompt learning: TTFT with a cached prefix, and decode steps with 20-token prefixes (issue 12)', [
+      'The real `Engine` in-process on the default site plan; PEFT PROMPT_TUNING and PREFIX_TUNING deltas (20 virtual tokens) written as files and loaded through the registry. ' +
+      `TTFT: one \`Engine.step()\` of a lone request with max_new_tokens 1 (its prefill and first token), a ${cfg.prefix.ttftPrompt}-token prompt, bare and prompt-tuned alternated request by request ` +
+      '(the prompt-tuned prefix computed once before, as the first request of a task does). Decode: each configuration an Engine of its own, prefilled untimed, pure decode steps of 32 rows alternated one by one (all three feed the same shapes; paired ratios).',
+      prefixTables(res),
+    ].join('\n\n'));
   }
 
   for (const s of toRelease) await s.release();

@@ -8,7 +8,7 @@ import { loadBackbone, type Backbone } from './backbone/backbone.js';
 import { engineModelSource } from './backbone/engine-model.js';
 import { buildEngineGraph } from './backbone/rewrite/index.js';
 import { planSites, type SitePlan } from './deltas/kinds/index.js';
-import type { DeltaSite } from './deltas/types.js';
+import type { DeltaPrefix, DeltaSite } from './deltas/types.js';
 import { bankBytesFor } from './engine/bank-bytes.js';
 import type { Config } from './config.js';
 import { Registry } from './deltas/registry.js';
@@ -80,7 +80,11 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
 
   const sites = opts.sites ?? config.sites;
   const plan = planSites(backbone, sites);
-  const unplaceable = (delta: { sites: DeltaSite[] }) => {
+  const graph = buildEngineGraph(backbone, plan);
+  const unplaceable = (delta: { sites: DeltaSite[]; prefix?: DeltaPrefix }) => {
+    if (delta.prefix?.embeds && !graph.promptEmbeds) {
+      return ['this backbone\'s graph has no embedding Gather of input_ids for the rewrite to add prompt_embeds to, so prompt-tuned tasks cannot run on it'];
+    }
     const missing = delta.sites.filter((s) => !plan.get(s.module)?.some((site) => site.name === s.site));
     if (!missing.length) return [];
     const sites = [...new Set(missing.map((s) => s.site))];
@@ -104,7 +108,6 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
     },
   });
 
-  const graph = buildEngineGraph(backbone, plan);
   const engine = await EngineClient.start({
     model: await engineModelSource(backbone, graph.bytes, opts.cacheDir),
     io: backbone.io, sites: graph.sites, eosTokenIds: [...backbone.tokenizer.eosTokenIds], maxPositions: backbone.info.maxPositions,

@@ -41,9 +41,9 @@ test('spread growth keeps every row exactly as growing at once does', () => {
     if (spread.rows < 6 && (spread.rows === 0 || r < 0.05)) {
       // A row joins with a short prompt taken from a one-row source block.
       const tokens = 1 + Math.floor(rand() * 20);
-      const src = { keys: fresh(1, tokens), values: fresh(1, tokens), capacity: tokens, row: 0, start: 0 };
-      spread.addRow(tokens, src);
-      atOnce.addRow(tokens, src);
+      const src = { keys: fresh(1, tokens), values: fresh(1, tokens), capacity: tokens, row: 0, segments: [{ start: 0, tokens }] };
+      spread.addRow(src);
+      atOnce.addRow(src);
     } else if (spread.rows > 1 && r < 0.08) {
       const row = Math.floor(rand() * spread.rows);
       spread.removeRow(row);

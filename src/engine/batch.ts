@@ -12,18 +12,17 @@ import type { DecoderIO } from '../backbone/decoder-io.js';
 import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import type { LoadedDelta } from '../deltas/types.js';
 import { DeltaBanks, type BankOptions } from './banks.js';
-import { KvPool } from './kv-pool.js';
+import { KvPool, type KvSegment } from './kv-pool.js';
 
 export interface BatchRow {
   readonly req: { readonly delta: LoadedDelta | null };
 }
 
-/** A row's prompt K/V in another batch: `tokens` slots of row `index`, from slot `start`. */
+/** A row's K/V in another batch: row `index`'s slots, segment after segment (its KV prefix, its prompt). */
 export interface KvSource {
   batch: Batch<BatchRow>;
   index: number;
-  start: number;
-  tokens: number;
+  segments: readonly KvSegment[];
 }
 
 export class Batch<R extends BatchRow> {
@@ -45,7 +44,7 @@ export class Batch<R extends BatchRow> {
   add(row: R, from?: KvSource): void {
     if (from) {
       const src = from.batch.kv;
-      this.kv.addRow(from.tokens, { keys: src.keys, values: src.values, capacity: src.capacity, row: from.index, start: from.start });
+      this.kv.addRow({ keys: src.keys, values: src.values, capacity: src.capacity, row: from.index, segments: from.segments });
     } else {
       this.kv.addEmptyRow();
     }
@@ -92,6 +91,20 @@ export class Batch<R extends BatchRow> {
   /** Room for every row to hold `tokens` slots. */
   reserve(tokens: number): void {
     this.kv.ensure(this.rows.length, tokens);
+  }
+
+  /**
+   * Puts each row's KV prefix (prompt learning) in its first `slots` slots,
+   * right-aligned so it ends where the prompt's slots begin; a row without one
+   * leaves them empty (the attention mask hides them). Call on a fresh batch
+   * after `reserve`.
+   */
+  placePrefixes(slots: number): void {
+    this.rows.forEach((r, b) => {
+      const p = r.req.delta?.prefix;
+      if (p) this.kv.writePrefix(b, slots - p.tokens, p);
+    });
+    this.kv.advance(slots);
   }
 
   /** Before a decode step: room for one more token per row, the next capacity bucket filled ahead of need. */

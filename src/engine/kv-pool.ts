@@ -35,6 +35,12 @@ interface Growth {
   done: number;
 }
 
+/** `tokens` slots from slot `start`. */
+export interface KvSegment {
+  start: number;
+  tokens: number;
+}
+
 export interface KvShape {
   layers: number;
   kvHeads: number;
@@ -139,12 +145,14 @@ export class KvPool {
     this.rowsCap = rowsCap;
   }
 
-  /** Adds a row whose first `tokens` slots are copied from `src` (a [n, kvHeads, srcCap, D] block, row `srcRow`, slots from `srcStart`). */
-  addRow(
-    tokens: number,
-    src: { keys: Float32Array[]; values: Float32Array[]; capacity: number; row: number; start: number },
-  ): number {
+  /**
+   * Adds a row whose slots are copied from `src` (a [n, kvHeads, srcCap, D]
+   * block, row `srcRow`): each segment's `tokens` slots from its `start`, one
+   * after another (a KV prefix, then the prompt after the padding between them).
+   */
+  addRow(src: { keys: Float32Array[]; values: Float32Array[]; capacity: number; row: number; segments: readonly KvSegment[] }): number {
     const row = this.rows;
+    const tokens = src.segments.reduce((n, s) => n + s.tokens, 0);
     this.ensure(row + 1, tokens + 1);
     const { kvHeads, headDim, layers } = this.shape;
     const g = this.growth;
@@ -154,14 +162,36 @@ export class KvPool {
       if (g && t < g.done) targets.push([g.buffers[t]!, g.capacity]);
       for (const [to, capacity] of targets) {
         for (let h = 0; h < kvHeads; h++) {
-          const s = ((src.row * kvHeads + h) * src.capacity + src.start) * headDim;
-          const d = (row * kvHeads + h) * capacity * headDim;
-          to.set(from.subarray(s, s + tokens * headDim), d);
+          let d = (row * kvHeads + h) * capacity * headDim;
+          for (const seg of src.segments) {
+            const s = ((src.row * kvHeads + h) * src.capacity + seg.start) * headDim;
+            to.set(from.subarray(s, s + seg.tokens * headDim), d);
+            d += seg.tokens * headDim;
+          }
         }
       }
     }
     this.len.push(tokens);
     return row;
+  }
+
+  /** Writes a [layers, kvHeads, n, D] prefix's keys and values into row `row`'s slots from `at` (lengths unchanged). */
+  writePrefix(row: number, at: number, prefix: { tokens: number; keys: Float32Array; values: Float32Array }): void {
+    const { kvHeads, headDim, layers } = this.shape;
+    const n = prefix.tokens * headDim;
+    for (let l = 0; l < layers; l++) {
+      for (const [src, dst] of [[prefix.keys, this.keys[l]], [prefix.values, this.values[l]]]) {
+        for (let h = 0; h < kvHeads; h++) {
+          const s = (l * kvHeads + h) * n;
+          dst.set(src.subarray(s, s + n), ((row * kvHeads + h) * this.capacity + at) * headDim);
+        }
+      }
+    }
+  }
+
+  /** Counts `n` more slots as held by every row (slots written in place, as by writePrefix). */
+  advance(n: number): void {
+    for (let b = 0; b < this.rows; b++) this.len[b] += n;
   }
 
   removeRow(row: number): void {

@@ -11,12 +11,15 @@ import { insertDeltaSites, type GraphSite, type SiteLayout } from './delta-sites
 import { rewriteKvCache, type LayerKvPath } from './kv-cache.js';
 import { rewriteLastLogits } from './last-logits.js';
 import { addLogprobs } from './logprobs.js';
+import { addPromptEmbeds } from './prompt-embeds.js';
 
 export interface EngineGraph {
   bytes: Uint8Array;
   sites: SiteLayout[];
   /** Layers whose attention reads past and new K/V without a Concat. */
   splitLayers: number;
+  /** Whether the graph takes `prompt_embeds` (prompt tuning's virtual tokens; see prompt-embeds.ts). */
+  promptEmbeds: boolean;
   /** Per layer: which KV path applies and why (`inspect` prints it, the server logs the fallbacks). */
   kvPaths: LayerKvPath[];
 }
@@ -33,5 +36,6 @@ export function buildEngineGraph(
   rewriteLastLogits(g, backbone.io.vocabSize);
   addLogprobs(g, backbone.io.vocabSize);
   const sites = insertDeltaSites(g, backbone.linear, plan, backbone.io.float16);
-  return { bytes: g.encodeModel(), sites, splitLayers, kvPaths };
+  const promptEmbeds = addPromptEmbeds(g, backbone.io.vocabSize);
+  return { bytes: g.encodeModel(), sites, splitLayers, kvPaths, promptEmbeds };
 }
