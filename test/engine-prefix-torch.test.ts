@@ -9,7 +9,7 @@
  * together with bare rows in one batch, the ids must be PyTorch's.
  */
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
 import { loadBackbone, type Backbone } from '../src/backbone/backbone.js';
@@ -18,7 +18,7 @@ import { Registry } from '../src/deltas/registry.js';
 import type { LoadedDelta } from '../src/deltas/types.js';
 import { Engine } from '../src/engine/engine.js';
 import { defaultGraph, testCacheDir, type Session } from './helpers/engine-graph.js';
-import { TORCH_FIXTURE_NAMES, torchFixture } from './helpers/fixtures.js';
+import { torchFixtures } from './helpers/fixtures.js';
 
 const GREEDY = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, seed: null };
 const KINDS = ['prefix', 'prompt', 'ptuning'] as const;
@@ -29,10 +29,12 @@ interface Recorded {
   prompts: ({ text: string; prompt_ids: number[]; bare: number[] } & Record<(typeof KINDS)[number], number[]>)[];
 }
 
-for (const name of TORCH_FIXTURE_NAMES) {
+for (const fixture of torchFixtures()) {
+  const { name } = fixture;
+  const dir = join(fixture.recordedDir, 'prompt-learning');
+  // gpt2-fp16's weights are rounded: scripts/export-prompt-fixtures.py records the float32 models (and their layout variants).
+  if (!existsSync(dir)) continue;
   describe(`prompt learning on the torch fixture ${name}, against PyTorch's greedy ids`, () => {
-    const fixture = torchFixture(name);
-    const dir = join(fixture.dir, 'prompt-learning');
     const rec = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Recorded;
     let bb: Backbone;
     let session: Session;

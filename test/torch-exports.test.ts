@@ -17,36 +17,14 @@ import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
 import { planSites } from '../src/deltas/kinds/index.js';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { REPO, sseData, startStack, type Stack } from './helpers/e2e-stack.js';
-import { torchFixture, torchFixtures, type TorchFixture } from './helpers/fixtures.js';
-
-/** The streamed token ids of one greedy /v1/generate (eos ends it, as PyTorch's list is cut below). */
-async function servedIds(app: Express, task: string | null, text: string, maxNewTokens: number): Promise<number[]> {
-  const res = await request(app).post('/v1/generate')
-    .send({ task, inputs: text, parameters: { max_new_tokens: maxNewTokens }, stream: true })
-    .buffer(true).parse((r, cb) => { let s = ''; r.on('data', (c: Buffer) => (s += c)); r.on('end', () => cb(null, s)); });
-  assert.equal(res.status, 200, String(res.body));
-  return sseData(res.body as string).map((d) => JSON.parse(d)).filter((e) => e.token).map((e) => e.token.id as number);
-}
+import { REPO, startStack, streamedIds, uploadFolder, type Stack } from './helpers/e2e-stack.js';
+import { torchFixture, torchFixtures, untilEos } from './helpers/fixtures.js';
 
 /** Engine steps so far, and those that ran a single row (deltaserve_batch_size). */
 async function batchSizes(app: Express): Promise<{ steps: number; single: number }> {
   const text = (await request(app).get('/metrics').expect(200)).text;
   const value = (re: RegExp) => Number(text.match(re)?.[1] ?? NaN);
   return { steps: value(/^deltaserve_batch_size_count (\S+)$/m), single: value(/^deltaserve_batch_size_bucket\{le="1"\} (\S+)$/m) };
-}
-
-/** PyTorch's ids up to and including the first eos (the server stops there). */
-function expectedIds(ids: number[], eos: number): number[] {
-  const at = ids.indexOf(eos);
-  return at < 0 ? ids : ids.slice(0, at + 1);
-}
-
-async function uploadLora(app: Express, f: TorchFixture): Promise<void> {
-  const res = await request(app).post('/v1/deltas').field('id', 'lora')
-    .attach('config', await readFile(join(f.loraDir, 'adapter_config.json')), 'adapter_config.json')
-    .attach('weights', await readFile(join(f.loraDir, 'adapter_model.safetensors')), 'adapter_model.safetensors');
-  assert.equal(res.status, 201, JSON.stringify(res.body));
 }
 
 test('inspect runs the serving rewrite and prints each layer\'s KV path', async () => {
@@ -96,21 +74,21 @@ for (const f of torchFixtures()) {
       // Small prefill chunks: prompts run in several chunks, and near the context the past is packed.
       stack = await startStack({ env: { DELTASERVE_MODEL: f.dir, DELTASERVE_PREFILL_CHUNK_TOKENS: '16' } });
       eos = JSON.parse(await readFile(join(f.dir, 'config.json'), 'utf8')).eos_token_id;
-      await uploadLora(stack.services.app, f);
+      assert.equal((await uploadFolder(stack.services.app, 'lora', f.loraDir)).status, 201);
     });
 
     test('greedy ids equal PyTorch\'s, bare and with the LoRA, one request at a time', async () => {
       for (const p of f.prompts) {
-        assert.deepEqual(await servedIds(stack.services.app, null, p.text, f.maxNewTokens), expectedIds(p.bare, eos), `${p.text} bare`);
-        assert.deepEqual(await servedIds(stack.services.app, 'lora', p.text, f.maxNewTokens), expectedIds(p.lora, eos), `${p.text} lora`);
+        assert.deepEqual(await streamedIds(stack.services.app, null, p.text, f.maxNewTokens), untilEos(p.bare, eos), `${p.text} bare`);
+        assert.deepEqual(await streamedIds(stack.services.app, 'lora', p.text, f.maxNewTokens), untilEos(p.lora, eos), `${p.text} lora`);
       }
     });
 
     test('greedy ids equal PyTorch\'s in one mixed batch', async () => {
       const before = await batchSizes(stack.services.app);
       const runs = f.prompts.flatMap((p) => [
-        servedIds(stack.services.app, null, p.text, f.maxNewTokens).then((ids) => [ids, expectedIds(p.bare, eos), `${p.text} bare`] as const),
-        servedIds(stack.services.app, 'lora', p.text, f.maxNewTokens).then((ids) => [ids, expectedIds(p.lora, eos), `${p.text} lora`] as const),
+        streamedIds(stack.services.app, null, p.text, f.maxNewTokens).then((ids) => [ids, untilEos(p.bare, eos), `${p.text} bare`] as const),
+        streamedIds(stack.services.app, 'lora', p.text, f.maxNewTokens).then((ids) => [ids, untilEos(p.lora, eos), `${p.text} lora`] as const),
       ]);
       for (const [got, want, what] of await Promise.all(runs)) assert.deepEqual(got, want, what);
       const after = await batchSizes(stack.services.app);
@@ -129,13 +107,13 @@ for (const f of torchFixtures()) {
         return;
       }
       assert.equal(lora.length, room);
-      const want = expectedIds(lora, eos);
+      const want = untilEos(lora, eos);
       assert.equal(res.body.details.generated_tokens, want.length);
       if (want.length === room) {
         assert.equal(res.body.details.finish_reason, 'length');
         assert.equal(res.body.details.prompt_tokens + res.body.details.generated_tokens, f.maxPositions, 'every position used');
       }
-      assert.deepEqual(await servedIds(stack.services.app, 'lora', text, room), want);
+      assert.deepEqual(await streamedIds(stack.services.app, 'lora', text, room), want);
     });
 
     test('close', async () => stack.close());

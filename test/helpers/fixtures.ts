@@ -37,6 +37,8 @@ export interface TorchFixture {
   name: TorchFixtureName;
   /** The model directory (model.onnx, config.json, tokenizer files). */
   dir: string;
+  /** Where PyTorch's records for these weights live: `dir`, or a layout variant's base model's. */
+  recordedDir: string;
   /** The PEFT LoRA (adapter_config.json + adapter_model.safetensors). */
   loraDir: string;
   /** max_position_embeddings / n_positions. */
@@ -58,7 +60,7 @@ export function torchFixture(name: TorchFixtureName): TorchFixture {
     full_context: TorchFixture['fullContext'];
   };
   return {
-    name, dir, loraDir: join(recorded, expected.lora.dir),
+    name, dir, recordedDir: recorded, loraDir: join(recorded, expected.lora.dir),
     maxPositions: expected.max_positions, maxNewTokens: expected.max_new_tokens, prompts: expected.prompts,
     fullContext: expected.full_context,
   };
@@ -75,7 +77,15 @@ export interface TorchKindFixture {
 }
 
 export function torchKinds(f: TorchFixture): TorchKindFixture[] {
-  const root = join(f.dir, 'kinds');
+  const root = join(f.recordedDir, 'kinds');
+  // gpt2-fp16's weights are rounded: scripts/record-torch-kinds.py records the float32 models only.
+  if (!existsSync(root)) return [];
   const recorded = JSON.parse(readFileSync(join(root, 'expected.json'), 'utf8')) as Record<string, { dir: string; prompts: TorchKindFixture['prompts'] }>;
   return Object.entries(recorded).map(([kind, r]) => ({ kind, dir: join(root, r.dir), prompts: r.prompts }));
+}
+
+/** PyTorch's ids up to and including the first eos (the server stops there). */
+export function untilEos(ids: number[], eos: number): number[] {
+  const at = ids.indexOf(eos);
+  return at < 0 ? ids : ids.slice(0, at + 1);
 }

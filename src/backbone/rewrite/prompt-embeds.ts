@@ -31,7 +31,8 @@ export function addPromptEmbeds(g: GraphEditor, vocabSize: number): boolean {
   const idx = g.index();
   const gather = g.nodes.find((n) => n.opType === 'Gather' && n.input?.[1] === 'input_ids' && idx.initializers.has(n.input[0]));
   if (!gather) return false;
-  const dims = dimsOf(idx.initializers.get(gather.input![0])!);
+  const table = idx.initializers.get(gather.input![0])!;
+  const dims = dimsOf(table);
   if (dims.length !== 2 || dims[0] < vocabSize) return false;
   const out = gather.output![0];
   const fromTable = `${out}/vocab`;
@@ -44,7 +45,10 @@ export function addPromptEmbeds(g: GraphEditor, vocabSize: number): boolean {
     // The table's own Gather stays (its attributes too), reading a virtual token's id as 0.
     gather.input = [gather.input![0], g.op('Where', [real, ids, zero])];
     gather.output = [fromTable];
-    const virt = g.op('Gather', [PROMPT_EMBEDS, g.op('Where', [real, zero, g.op('Sub', [ids, vocab])])], { axis: 0 });
+    const rows = g.op('Gather', [PROMPT_EMBEDS, g.op('Where', [real, zero, g.op('Sub', [ids, vocab])])], { axis: 0 });
+    // The input is float32 whatever the graph computes in (a float16 export's table): rows in the table's type.
+    const tableType = table.dataType ?? DataType.FLOAT;
+    const virt = tableType === DataType.FLOAT ? rows : g.op('Cast', [rows], { to: tableType });
     // [batch, seq] → [batch, seq, 1], with Reshape (Unsqueeze changed signature at opset 13).
     const real3 = g.op('Reshape', [real, g.op('Concat', [g.op('Shape', [ids]), g.ints([1])], { axis: 0 })]);
     g.opNamed('Where', [real3, fromTable, virt], out);
