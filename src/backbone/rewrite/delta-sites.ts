@@ -133,12 +133,15 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Rea
 
     g.scope(scope, () => {
       const input = node.input![0];
-      const x = site.twoD ? g.op('Reshape', [input, shape3d(inF)]) : input;
+      // A 2-D view gets its rows back; an op that takes either rank (twoD null) is reshaped the same way,
+      // a no-op on a 3-D input, and everything goes back to the tensor's own shape at the end.
+      const flat = site.twoD !== false;
+      const x = flat ? g.op('Reshape', [input, shape3d(inF)]) : input;
       let xIn = x;
       for (const s of sites) if (s.input) xIn = s.input({ g, x: xIn, bank });
-      if (xIn !== x) node.input![0] = site.twoD ? g.op('Reshape', [xIn, g.ints([-1, inF])]) : xIn;
+      if (xIn !== x) node.input![0] = flat ? g.op('Reshape', [xIn, site.twoD ? g.ints([-1, inF]) : g.op('Shape', [input])]) : xIn;
 
-      let y = site.twoD ? g.op('Reshape', [base, shape3d(outF)]) : base;
+      let y = flat ? g.op('Reshape', [base, shape3d(outF)]) : base;
       for (const s of sites) {
         if (!s.output) continue;
         const h = y;
@@ -153,7 +156,8 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Rea
         const branch = (name: string, graph: typeof thenBranch) => ({ name, type: GRAPH_ATTR, g: graph });
         y = g.op('If', [gateInput(s.name)], { then_branch: branch('then_branch', thenBranch), else_branch: branch('else_branch', elseBranch) });
       }
-      g.opNamed(site.twoD ? 'Reshape' : 'Identity', site.twoD ? [y, g.ints([-1, outF])] : [y], out);
+      if (!flat) g.opNamed('Identity', [y], out);
+      else g.opNamed('Reshape', [y, site.twoD ? g.ints([-1, outF]) : g.op('Shape', [base])], out);
     });
   }
   return layouts;
