@@ -6,7 +6,7 @@
  *
  *   npm run bench                                   # everything, ~5–8 min on 2 cores
  *   npm run bench -- --quick                        # fewer repetitions, contexts 64 and 256 (~2–3 min)
- *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs (or 1-6)
+ *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs | quantized (or 1-7)
  *
  * Other flags: --reps N (throughput rounds), --contexts 64,256,512, --naive N
  * (naive requests actually measured, the rest extrapolated), --sequential N,
@@ -25,6 +25,7 @@ import { benchCacheDir, fmt, machine, mdTable, median, minimum, progress } from 
 import { kindsGoals, kindsTables, measureKinds } from './lib/kinds-step.js';
 import { kvFloorTables, measureKvFloor, type KvFloorResult } from './lib/kv-floor.js';
 import { logprobsTable, measureLogprobs, NOT_ASKED_LABEL, type LogprobsBenchResult } from './lib/logprobs-step.js';
+import { measureQuantized, quantizedGoals, quantizedTables } from './lib/quantized-step.js';
 import { measureRewrite, NO_SITES_LABEL, ORIGINAL_LABEL, rewriteTables, type RewriteBenchResult } from './lib/rewrite-step.js';
 import {
   benchRequests, healthTable, LORA_RANK, measureNaive, measureSequential, measureThroughput, naiveTable, startBenchStack,
@@ -60,7 +61,7 @@ if (has('help')) {
 }
 
 const QUICK = has('quick');
-const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs'] as const;
+const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs', 'quantized'] as const;
 type Section = (typeof SECTION_NAMES)[number];
 const sections = new Set<Section>(
   (arg('sections') ?? SECTION_NAMES.join(',')).split(',').map((s) => {
@@ -81,6 +82,7 @@ const cfg = {
   },
   kinds: { rounds: QUICK ? 2 : 6, perBlock: 4 },
   logprobs: { rounds: QUICK ? 10 : 40, context: 64, batches: [1, 8, 32] },
+  quantized: { rounds: QUICK ? 2 : 5, perBlock: QUICK ? 3 : 6, context: 64, batches: [1, 8, 32] },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
@@ -262,6 +264,17 @@ async function main(): Promise<void> {
   for (const s of toRelease) await s.release();
   toRelease.length = 0;
   bb = null;
+
+  if (sections.has('quantized')) {
+    progress('section 7: quantized backbones (issue 17)');
+    const q = await measureQuantized(cacheDir, { ...cfg.quantized, log: progress });
+    goals.push(...quantizedGoals(q));
+    add('7. Quantized backbones: float32, 8-bit, 4-bit, bare and with 32 LoRAs (issue 17)', [
+      'demo:gpt2-small and its copies written by `deltaserve quantize` (MatMulNBits, round-to-nearest per block of 32; embeddings float; lm_head float unless said), ' +
+      'each loaded as the server loads it, its engine graph on the default site plan; the LoRAs are full-precision r16 on every c_attn (at B=1 one LoRA, at B=8 eight).',
+      quantizedTables(q),
+    ].join('\n\n'));
+  }
 
   let tp: ThroughputResult | null = null;
   let seq: RunResult | null = null;

@@ -1,0 +1,25 @@
+/**
+ * One backbone's resident memory, alone in its process (bench/lib/quantized-step.ts
+ * runs it per backbone): load it as the server does, build the engine session,
+ * run decode steps at batch 32 with 32 distinct r16 LoRAs; print RSS as JSON.
+ *
+ *   node --import tsx bench/lib/quantized-rss.ts <model dir>
+ */
+import { loadBackbone } from '../../src/backbone/backbone.js';
+import { buildEngineGraph } from '../../src/backbone/rewrite/index.js';
+import { createSession } from '../../src/backbone/session.js';
+import { planSites } from '../../src/deltas/kinds/index.js';
+import { DeltaBanks } from '../../src/engine/banks.js';
+import { syntheticCAttnLora } from './common.js';
+import { stepFeeds } from './rewrite-step.js';
+
+const bb = await loadBackbone({ model: process.argv[2] });
+const g = buildEngineGraph(bb, planSites(bb));
+const session = await createSession(g.bytes);
+const banks = new DeltaBanks(g.sites, { maxRows: 32, zeroSize: true });
+for (let r = 0; r < 32; r++) banks.add(syntheticCAttnLora(bb, r, 16));
+const feeds = { ...stepFeeds(bb, 32, 64), ...banks.feeds() };
+for (let i = 0; i < 3; i++) await session.run(feeds);
+// maxRSS is in KiB.
+console.log(JSON.stringify({ rss: process.memoryUsage().rss, maxRss: process.resourceUsage().maxRSS * 1024 }));
+process.exit(0);
