@@ -77,15 +77,16 @@ describe('the MatMulNBits format', () => {
 const run = promisify(execFile);
 const LORA_TARGETS = { llama: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], gpt2: ['c_attn', 'c_proj', 'c_fc'] };
 
-const CASES: { model: 'demo:llama' | 'demo:gpt2'; bits: Bits; block: number }[] = [
+/** `lmHead`: --include-lm-head (GPT-2's is the tied embedding, read transposed by a Gemm). */
+const CASES: { model: 'demo:llama' | 'demo:gpt2'; bits: Bits; block: number; lmHead?: boolean }[] = [
   { model: 'demo:llama', bits: 4, block: 32 },
   { model: 'demo:gpt2', bits: 4, block: 32 },
   { model: 'demo:llama', bits: 8, block: 64 },
-  { model: 'demo:gpt2', bits: 8, block: 128 },
+  { model: 'demo:gpt2', bits: 8, block: 128, lmHead: true },
 ];
 
-for (const { model, bits, block } of CASES) {
-  describe(`a LoRA on ${model} quantized to ${bits}-bit (block ${block})`, () => {
+for (const { model, bits, block, lmHead } of CASES) {
+  describe(`a LoRA on ${model} quantized to ${bits}-bit (block ${block}${lmHead ? ', lm_head too' : ''})`, () => {
     let out: string;
     let float: string;
     let stack: Stack;
@@ -97,7 +98,7 @@ for (const { model, bits, block } of CASES) {
       float = dir;
       out = await mkdtemp(join(tmpdir(), 'ds-quant-'));
       // The command itself, as a user runs it.
-      await run(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'quantize', '--bits', String(bits), '--block', String(block), '--model', dir, '--out', out]);
+      await run(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'quantize', '--bits', String(bits), '--block', String(block), '--model', dir, '--out', out, ...(lmHead ? ['--include-lm-head'] : [])]);
       stack = await startStack(out);
       const family = stack.services.backbone.info.family as 'llama' | 'gpt2';
       spec = { id: 'lora', kind: 'peft-lora', rank: 8, targets: LORA_TARGETS[family], seed: 31 };
@@ -111,10 +112,10 @@ for (const { model, bits, block } of CASES) {
     });
     after(() => stack?.close());
 
-    test('every linear but lm_head is quantized; the fingerprint is the float backbone\'s', async () => {
+    test(`every linear${lmHead ? '' : ' but lm_head'} is quantized; the fingerprint is the float backbone's`, async () => {
       const info = stack.services.backbone.info;
       for (const m of info.modules) {
-        if (m.name.endsWith('lm_head')) assert.equal(m.quantization, undefined);
+        if (m.name.endsWith('lm_head') && !lmHead) assert.equal(m.quantization, undefined);
         else assert.deepEqual(m.quantization, { format: 'MatMulNBits', bits, blockSize: block }, m.name);
       }
       const float = await startStack(model);
@@ -129,9 +130,9 @@ for (const { model, bits, block } of CASES) {
       const body = (await request(stack.services.app).get('/v1/backbone').expect(200)).body;
       const c = body.modules.find((m: { name: string }) => m.name.endsWith(LORA_TARGETS[body.family as 'llama' | 'gpt2'][0]));
       assert.deepEqual(c.quantization, { format: 'MatMulNBits', bits, block_size: block });
-      assert.equal(body.modules.find((m: { name: string }) => m.name === 'lm_head').quantization, undefined);
+      assert.equal(body.modules.find((m: { name: string }) => m.name === 'lm_head').quantization?.bits, lmHead ? bits : undefined);
       const { stdout } = await run(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'inspect', '--model', out]);
-      assert.match(stdout, new RegExp(`${body.modules.length - 1} quantized`));
+      assert.match(stdout, new RegExp(`${body.modules.length - (lmHead ? 0 : 1)} quantized`));
       assert.match(stdout, new RegExp(`MatMulNBits ${bits}-bit, block ${block}`));
     });
 

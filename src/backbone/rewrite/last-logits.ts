@@ -17,13 +17,14 @@ export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
   // Walk back from `logits` through views to the vocabulary projection.
   let node: NodeProto | undefined = idx.producer.get('logits');
   while (node && SHAPE_OPS.has(node.opType!)) node = idx.producer.get(node.input![0]);
-  if (!node || (node.opType !== 'MatMul' && node.opType !== 'Gemm')) {
-    throw new Error('cannot find the lm_head MatMul/Gemm that produces logits');
+  if (!node || !['MatMul', 'Gemm', 'MatMulNBits'].includes(node.opType!)) {
+    throw new Error('cannot find the lm_head MatMul/Gemm/MatMulNBits that produces logits');
   }
   const weight = idx.initializers.get(node.input![1]);
   if (!weight) throw new Error(`lm_head ${node.name} has no weight initializer`);
   const transB = node.opType === 'Gemm' && attrInt(node, 'transB') === 1;
-  const hidden = transB ? dimsOf(weight)[1] : dimsOf(weight)[0];
+  // A quantized lm_head (MatMulNBits) says its input width in K.
+  const hidden = node.opType === 'MatMulNBits' ? attrInt(node, 'K')! : transB ? dimsOf(weight)[1] : dimsOf(weight)[0];
   // The 3-D hidden state [batch, seq, hidden], before any 2-D view for a Gemm.
   let h = node.input![0];
   const viewNode = idx.producer.get(h);
@@ -33,9 +34,11 @@ export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
   g.scope('/deltaserve/lm_head', () => {
     const last = g.op('Slice', [h, g.ints([-1]), g.ints([Number.MAX_SAFE_INTEGER]), g.ints([1])]);
     const x2 = g.op('Reshape', [last, g.ints([-1, hidden])]);
-    const extra = node.opType === 'Gemm' ? (node.input!.slice(2)) : [];
+    // Gemm's bias and MatMulNBits' scales and zero points come along, with the op's attributes and domain.
+    const extra = node.opType === 'MatMul' ? [] : node.input!.slice(2);
     const attrs = Object.fromEntries((node.attribute ?? []).map((a) => [a.name!, a]));
-    g.opNamed(node.opType!, [x2, node.input![1], ...extra], 'logits', node.opType === 'Gemm' ? attrs : {});
+    g.opNamed(node.opType!, [x2, node.input![1], ...extra], 'logits', node.opType === 'MatMul' ? {} : attrs);
+    if (node.domain) g.nodes.at(-1)!.domain = node.domain;
   });
   g.outputs.push(valueInfo('logits', DataType.FLOAT, ['batch_size', vocabSize]));
   // A step whose rows are all greedy fetches only this: [batch] ids instead of [batch, vocab] floats.
