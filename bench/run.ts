@@ -270,7 +270,8 @@ async function main(): Promise<void> {
     const q = await measureQuantized(cacheDir, { ...cfg.quantized, log: progress });
     goals.push(...quantizedGoals(q));
     add('7. Quantized backbones: float32, 8-bit, 4-bit, bare and with 32 LoRAs (issue 17)', [
-      'demo:gpt2-small and its copies written by `deltaserve quantize` (MatMulNBits, round-to-nearest per block of 32; embeddings float; lm_head float unless said), ' +
+      'demo:gpt2-small and its copies written by `deltaserve quantize` (MatMulNBits, round-to-nearest per block of 32; embeddings float; lm_head float unless said; ' +
+      '"int8 activations" = `--accuracy-level 4`, MatMulNBits quantizing its input per block on the fly), ' +
       'each loaded as the server loads it, its engine graph on the default site plan; the LoRAs are full-precision r16 on every c_attn (at B=1 one LoRA, at B=8 eight).',
       quantizedTables(q),
     ].join('\n\n'));

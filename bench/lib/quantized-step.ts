@@ -1,7 +1,8 @@
 /**
  * Quantized backbones (issue 17): the engine graph's decode step on
- * demo:gpt2-small in float32 and quantized by `deltaserve quantize` (8-bit,
- * 4-bit, 4-bit with lm_head too, and 4-bit with int8 activations), bare and
+ * demo:gpt2-small in float32 and quantized by `deltaserve quantize` (8-bit and
+ * 4-bit in blocks of 32, lm_head float or 4-bit too, activations float32 or
+ * int8 — MatMulNBits' accuracy_level 0 or 4), bare and
  * with 32 distinct r16 LoRAs on c_attn, at batch 1, 8 and 32; and the
  * resident memory of a process serving each (its own child process:
  * memory is not given back to the OS between backbones in one process).
@@ -37,10 +38,11 @@ export interface QuantBenchOptions {
 /** The backbones compared; `quantize` null is the float32 export itself. */
 export const VARIANTS: { label: string; quantize: QuantizeOptions | null }[] = [
   { label: 'float32', quantize: null },
-  { label: '8-bit (block 32)', quantize: { bits: 8, blockSize: 32 } },
-  { label: '4-bit (block 32)', quantize: { bits: 4, blockSize: 32 } },
-  { label: '4-bit (block 32) + lm_head 4-bit', quantize: { bits: 4, blockSize: 32, includeLmHead: true } },
-  { label: '4-bit + lm_head, int8 activations (accuracy_level 4)', quantize: { bits: 4, blockSize: 32, includeLmHead: true, accuracyLevel: 4 } },
+  { label: '8-bit', quantize: { bits: 8, blockSize: 32 } },
+  { label: '8-bit, int8 activations', quantize: { bits: 8, blockSize: 32, accuracyLevel: 4 } },
+  { label: '4-bit', quantize: { bits: 4, blockSize: 32 } },
+  { label: '4-bit + lm_head', quantize: { bits: 4, blockSize: 32, includeLmHead: true } },
+  { label: '4-bit + lm_head, int8 activations', quantize: { bits: 4, blockSize: 32, includeLmHead: true, accuracyLevel: 4 } },
 ];
 
 export interface QuantVariantResult {
@@ -79,7 +81,7 @@ const run = promisify(execFile);
 /** A separate process loads the variant as the server does, runs decode steps at batch 32 with LoRAs, and reports its RSS. */
 async function measureRss(dir: string, cacheDir: string): Promise<{ rss: number; maxRss: number }> {
   const script = fileURLToPath(new URL('./quantized-rss.ts', import.meta.url));
-  const { stdout } = await run(process.execPath, ['--import', 'tsx', script, dir], { env: { ...process.env, DELTASERVE_CACHE_DIR: cacheDir }, maxBuffer: 1 << 20 });
+  const { stdout } = await run(process.execPath, ['--expose-gc', '--import', 'tsx', script, dir], { env: { ...process.env, DELTASERVE_CACHE_DIR: cacheDir }, maxBuffer: 1 << 20 });
   return JSON.parse(stdout.trim().split('\n').at(-1)!);
 }
 
@@ -157,7 +159,7 @@ export function quantizedTables(res: QuantBenchResult): string {
   return [
     table('Medians', 'median'), '', table('Minima (the least disturbed step)', 'min'), '',
     'Memory: a separate process per backbone (bench/lib/quantized-rss.ts) loads it as the server does (the parsed model stays in the JS heap), ' +
-    'creates the engine session and runs 3 decode steps at batch 32 with 32 r16 LoRAs; peak RSS is the process\'s maxRSS.',
+    'creates the engine session and runs 3 decode steps at batch 32 with 32 r16 LoRAs; peak RSS is its VmHWM (Linux).',
     '', memory,
   ].join('\n');
 }
