@@ -111,6 +111,8 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
     ep: config.ep, threads: config.threads || undefined, maxBatch: config.maxBatch, prefillChunkTokens: config.prefillChunkTokens,
   });
   engine.on('error', (message) => logger.error({ message }, 'engine step failed'));
+  // Each layer left on the Concat fallback says why: it costs an O(context) copy per step.
+  for (const l of graph.kvPaths) if (l.path === 'concat') logger.warn({ layer: l.layer, reason: l.reason }, 'attention keeps Concat(past, new) on this layer');
   logger.info({ sites: graph.sites.length, splitAttentionLayers: graph.splitLayers, ep: config.ep }, 'engine ready');
 
   const scheduler = new Scheduler(engine, backbone.tokenizer, {

@@ -8,7 +8,7 @@
 import type { Backbone } from '../backbone.js';
 import { GraphEditor } from './editor.js';
 import { insertDeltaSites, type GraphSite, type SiteLayout } from './delta-sites.js';
-import { rewriteKvCache } from './kv-cache.js';
+import { rewriteKvCache, type LayerKvPath } from './kv-cache.js';
 import { rewriteLastLogits } from './last-logits.js';
 import { addLogprobs } from './logprobs.js';
 
@@ -17,14 +17,16 @@ export interface EngineGraph {
   sites: SiteLayout[];
   /** Layers whose attention reads past and new K/V without a Concat. */
   splitLayers: number;
+  /** Per layer: which KV path applies and why (`inspect` prints it, the server logs the fallbacks). */
+  kvPaths: LayerKvPath[];
 }
 
 /** `plan`: the sites on each linear module, in chain order (`planSites`; an empty map builds a graph without sites). */
 export function buildEngineGraph(backbone: Backbone, plan: ReadonlyMap<string, readonly GraphSite[]>): EngineGraph {
   const g = new GraphEditor(backbone.source.model);
-  const { splitLayers } = rewriteKvCache(g, backbone.io);
+  const { splitLayers, layers: kvPaths } = rewriteKvCache(g, backbone.io);
   rewriteLastLogits(g, backbone.io.vocabSize);
   addLogprobs(g, backbone.io.vocabSize);
   const sites = insertDeltaSites(g, backbone.linear, plan);
-  return { bytes: g.encodeModel(), sites, splitLayers };
+  return { bytes: g.encodeModel(), sites, splitLayers, kvPaths };
 }

@@ -8,17 +8,33 @@ import { DataType } from '../onnx/graph-builder.js';
 import { attrInt, dimsOf, valueInfo, type NodeProto } from '../onnx/proto.js';
 import type { GraphEditor } from './editor.js';
 
-const SHAPE_OPS = new Set(['Reshape', 'Flatten', 'Squeeze', 'Unsqueeze', 'Identity']);
+/**
+ * Ops between lm_head and `logits` that keep every value: views, and Cast (Llama's `logits.float()`;
+ * a float16 export's upcast). The rewrite recomputes logits from the last position and casts to float itself.
+ */
+const VALUE_PRESERVING = new Set(['Reshape', 'Flatten', 'Squeeze', 'Unsqueeze', 'Identity', 'Cast']);
 
 export const GREEDY_TOKEN = 'greedy_token';
+
+/** The vocabulary projections the rewrite knows: float, or quantized by `deltaserve quantize`. */
+const LM_HEAD_OPS = ['MatMul', 'Gemm', 'MatMulNBits'];
 
 export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
   const idx = g.index();
   // Walk back from `logits` through views to the vocabulary projection.
   let node: NodeProto | undefined = idx.producer.get('logits');
-  while (node && SHAPE_OPS.has(node.opType!)) node = idx.producer.get(node.input![0]);
-  if (!node || !['MatMul', 'Gemm', 'MatMulNBits'].includes(node.opType!)) {
-    throw new Error('cannot find the lm_head MatMul/Gemm/MatMulNBits that produces logits');
+  const walked: string[] = [];
+  while (node && VALUE_PRESERVING.has(node.opType!)) {
+    walked.push(`${node.opType} ${node.name}`);
+    node = idx.producer.get(node.input![0]);
+  }
+  if (!node || !LM_HEAD_OPS.includes(node.opType!)) {
+    const at = node ? `${node.opType} node ${node.name}` : 'a graph input or initializer';
+    throw new Error(
+      `cannot find the lm_head ${LM_HEAD_OPS.join('/')} that produces logits: walking back from logits` +
+      `${walked.length ? ` through ${walked.join(' ← ')}` : ''} reached ${at}; expected a ${LM_HEAD_OPS.join(', ')} ` +
+      `with a weight initializer, reached only through ${[...VALUE_PRESERVING].join('/')}`,
+    );
   }
   const weight = idx.initializers.get(node.input![1]);
   if (!weight) throw new Error(`lm_head ${node.name} has no weight initializer`);
@@ -37,8 +53,15 @@ export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
     // Gemm's bias and MatMulNBits' scales and zero points come along, with the op's attributes and domain.
     const extra = node.opType === 'MatMul' ? [] : node.input!.slice(2);
     const attrs = Object.fromEntries((node.attribute ?? []).map((a) => [a.name!, a]));
-    g.opNamed(node.opType!, [x2, node.input![1], ...extra], 'logits', node.opType === 'MatMul' ? {} : attrs);
-    if (node.domain) g.nodes.at(-1)!.domain = node.domain;
+    const opAttrs = node.opType === 'MatMul' ? {} : attrs;
+    // MatMulNBits computes in its scales' type; the others in their weight's.
+    const computes = node.opType === 'MatMulNBits' ? idx.initializers.get(node.input![2])?.dataType : weight.dataType;
+    const inputs = [x2, node.input![1], ...extra];
+    // A float16 lm_head's logits are upcast here, whether or not the export had its own Cast.
+    if (computes === DataType.FLOAT) g.opNamed(node.opType!, inputs, 'logits', opAttrs);
+    else g.opNamed('Cast', [g.op(node.opType!, inputs, opAttrs)], 'logits', { to: DataType.FLOAT });
+    // A contrib op (MatMulNBits) keeps its domain.
+    if (node.domain) for (const n of g.nodes) if (n.opType === node.opType && n.name?.startsWith('/deltaserve/lm_head')) n.domain = node.domain;
   });
   g.outputs.push(valueInfo('logits', DataType.FLOAT, ['batch_size', vocabSize]));
   // A step whose rows are all greedy fetches only this: [batch] ids instead of [batch, vocab] floats.
