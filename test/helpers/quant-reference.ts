@@ -5,6 +5,8 @@
  * quantized one by replacing each MatMulNBits with a MatMul on its
  * dequantized weight, optionally with LoRA factors merged in.
  */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { attrInt, DataType, encodeModel, floatData, floatTensor, onnx, type ModelProto, type NodeProto, type TensorProto } from '../../src/backbone/onnx/proto.js';
 
 export interface NBitsWeight {
@@ -116,4 +118,25 @@ export function oneNodeModel(w: NBitsWeight, M: number): Uint8Array {
       output: [vi('Y', [M, w.N])],
     },
   }));
+}
+
+/** A PEFT LoRA's factors, read straight from its files (safetensors: 8-byte header length, JSON header, little-endian F32 data). */
+export function peftLoraFactors(dir: string): LoraFactors {
+  const config = JSON.parse(readFileSync(join(dir, 'adapter_config.json'), 'utf8')) as { r: number; lora_alpha: number };
+  const bytes = readFileSync(join(dir, 'adapter_model.safetensors'));
+  const headerLen = Number(bytes.readBigUInt64LE(0));
+  const header = JSON.parse(bytes.subarray(8, 8 + headerLen).toString('utf8')) as Record<string, { dtype: string; data_offsets: [number, number] }>;
+  const tensor = (name: string) => {
+    const t = header[name];
+    if (t.dtype !== 'F32') throw new Error(`${name} is ${t.dtype}; this reader takes F32`);
+    const raw = bytes.subarray(8 + headerLen + t.data_offsets[0], 8 + headerLen + t.data_offsets[1]);
+    return new Float32Array(Uint8Array.from(raw).buffer);
+  };
+  const out: LoraFactors = new Map();
+  for (const key of Object.keys(header)) {
+    const m = /^base_model\.model\.(.+)\.lora_A\.weight$/.exec(key);
+    if (!m) continue;
+    out.set(m[1], { A: tensor(key), B: tensor(`base_model.model.${m[1]}.lora_B.weight`), r: config.r, scale: config.lora_alpha / config.r });
+  }
+  return out;
 }
