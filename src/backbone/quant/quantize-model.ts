@@ -6,7 +6,7 @@
  * are not linears and stay float; `lm_head` stays float unless asked.
  */
 import { copyFile, mkdir, readdir, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { GraphEditor } from '../rewrite/editor.js';
 import { findLinearModules, type LinearSite } from '../modules.js';
 import { readModelDir } from '../model-dir.js';
@@ -43,8 +43,9 @@ const isLmHead = (name: string) => /(^|\.)lm_head$/.test(name);
 const floatAttrOf = (node: NodeProto, name: string) => node.attribute?.find((a) => a.name === name)?.f;
 
 /** Why a linear cannot become a MatMulNBits as it stands, or null. */
-function unsupported(site: LinearSite): string | null {
+function unsupported(site: LinearSite, weight: TensorProto): string | null {
   const n = site.node;
+  if (weight.dataType !== DataType.FLOAT) return `its weight is not float32 (ONNX data type ${weight.dataType})`;
   if (n.opType !== 'Gemm') return null;
   if (attrInt(n, 'transA') === 1) return 'Gemm with transA';
   const alpha = floatAttrOf(n, 'alpha');
@@ -67,13 +68,13 @@ export function quantizeModel(model: ModelProto, baseDir: string, opts: Quantize
       report.skipped.push({ module: site.name, reason: `already ${site.quantization.format} ${site.quantization.bits}-bit` });
       continue;
     }
-    const why = unsupported(site);
+    const src = site.node;
+    const w = weights.get(src.input![1])!;
+    const why = unsupported(site, w);
     if (why) {
       report.skipped.push({ module: site.name, reason: why });
       continue;
     }
-    const src = site.node;
-    const w = weights.get(src.input![1])!;
     const data = floatData(w, baseDir);
     const d1 = dimsOf(w)[1];
     const K = site.inFeatures;
@@ -124,6 +125,7 @@ export function quantizeModel(model: ModelProto, baseDir: string, opts: Quantize
 
 /** Writes a quantized copy of the model directory `dir` (Optimum's layout) to `out`: model.onnx and every other file as it was. */
 export async function quantizeModelDir(dir: string, out: string, opts: QuantizeOptions): Promise<QuantizeReport> {
+  if (resolve(dir) === resolve(out)) throw new Error(`--out must be another folder than the model's own (${dir}): the copy would overwrite its source`);
   const source = readModelDir(dir);
   const { model, report } = quantizeModel(source.model, dir, opts);
   if (!report.quantized.length) throw new Error(`no linear module of ${dir} could be quantized: ${report.skipped.map((s) => `${s.module} (${s.reason})`).join(', ') || 'none found'}`);
