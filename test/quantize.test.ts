@@ -77,6 +77,25 @@ describe('the MatMulNBits format', () => {
 const run = promisify(execFile);
 const LORA_TARGETS = { llama: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], gpt2: ['c_attn', 'c_proj', 'c_fc'] };
 
+describe('deltaserve quantize refuses what it cannot do, saying why', () => {
+  const refused = async (args: string[]) => {
+    try {
+      await run(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'quantize', ...args]);
+    } catch (e) {
+      return (e as { stderr: string }).stderr;
+    }
+    assert.fail(`quantize ${args.join(' ')} succeeded`);
+  };
+
+  test('bits other than 4 or 8, the model\'s own folder as --out, a folder that is not a model', async () => {
+    const { dir } = await resolveModelDir({ model: 'demo:llama', cacheDir: testCacheDir() });
+    assert.match(await refused(['--bits', '3', '--model', dir, '--out', join(tmpdir(), 'x')]), /--bits.*choices are 4, 8|Allowed choices are 4, 8/);
+    assert.match(await refused(['--bits', '4', '--model', dir, '--out', dir]), /--out must be another folder/);
+    const empty = await mkdtemp(join(tmpdir(), 'ds-not-a-model-'));
+    assert.match(await refused(['--bits', '4', '--model', empty, '--out', join(empty, 'q')]), /lacks model\.onnx/);
+  });
+});
+
 /** `lmHead`: --include-lm-head (GPT-2's is the tied embedding, read transposed by a Gemm). */
 const CASES: { model: 'demo:llama' | 'demo:gpt2'; bits: Bits; block: number; lmHead?: boolean }[] = [
   { model: 'demo:llama', bits: 4, block: 32 },
