@@ -17,6 +17,7 @@ import {
 import { blobSize, blocksPerRow, quantizeBlockwise, quantizedBytes, type Bits } from './matmul-nbits.js';
 
 export const MS_DOMAIN = 'com.microsoft';
+const PROTOBUF_LIMIT = 2 ** 31 - 2 ** 24;
 
 export interface QuantizeOptions {
   bits: Bits;
@@ -129,6 +130,12 @@ export async function quantizeModelDir(dir: string, out: string, opts: QuantizeO
   const source = readModelDir(dir);
   const { model, report } = quantizeModel(source.model, dir, opts);
   if (!report.quantized.length) throw new Error(`no linear module of ${dir} could be quantized: ${report.skipped.map((s) => `${s.module} (${s.reason})`).join(', ') || 'none found'}`);
+  const bytes = (model.graph!.initializer ?? []).reduce((a, t) => a + (t.rawData?.length ?? 0), 0);
+  // protobuf cannot hold more; writing external data for quantized models is not built.
+  if (bytes > PROTOBUF_LIMIT) {
+    throw new Error(`the quantized model would hold ${(bytes / 2 ** 30).toFixed(2)} GiB of weights in model.onnx, past protobuf's 2 GiB: ` +
+      'deltaserve quantize writes self-contained models only; quantize with fewer bits or use a smaller model');
+  }
   await mkdir(out, { recursive: true });
   const external = new Set(source.externalFiles);
   for (const e of await readdir(dir, { withFileTypes: true })) {
