@@ -6,7 +6,7 @@
  *
  *   npm run bench                                   # everything, ~5–8 min on 2 cores
  *   npm run bench -- --quick                        # fewer repetitions, contexts 64 and 256 (~2–3 min)
- *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs | torch-kv | prefix (or 1-8)
+ *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs | torch-kv | prefix | quantized (or 1-9)
  *
  * Other flags: --reps N (throughput rounds), --contexts 64,256,512, --naive N
  * (naive requests actually measured, the rest extrapolated), --sequential N,
@@ -27,6 +27,7 @@ import { kvFloorTables, measureKvFloor, type KvFloorResult } from './lib/kv-floo
 import { logprobsTable, measureLogprobs, NOT_ASKED_LABEL, type LogprobsBenchResult } from './lib/logprobs-step.js';
 import { measureTorchKv, torchGpt2Small, torchKvTable } from './lib/torch-kv.js';
 import { measurePrefix, prefixGoals, prefixTables } from './lib/prefix-step.js';
+import { measureQuantized, quantizedGoals, quantizedTables } from './lib/quantized-step.js';
 import { measureRewrite, NO_SITES_LABEL, ORIGINAL_LABEL, rewriteTables, type RewriteBenchResult } from './lib/rewrite-step.js';
 import {
   benchRequests, healthTable, LORA_RANK, measureNaive, measureSequential, measureThroughput, naiveTable, startBenchStack,
@@ -62,7 +63,7 @@ if (has('help')) {
 }
 
 const QUICK = has('quick');
-const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs', 'torch-kv', 'prefix'] as const;
+const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs', 'torch-kv', 'prefix', 'quantized'] as const;
 type Section = (typeof SECTION_NAMES)[number];
 const sections = new Set<Section>(
   (arg('sections') ?? SECTION_NAMES.join(',')).split(',').map((s) => {
@@ -85,6 +86,7 @@ const cfg = {
   logprobs: { rounds: QUICK ? 10 : 40, context: 64, batches: [1, 8, 32] },
   torchKv: { batch: 32, contexts: arg('contexts')?.split(',').map(Number) ?? (QUICK ? [64, 256] : [64, 256, 512, 1000]), rounds: QUICK ? 2 : 4, perBlock: 3, prefillChunkTokens: 4096 },
   prefix: { ttftPairs: QUICK ? 4 : 30, ttftPrompt: 64, decodePrompt: 150, rounds: QUICK ? 2 : 8, perBlock: 3 },
+  quantized: { rounds: QUICK ? 2 : 5, perBlock: QUICK ? 3 : 6, context: 64, batches: [1, 8, 32] },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
@@ -302,6 +304,18 @@ async function main(): Promise<void> {
   for (const s of toRelease) await s.release();
   toRelease.length = 0;
   bb = null;
+
+  if (sections.has('quantized')) {
+    progress('section 9: quantized backbones (issue 17)');
+    const q = await measureQuantized(cacheDir, { ...cfg.quantized, log: progress });
+    goals.push(...quantizedGoals(q));
+    add('9. Quantized backbones: float32, 8-bit, 4-bit, bare and with 32 LoRAs (issue 17)', [
+      'demo:gpt2-small and its copies written by `deltaserve quantize` (MatMulNBits, round-to-nearest per block of 32; embeddings float; lm_head float unless said; ' +
+      '"int8 activations" = `--accuracy-level 4`, MatMulNBits quantizing its input per block on the fly), ' +
+      'each loaded as the server loads it, its engine graph on the default site plan; the LoRAs are full-precision r16 on every c_attn (at B=1 one LoRA, at B=8 eight).',
+      quantizedTables(q),
+    ].join('\n\n'));
+  }
 
   let tp: ThroughputResult | null = null;
   let seq: RunResult | null = null;

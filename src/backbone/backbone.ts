@@ -38,8 +38,8 @@ export async function loadBackbone(opts: BackboneOptions): Promise<Backbone> {
   const source = readModelDir(dir);
   const tokenizer = await loadTokenizer(dir);
   const linear = findLinearModules(source.model.graph!);
-  const modules = linear.map(({ name, kind, inFeatures, outFeatures, layer, biasInitializer }) => ({
-    name, kind, inFeatures, outFeatures, layer, biasInitializer,
+  const modules = linear.map(({ name, kind, inFeatures, outFeatures, layer, biasInitializer, quantization }) => ({
+    name, kind, inFeatures, outFeatures, layer, biasInitializer, ...(quantization ? { quantization } : {}),
   }));
   const cfg = source.config;
   const family = familyOf(typeof cfg.model_type === 'string' ? cfg.model_type : undefined, modules);

@@ -14,6 +14,15 @@ export interface LinearModule {
   layer: number | null;
   /** Name of the graph initializer holding this module's bias, if it has one. */
   biasInitializer: string | null;
+  /** How its weight is stored when it is not float: the op and its bits (deltas on it stay float32). */
+  quantization?: Quantization;
+}
+
+/** A quantized linear's storage: onnxruntime's MatMulNBits (bits, block size along the input features). */
+export interface Quantization {
+  format: 'MatMulNBits';
+  bits: number;
+  blockSize: number;
 }
 
 export interface BackboneInfo {

@@ -140,12 +140,15 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Rea
       const toFloat = (t: string) => (float16 ? g.op('Cast', [t], { to: DataType.FLOAT }) : t);
       const toGraph = (t: string) => (float16 ? g.op('Cast', [t], { to: DataType.FLOAT16 }) : t);
       const input = node.input![0];
-      const x = toFloat(site.twoD ? g.op('Reshape', [input, shape3d(inF)]) : input);
+      // A 2-D view gets its rows back; an op that takes either rank (twoD null) is reshaped the same way,
+      // a no-op on a 3-D input, and everything goes back to the tensor's own shape at the end.
+      const flat = site.twoD !== false;
+      const x = toFloat(flat ? g.op('Reshape', [input, shape3d(inF)]) : input);
       let xIn = x;
       for (const s of sites) if (s.input) xIn = s.input({ g, x: xIn, bank });
-      if (xIn !== x) node.input![0] = toGraph(site.twoD ? g.op('Reshape', [xIn, g.ints([-1, inF])]) : xIn);
+      if (xIn !== x) node.input![0] = toGraph(flat ? g.op('Reshape', [xIn, site.twoD ? g.ints([-1, inF]) : g.op('Shape', [input])]) : xIn);
 
-      let y = toFloat(site.twoD ? g.op('Reshape', [base, shape3d(outF)]) : base);
+      let y = toFloat(flat ? g.op('Reshape', [base, shape3d(outF)]) : base);
       for (const s of sites) {
         if (!s.output) continue;
         const h = y;
@@ -161,7 +164,8 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Rea
         y = g.op('If', [gateInput(s.name)], { then_branch: branch('then_branch', thenBranch), else_branch: branch('else_branch', elseBranch) });
       }
       y = toGraph(y);
-      g.opNamed(site.twoD ? 'Reshape' : 'Identity', site.twoD ? [y, g.ints([-1, outF])] : [y], out);
+      if (!flat) g.opNamed('Identity', [y], out);
+      else g.opNamed('Reshape', [y, site.twoD ? g.ints([-1, outF]) : g.op('Shape', [base])], out);
     });
   }
   return layouts;
