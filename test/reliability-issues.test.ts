@@ -8,6 +8,7 @@
 import assert from 'node:assert/strict';
 import { mkdir, readdir, rm, truncate, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
+import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import request from 'supertest';
@@ -70,19 +71,20 @@ test('3: startup removes upload temp folders and store .tmp- folders left by a k
   const deltas = join(root, 'deltas');
   // A pid that cannot be alive (above Linux's pid_max), as a SIGKILLed writer leaves them.
   const dead = 2 ** 22 + 17;
-  await mkdir(join(uploads, `deltaserve-upload-${dead}-abc`), { recursive: true });
-  await writeFile(join(uploads, `deltaserve-upload-${dead}-abc`, 'adapter_model.safetensors'), 'partial');
-  await mkdir(join(deltas, `.tmp-${dead}-0123456789abcdef`), { recursive: true });
-  await writeFile(join(deltas, `.tmp-${dead}-0123456789abcdef`, 'adapter_model.safetensors'), 'partial');
+  const host = hostname().replace(/[^A-Za-z0-9_.]/g, '_');
+  await mkdir(join(uploads, `deltaserve-upload-${dead}@${host}-abc`), { recursive: true });
+  await writeFile(join(uploads, `deltaserve-upload-${dead}@${host}-abc`, 'adapter_model.safetensors'), 'partial');
+  await mkdir(join(deltas, `.tmp-${dead}@${host}-0123456789abcdef`), { recursive: true });
+  await writeFile(join(deltas, `.tmp-${dead}@${host}-0123456789abcdef`, 'adapter_model.safetensors'), 'partial');
   // A live writer's folders (this process) are left alone.
-  await mkdir(join(uploads, `deltaserve-upload-${process.pid}-live`), { recursive: true });
-  await mkdir(join(deltas, `.tmp-${process.pid}-fedcba9876543210`), { recursive: true });
+  await mkdir(join(uploads, `deltaserve-upload-${process.pid}@${host}-live`), { recursive: true });
+  await mkdir(join(deltas, `.tmp-${process.pid}@${host}-fedcba9876543210`), { recursive: true });
 
   const { sweepUploadTemps } = await import('../src/http/upload.js');
   await sweepUploadTemps(uploads);
   await DeltaStore.open(deltas);
-  assert.deepEqual(await readdir(uploads), [`deltaserve-upload-${process.pid}-live`]);
-  assert.deepEqual(await readdir(deltas), [`.tmp-${process.pid}-fedcba9876543210`]);
+  assert.deepEqual(await readdir(uploads), [`deltaserve-upload-${process.pid}@${host}-live`]);
+  assert.deepEqual(await readdir(deltas), [`.tmp-${process.pid}@${host}-fedcba9876543210`]);
 });
 
 test('3: a store write names its temp folder by the writing process, so a restart knows whose it is', async (t) => {
@@ -92,7 +94,7 @@ test('3: a store write names its temp folder by the writing process, so a restar
   await store.write('a', new Map([['config.json', new Uint8Array([1])]]), {
     type: 'lora', format: 'peft', rank: 1, fingerprint: 'f', bytes: 1, sites: [],
   }, { replace: false });
-  assert.ok(seen.length > 0 && seen.every((e) => e.startsWith(`.tmp-${process.pid}-`)), seen.join(','));
+  assert.ok(seen.length > 0 && seen.every((e) => e.startsWith(`.tmp-${process.pid}@`)), seen.join(','));
 });
 
 // --- 4: one size limit for every way a delta comes in --------------------------

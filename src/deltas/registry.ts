@@ -5,6 +5,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import type { BackboneInfo } from '../backbone/types.js';
+import type { Logger } from '../log.js';
 import { badRequest, ServeError } from '../errors.js';
 import { DeltaCache, type CacheHooks, type Lease } from './cache.js';
 import { parseOpenDelta } from './formats/opendelta.js';
@@ -26,6 +27,8 @@ export interface RegistryOptions {
     onRegistered?(count: number): void;
   };
   store?: StoreOptions;
+  /** Where entries of the store that are not deltas are reported (warn, once each). */
+  logger?: Logger;
   /**
    * Problems with a delta this server's engine cannot place (modules it has
    * no site of that kind for); each becomes a 422 detail at registration.
@@ -50,7 +53,9 @@ export class Registry implements DeltaRegistry {
   }
 
   static async open(opts: RegistryOptions): Promise<Registry> {
-    const registry = new Registry(await DeltaStore.open(opts.dir, opts.store), opts);
+    const onForeign = (entry: string, reason: string) =>
+      opts.logger?.warn({ entry, reason, dir: opts.dir }, `ignoring '${entry}' in the delta store: not a delta (${reason})`);
+    const registry = new Registry(await DeltaStore.open(opts.dir, { onForeign, ...opts.store }), opts);
     await registry.countRegistered();
     return registry;
   }
@@ -184,6 +189,6 @@ export class Registry implements DeltaRegistry {
 
   private async countRegistered(): Promise<void> {
     const hook = this.opts.hooks?.onRegistered;
-    if (hook) hook((await this.store.ids()).length);
+    if (hook) hook((await this.list()).length);
   }
 }

@@ -30,7 +30,7 @@ export interface AppDeps {
   registry: DeltaRegistry;
   backbone: BackboneInfo;
   metrics: Metrics;
-  config: Pick<Config, 'adminToken' | 'importDir' | 'maxBodyBytes' | 'maxUploadBytes' | 'maxBatch' | 'maxQueue'>;
+  config: Pick<Config, 'adminToken' | 'importDir' | 'maxBodyBytes' | 'maxUploadBytes' | 'uploadTmpDir' | 'maxBatch' | 'maxQueue'>;
   readiness: Readiness;
   chatTemplate: ChatTemplate;
   logger: Logger;
@@ -57,7 +57,7 @@ export function createApp(deps: AppDeps): Express {
     registry,
     backbone,
     importDir: config.importDir,
-    upload: { maxBytes: config.maxUploadBytes, maxFiles: MAX_UPLOAD_FILES },
+    upload: { maxBytes: config.maxUploadBytes, maxFiles: MAX_UPLOAD_FILES, tmpDir: config.uploadTmpDir },
     auth: adminAuth(config.adminToken, deps.remoteAddress ?? socketAddress),
   }));
 
