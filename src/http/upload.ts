@@ -109,7 +109,7 @@ function parse(req: Request, dir: string, limits: UploadLimits): Promise<Omit<Up
       failed = e;
       req.unpipe(bb);
       req.resume();
-      for (const s of streams) s.destroy();
+      for (const s of streams) s.destroy(e);
       Promise.allSettled(writes).then(() => reject(e));
     };
 
