@@ -11,6 +11,7 @@ import { insertDeltaSites, type GraphSite, type SiteLayout } from './delta-sites
 import { rewriteKvCache } from './kv-cache.js';
 import { rewriteLastLogits } from './last-logits.js';
 import { addLogprobs } from './logprobs.js';
+import { addFiniteCheck } from './finite-check.js';
 
 export interface EngineGraph {
   bytes: Uint8Array;
@@ -25,6 +26,7 @@ export function buildEngineGraph(backbone: Backbone, plan: ReadonlyMap<string, r
   const { splitLayers } = rewriteKvCache(g, backbone.io);
   rewriteLastLogits(g, backbone.io.vocabSize);
   addLogprobs(g, backbone.io.vocabSize);
+  addFiniteCheck(g, backbone.io.vocabSize);
   const sites = insertDeltaSites(g, backbone.linear, plan);
   return { bytes: g.encodeModel(), sites, splitLayers };
 }
