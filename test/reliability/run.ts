@@ -10,6 +10,8 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { availableParallelism, loadavg } from 'node:os';
 import { percentile, type CategoryResult } from './common.js';
 import { faults, fuzzRequests, overload, probeHealth, sigkills, slowClients, soak, startTarget, type Target } from './server.js';
 import { fuzzUploads } from './uploads.js';
@@ -27,7 +29,7 @@ export interface SuiteOptions {
 }
 
 export const PROFILES: Record<string, SuiteOptions> = {
-  quick: { uploadCases: 120, requestCases: 300, soakMinutes: 0.25, killRounds: 0, seed: 13, overloadRounds: 1, loris: 4, healthSeconds: 3 },
+  quick: { uploadCases: 80, requestCases: 150, soakMinutes: 0.25, killRounds: 0, seed: 13, overloadRounds: 1, loris: 4, healthSeconds: 2 },
   ci: { uploadCases: 1000, requestCases: 1000, soakMinutes: 2, killRounds: 2, seed: 13, overloadRounds: 3, loris: 20, healthSeconds: 10 },
   full: { uploadCases: 10_000, requestCases: 10_000, soakMinutes: 30, killRounds: 6, seed: 13, overloadRounds: 5, loris: 50, healthSeconds: 20 },
 };
@@ -42,8 +44,11 @@ export interface SuiteReport {
 }
 
 /** /healthz at concurrency 200 (from a worker thread) while 16 clients generate. */
-async function healthUnderLoad(t: Target, seconds: number): Promise<number[]> {
+async function healthUnderLoad(t: Target, seconds: number): Promise<{ lat: number[]; loopP99: number }> {
   const end = Date.now() + seconds * 1000;
+  // The server's own event-loop delay: blocking work shows here; a starved CPU shows in the probes' latency too.
+  const loop = monitorEventLoopDelay({ resolution: 10 });
+  loop.enable();
   const load = Array.from({ length: 16 }, async (_, k) => {
     while (Date.now() < end) {
       const r = await fetch(`${t.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: `load ${k}`, parameters: { max_new_tokens: 8 }, stream: k % 2 === 0 }) });
@@ -52,13 +57,15 @@ async function healthUnderLoad(t: Target, seconds: number): Promise<number[]> {
   });
   const lat = await probeHealth(t.url, 200, seconds * 1000);
   await Promise.all(load);
-  return lat;
+  loop.disable();
+  return { lat, loopP99: loop.percentile(99) / 1e6 };
 }
 
 export async function runSuite(opts: SuiteOptions, log: (line: string) => void = () => {}): Promise<SuiteReport> {
   const dir = await mkdtemp(join(tmpdir(), 'deltaserve-reliability-'));
   const results: CategoryResult[] = [];
   let loadLat: number[] = [];
+  let loopP99 = NaN;
   try {
     log(`uploads: ${opts.uploadCases} cases`);
     results.push(await fuzzUploads({ cases: opts.uploadCases, seed: opts.seed, dir: join(dir, 'uploads-fuzz') }));
@@ -69,7 +76,7 @@ export async function runSuite(opts: SuiteOptions, log: (line: string) => void =
       log(`requests: ${opts.requestCases} cases`);
       results.push(await fuzzRequests(t, opts.requestCases, opts.seed));
       log('health under load');
-      loadLat = await healthUnderLoad(t, opts.healthSeconds);
+      ({ lat: loadLat, loopP99 } = await healthUnderLoad(t, opts.healthSeconds));
       log('overload');
       results.push(await overload(t, opts.overloadRounds));
       log('slow clients');
@@ -95,10 +102,10 @@ export async function runSuite(opts: SuiteOptions, log: (line: string) => void =
   const rssGrowthPct = soakResult.figures.rssGrowthPct;
   const bad = results.some((r) => r.failures.length || r.crashes || r.fiveXX || r.dataLost || r.tempLeft);
   const ok = !bad && healthUnderLoadP99 <= 50 && rssGrowthPct <= 5;
-  return { results, healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, table: table(results, { healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, loadProbes: loadLat.length }), ok };
+  return { results, healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, table: table(results, { healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, loadProbes: loadLat.length, loopP99 }), ok };
 }
 
-function table(results: CategoryResult[], f: { healthUnderLoadP99: number; healthUnderOverloadP99: number; rssGrowthPct: number; loadProbes: number }): string {
+function table(results: CategoryResult[], f: { healthUnderLoadP99: number; healthUnderOverloadP99: number; rssGrowthPct: number; loadProbes: number; loopP99: number }): string {
   const rows = [
     ['category', 'cases', 'accepted', 'refused 4xx', 'failures', 'crashes', '5xx', 'data lost', 'temp left'],
     ...results.map((r) => [r.category, r.cases, r.accepted, r.refused, r.failures.length, r.crashes, r.fiveXX, r.dataLost, r.tempLeft].map(String)),
@@ -112,6 +119,8 @@ function table(results: CategoryResult[], f: { healthUnderLoadP99: number; healt
   const figures = [
     `| RSS growth over the soak, after warm-up (≤ 5 %) | ${f.rssGrowthPct.toFixed(2)} % (${soakR.figures.rssWarmMb.toFixed(0)} → ${soakR.figures.rssEndMb.toFixed(0)} MB) |`,
     `| /healthz p99 at concurrency 200 under load (≤ 50 ms) | ${f.healthUnderLoadP99.toFixed(1)} ms (${f.loadProbes} probes, 16 clients generating) |`,
+    `| the server's event-loop delay p99 during that load | ${f.loopP99.toFixed(1)} ms |`,
+    `| machine load average (1 min) at the end | ${loadavg()[0].toFixed(1)} on ${availableParallelism()} cores |`,
     `| /healthz p99 at concurrency 50 under overload (2× capacity) | ${f.healthUnderOverloadP99.toFixed(1)} ms |`,
     `| /healthz p99 at concurrency 200 during the soak | ${soakR.figures.healthP99Ms.toFixed(1)} ms (${soakR.figures.healthProbes} probes) |`,
     `| overload: first request after the burst | ${over.figures.recoveryMs.toFixed(0)} ms; RSS +${over.figures.rssGrowthMb.toFixed(0)} MB |`,
