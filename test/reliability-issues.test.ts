@@ -210,3 +210,13 @@ test('8: the returned sha256 is the delta content\'s: identical uploads get iden
   assert.notEqual((await a.register('x', changed, { replace: true })).sha256, first.sha256);
   await rm(join(src, 'changed'), { recursive: true });
 });
+
+test('8: deltas registered for another backbone are named in a startup warning', async (t) => {
+  const store = await tempDir(t, 'store');
+  const src = await tempDir(t, 'src');
+  const other = gpt2Like(2, 16, 'other-backbone');
+  await (await Registry.open({ dir: store, backbone: other, cacheBytes: 1 << 20 })).register('made-elsewhere', await writePeft(src, { ...PEFT_BASE_CONFIG }, lora(1)), { replace: false });
+  const lines: string[] = [];
+  await Registry.open({ dir: store, backbone: { ...backbone, fingerprint: 'this-backbone' }, cacheBytes: 1 << 20, logger: createLogger('warn', { write: (s: string) => lines.push(s) }) });
+  assert.match(lines.join(''), /1 delta in the store was registered for another backbone.*made-elsewhere/);
+});

@@ -57,7 +57,27 @@ export class Registry implements DeltaRegistry {
       opts.logger?.warn({ entry, reason, dir: opts.dir }, `ignoring '${entry}' in the delta store: not a delta (${reason})`);
     const registry = new Registry(await DeltaStore.open(opts.dir, { onForeign, ...opts.store }), opts);
     await registry.countRegistered();
+    await registry.warnOtherBackbones();
     return registry;
+  }
+
+  /**
+   * A store made for another backbone (`deltaserve serve --model demo:gpt2` on
+   * the llama demo's deltas) lists deltas this server answers 422 for; say so
+   * at startup rather than per request.
+   */
+  private async warnOtherBackbones(): Promise<void> {
+    if (!this.opts.logger) return;
+    const others: string[] = [];
+    for (const id of await this.store.ids()) {
+      const stored = await this.store.read(id);
+      if (stored && stored.manifest.fingerprint !== this.opts.backbone.fingerprint) others.push(id);
+    }
+    if (!others.length) return;
+    const n = others.length;
+    this.opts.logger.warn({ deltas: others, dir: this.opts.dir },
+      `${n} delta${n > 1 ? 's' : ''} in the store ${n > 1 ? 'were' : 'was'} registered for another backbone (${others.join(', ')}): ` +
+      `requests for ${n > 1 ? 'them' : 'it'} will be refused; serve the backbone they were made for, or point DELTASERVE_DELTAS_DIR at this backbone's store`);
   }
 
   async register(id: string, files: DeltaFile[], opts: { replace: boolean }): Promise<DeltaRecord> {
