@@ -70,7 +70,7 @@ export function contentSha256(files: Record<string, string>): string {
   return h.digest('hex');
 }
 
-/** A parsed manifest.json that has what a delta's needs, or the reason it is not one. */
+/** A parsed manifest.json that has what a delta needs, or the reason it is not one. */
 function checkManifest(value: unknown, id: string): Manifest | string {
   if (!value || typeof value !== 'object') return 'manifest.json is not an object';
   const m = value as Partial<Manifest>;
