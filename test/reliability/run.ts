@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { availableParallelism, loadavg } from 'node:os';
+import type { BackboneInfo } from '../../src/backbone/types.js';
 import { percentile, type CategoryResult } from './common.js';
 import { faults, fuzzRequests, overload, probeHealth, sigkills, slowClients, soak, startTarget, type Target } from './server.js';
 import { fuzzUploads } from './uploads.js';
@@ -61,9 +62,15 @@ async function healthUnderLoad(t: Target, seconds: number): Promise<{ lat: numbe
   return { lat, loopP99: loop.percentile(99) / 1e6 };
 }
 
-export async function runSuite(opts: SuiteOptions, log: (line: string) => void = () => {}): Promise<SuiteReport> {
+export async function runSuite(opts: SuiteOptions, log: (line: string) => void = () => {}, onResult: (r: CategoryResult) => void = () => {}): Promise<SuiteReport> {
   const dir = await mkdtemp(join(tmpdir(), 'deltaserve-reliability-'));
   const results: CategoryResult[] = [];
+  const push = results.push.bind(results);
+  results.push = (...rs: CategoryResult[]) => {
+    rs.forEach(onResult);
+    return push(...rs);
+  };
+  let info: BackboneInfo | null = null;
   let loadLat: number[] = [];
   let loopP99 = NaN;
   try {
@@ -72,6 +79,7 @@ export async function runSuite(opts: SuiteOptions, log: (line: string) => void =
 
     // Small limits so overload is reached and slow-loris is cut quickly.
     const t = await startTarget(dir, { DELTASERVE_MAX_BATCH: '8', DELTASERVE_MAX_QUEUE: '8' });
+    info = t.stack.services.backbone.info;
     try {
       log(`requests: ${opts.requestCases} cases`);
       results.push(await fuzzRequests(t, opts.requestCases, opts.seed));
@@ -90,7 +98,7 @@ export async function runSuite(opts: SuiteOptions, log: (line: string) => void =
     }
     if (opts.killRounds > 0) {
       log(`SIGKILL: ${opts.killRounds} rounds`);
-      results.push(await sigkills(dir, opts.killRounds));
+      results.push(await sigkills(dir, opts.killRounds, info!));
     }
   } finally {
     await rm(dir, { recursive: true, force: true });
@@ -148,7 +156,7 @@ async function main(): Promise<void> {
     soakMinutes: num(values['soak-minutes'], base.soakMinutes), killRounds: num(values['kill-rounds'], base.killRounds), seed: num(values.seed, base.seed),
   };
   const t0 = performance.now();
-  const report = await runSuite(opts, (l) => console.error(`[${((performance.now() - t0) / 1000).toFixed(0)} s] ${l}`));
+  const report = await runSuite(opts, (l) => console.error(`[${((performance.now() - t0) / 1000).toFixed(0)} s] ${l}`), (r) => console.error(JSON.stringify({ ...r, failures: r.failures.slice(0, 5) })));
   console.log(`deltaserve reliability suite — profile ${values.profile}, seed ${opts.seed}, ${opts.uploadCases} upload cases, ${opts.requestCases} request cases, ` +
     `${opts.soakMinutes} min soak, ${opts.killRounds} SIGKILL rounds; ${((performance.now() - t0) / 60000).toFixed(1)} min\n`);
   console.log(report.table);

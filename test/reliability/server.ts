@@ -10,6 +10,7 @@ import { connect } from 'node:net';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import fc from 'fast-check';
+import type { BackboneInfo } from '../../src/backbone/types.js';
 import { serve, type RunningServer } from '../../src/http/server.js';
 import { createLogger } from '../../src/log.js';
 import { peftLora, spawnInRepo, startStack, uploadDelta, type Stack } from '../helpers/e2e-stack.js';
@@ -334,13 +335,13 @@ export async function faults(t: Target): Promise<CategoryResult> {
 }
 
 /** SIGKILL of a real server process during registration, replace and generation bursts; after each restart the store is whole and no temp is left. */
-export async function sigkills(dir: string, rounds: number): Promise<CategoryResult> {
+export async function sigkills(dir: string, rounds: number, info: BackboneInfo): Promise<CategoryResult> {
   const result = newResult('SIGKILL during writes and generation');
   const deltas = join(dir, 'kill-deltas');
   const uploads = join(dir, 'kill-uploads');
   await mkdir(uploads, { recursive: true });
   const env = { DELTASERVE_MODEL: 'demo:gpt2', DELTASERVE_DELTAS_DIR: deltas, DELTASERVE_UPLOAD_TMP_DIR: uploads, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' };
-  let files: Record<string, Buffer> | null = null;
+  const files = peftLora(info, 5, { bScale: 0.05 });
   for (let r = 0; r <= rounds; r++) {
     const child = spawnInRepo('node', ['--import', 'tsx', 'src/cli.ts', 'serve'], { ...env, LOG_LEVEL: 'info' });
     let url: string;
@@ -370,14 +371,10 @@ export async function sigkills(dir: string, rounds: number): Promise<CategoryRes
       await child.kill();
       break;
     }
-    if (!files) {
-      const info = (await (await fetch(`${url}/v1/backbone`)).json()) as never;
-      files = peftLora(info, 5, { bScale: 0.05 });
-    }
     // A burst of registrations, replaces and generations, killed in the middle.
     const burst = Array.from({ length: 12 }, (_, i) => i % 3 === 2
       ? fetch(`${url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: 'burst', parameters: { max_new_tokens: 64 } }) }).then((x) => x.text())
-      : uploadDelta(url, `kill-${i % 4}`, files!, {}).then((x) => x.text()).catch(() => ''));
+      : uploadDelta(url, `kill-${i % 4}`, files, {}).then((x) => x.text()).catch(() => ''));
     const bursting = Promise.allSettled(burst);
     await new Promise((res) => setTimeout(res, 150 + 100 * r));
     child.signal('SIGKILL');
