@@ -371,7 +371,12 @@ export async function sigkills(dir: string, rounds: number, info: BackboneInfo):
       await child.kill();
       break;
     }
-    // A burst of registrations, replaces and generations, killed in the middle.
+    // One delta registered whole, then a burst of registrations, replaces and generations, killed in the middle.
+    const base = await uploadDelta(url, `kill-base-${r}`, files);
+    await base.text();
+    result.cases++;
+    if (base.status === 201) result.accepted++;
+    else result.failures.push(`registering before SIGKILL ${r} → ${base.status}`);
     const burst = Array.from({ length: 12 }, (_, i) => i % 3 === 2
       ? fetch(`${url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: 'burst', parameters: { max_new_tokens: 64 } }) }).then((x) => x.text())
       : uploadDelta(url, `kill-${i % 4}`, files, {}).then((x) => x.text()).catch(() => ''));
