@@ -6,7 +6,7 @@
  *
  *   npm run bench                                   # everything, ~5–8 min on 2 cores
  *   npm run bench -- --quick                        # fewer repetitions, contexts 64 and 256 (~2–3 min)
- *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs (or 1-6)
+ *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs | torch-kv | prefix (or 1-8)
  *
  * Other flags: --reps N (throughput rounds), --contexts 64,256,512, --naive N
  * (naive requests actually measured, the rest extrapolated), --sequential N,
@@ -21,10 +21,12 @@ import type * as ort from 'onnxruntime-node';
 import { loadBackbone, type Backbone } from '../src/backbone/backbone.js';
 import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
 import { planSites } from '../src/deltas/kinds/index.js';
-import { benchCacheDir, fmt, machine, mdTable, median, minimum, progress } from './lib/common.js';
+import { benchCacheDir, fmt, machine, mdTable, median, minimum, progress, ratio } from './lib/common.js';
 import { kindsGoals, kindsTables, measureKinds } from './lib/kinds-step.js';
 import { kvFloorTables, measureKvFloor, type KvFloorResult } from './lib/kv-floor.js';
 import { logprobsTable, measureLogprobs, NOT_ASKED_LABEL, type LogprobsBenchResult } from './lib/logprobs-step.js';
+import { measureTorchKv, torchGpt2Small, torchKvTable } from './lib/torch-kv.js';
+import { measurePrefix, prefixGoals, prefixTables } from './lib/prefix-step.js';
 import { measureRewrite, NO_SITES_LABEL, ORIGINAL_LABEL, rewriteTables, type RewriteBenchResult } from './lib/rewrite-step.js';
 import {
   benchRequests, healthTable, LORA_RANK, measureNaive, measureSequential, measureThroughput, naiveTable, startBenchStack,
@@ -60,7 +62,7 @@ if (has('help')) {
 }
 
 const QUICK = has('quick');
-const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs'] as const;
+const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs', 'torch-kv', 'prefix'] as const;
 type Section = (typeof SECTION_NAMES)[number];
 const sections = new Set<Section>(
   (arg('sections') ?? SECTION_NAMES.join(',')).split(',').map((s) => {
@@ -81,6 +83,8 @@ const cfg = {
   },
   kinds: { rounds: QUICK ? 2 : 6, perBlock: 4 },
   logprobs: { rounds: QUICK ? 10 : 40, context: 64, batches: [1, 8, 32] },
+  torchKv: { batch: 32, contexts: arg('contexts')?.split(',').map(Number) ?? (QUICK ? [64, 256] : [64, 256, 512, 1000]), rounds: QUICK ? 2 : 4, perBlock: 3, prefillChunkTokens: 4096 },
+  prefix: { ttftPairs: QUICK ? 4 : 30, ttftPrompt: 64, decodePrompt: 150, rounds: QUICK ? 2 : 8, perBlock: 3 },
   reps: num('reps', QUICK ? 1 : 5),
   maxNew: num('max-new', QUICK ? 24 : 64),
   prompt: num('prompt', 32),
@@ -192,7 +196,7 @@ async function main(): Promise<void> {
   const DEFAULT_PLAN = 'engine, default plan';
   const toRelease: ort.InferenceSession[] = [];
 
-  if (sections.has('rewrite') || sections.has('kv') || sections.has('kinds') || sections.has('logprobs')) {
+  if (sections.has('rewrite') || sections.has('kv') || sections.has('kinds') || sections.has('logprobs') || sections.has('prefix')) {
     const t = Date.now();
     bb = await loadBackbone({ model: 'demo:gpt2-small', cacheDir });
     progress(`loaded ${bb.info.name} in ${((Date.now() - t) / 1000).toFixed(1)} s`);
@@ -256,6 +260,42 @@ async function main(): Promise<void> {
       'as the engine graph was before it. (b) against (a) is what a greedy step pays when nobody asks; (c) what asking costs; ' +
       '(d) what fetching the logits for a JavaScript log-softmax would cost instead.',
       logprobsTable(lp),
+    ].join('\n\n'));
+  }
+
+  if (sections.has('torch-kv')) {
+    progress('section 7: KV table on a torch export of GPT-2 small (issue 9)');
+    const found = torchGpt2Small(cacheDir);
+    if ('skipped' in found) add('7. KV cache on a real torch export of GPT-2 small (issue 9)', `Not measured: ${found.skipped}.`);
+    else {
+      const res = await measureTorchKv(found.dir, { ...cfg.torchKv, log: progress });
+      const worst = Math.max(...res.rows.map((r) => median(r.split) / median(r.floor)));
+      goals.push({
+        what: 'torch-exported GPT-2 small: Engine.step() at batch 32 ≤ 1.5× its floor at every context (issue 9)',
+        measured: res.rows.map((r) => `ctx ${r.ctx}: ${ratio(median(r.split), median(r.floor))} (fallback ${ratio(median(r.fallback), median(r.floor))})`).join('; '),
+        met: `${yes(worst <= 1.5)} (medians)`,
+      });
+      add('7. KV cache on a real torch export of GPT-2 small (issue 9)', [
+        `\`scripts/export-fixtures.py --full\`: HF GPT-2 math (eager attention, Conv1D, the fixed causal bias of 1024 positions), random weights, torch.onnx.export opset 14 in Optimum's names. ` +
+        'The real `Engine` on the served graph (split attention) and on the same graph with every Concat(past, new) kept (the fallback), each prefilled untimed.',
+        torchKvTable(res),
+      ].join('\n\n'));
+    }
+  }
+
+  if (sections.has('prefix')) {
+    progress('section 8: prompt learning as KV prefixes (issue 12)');
+    const g = buildEngineGraph(bb!, planSites(bb!));
+    const { createSession } = await import('../src/backbone/session.js');
+    const engine = rewrite?.sessions.byPlan.get(DEFAULT_PLAN) ?? (await createSession(g.bytes));
+    if (!rewrite) toRelease.push(engine);
+    const res = await measurePrefix(bb!, engine, g.sites, { ...cfg.prefix, log: progress });
+    goals.push(...prefixGoals(res));
+    add('8. Prompt learning: TTFT with a cached prefix, and decode steps with 20-token prefixes (issue 12)', [
+      'The real `Engine` in-process on the default site plan; PEFT PROMPT_TUNING and PREFIX_TUNING deltas (20 virtual tokens) written as files and loaded through the registry. ' +
+      `TTFT: one \`Engine.step()\` of a lone request with max_new_tokens 1 (its prefill and first token), a ${cfg.prefix.ttftPrompt}-token prompt, bare and prompt-tuned alternated request by request ` +
+      '(the prompt-tuned prefix computed once before, as the first request of a task does). Decode: each configuration an Engine of its own, prefilled untimed, pure decode steps of 32 rows alternated one by one (all three feed the same shapes; paired ratios).',
+      prefixTables(res),
     ].join('\n\n'));
   }
 
