@@ -17,6 +17,7 @@ import { Scheduler } from './engine/scheduler.js';
 import { createApp } from './http/app.js';
 import { chatTemplateFromTokenizerConfig } from './http/chat-template.js';
 import { sendError } from './http/errors.js';
+import { sweepUploadTemps } from './http/upload.js';
 import { Lifecycle } from './http/lifecycle.js';
 import { healthRoutes } from './http/routes/health.js';
 import { serve, type RunningServer } from './http/server.js';
@@ -92,9 +93,13 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
       `restart it with DELTASERVE_SITES naming those modules (e.g. ${sites[0]}:all), or target modules it serves (GET /v1/backbone)`];
   };
 
+  const swept = await sweepUploadTemps(config.uploadTmpDir);
+  if (swept) logger.warn({ folders: swept }, 'removed upload folders left by a process that stopped mid-upload');
+
   const registry = await Registry.open({
     unplaceable,
     dir: config.deltasDir,
+    logger,
     backbone: backbone.info,
     cacheBytes: config.cacheBytes ?? defaultCacheBytes(backbone),
     maxRank: config.maxRank,

@@ -5,6 +5,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import type { BackboneInfo } from '../backbone/types.js';
+import type { Logger } from '../log.js';
 import { badRequest, ServeError } from '../errors.js';
 import { DeltaCache, type CacheHooks, type Lease } from './cache.js';
 import { parseOpenDelta } from './formats/opendelta.js';
@@ -26,6 +27,8 @@ export interface RegistryOptions {
     onRegistered?(count: number): void;
   };
   store?: StoreOptions;
+  /** Where entries of the store that are not deltas are reported (warn, once each). */
+  logger?: Logger;
   /**
    * Problems with a delta this server's engine cannot place (modules it has
    * no site of that kind for); each becomes a 422 detail at registration.
@@ -50,9 +53,31 @@ export class Registry implements DeltaRegistry {
   }
 
   static async open(opts: RegistryOptions): Promise<Registry> {
-    const registry = new Registry(await DeltaStore.open(opts.dir, opts.store), opts);
+    const onForeign = (entry: string, reason: string) =>
+      opts.logger?.warn({ entry, reason, dir: opts.dir }, `ignoring '${entry}' in the delta store: not a delta (${reason})`);
+    const registry = new Registry(await DeltaStore.open(opts.dir, { onForeign, ...opts.store }), opts);
     await registry.countRegistered();
+    await registry.warnOtherBackbones();
     return registry;
+  }
+
+  /**
+   * A store made for another backbone (`deltaserve serve --model demo:gpt2` on
+   * the llama demo's deltas) lists deltas this server answers 422 for; say so
+   * at startup rather than per request.
+   */
+  private async warnOtherBackbones(): Promise<void> {
+    if (!this.opts.logger) return;
+    const others: string[] = [];
+    for (const id of await this.store.ids()) {
+      const stored = await this.store.read(id);
+      if (stored && stored.manifest.fingerprint !== this.opts.backbone.fingerprint) others.push(id);
+    }
+    if (!others.length) return;
+    const n = others.length;
+    this.opts.logger.warn({ deltas: others, dir: this.opts.dir },
+      `${n} delta${n > 1 ? 's' : ''} in the store ${n > 1 ? 'were' : 'was'} registered for another backbone (${others.join(', ')}): ` +
+      `requests for ${n > 1 ? 'them' : 'it'} will be refused; serve the backbone they were made for, or point DELTASERVE_DELTAS_DIR at this backbone's store`);
   }
 
   async register(id: string, files: DeltaFile[], opts: { replace: boolean }): Promise<DeltaRecord> {
@@ -184,6 +209,6 @@ export class Registry implements DeltaRegistry {
 
   private async countRegistered(): Promise<void> {
     const hook = this.opts.hooks?.onRegistered;
-    if (hook) hook((await this.store.ids()).length);
+    if (hook) hook((await this.list()).length);
   }
 }

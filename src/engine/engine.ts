@@ -12,6 +12,7 @@ import type { DecoderIO } from '../backbone/decoder-io.js';
 import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import { newKvName } from '../backbone/rewrite/kv-cache.js';
 import { GREEDY_TOKEN } from '../backbone/rewrite/last-logits.js';
+import { LOGITS_NONFINITE } from '../backbone/rewrite/finite-check.js';
 import { LOGPROBS_ON, LOGSUMEXP, TOP_LOGPROB_IDS, TOP_LOGPROBS } from '../backbone/rewrite/logprobs.js';
 import { noPromptEmbeds, PROMPT_EMBEDS } from '../backbone/rewrite/prompt-embeds.js';
 import type { DeltaPrefix } from '../deltas/types.js';
@@ -93,7 +94,8 @@ export class Engine {
     this.decoding = this.newBatch(opts.maxBatch);
     this.eos = new Set(opts.eosTokenIds);
     this.kvOutputs = Array.from({ length: io.layers }, (_, l) => [newKvName(l, 'key'), newKvName(l, 'value')]).flat();
-    const fetch = (pick: string) => [[pick, ...this.kvOutputs], [pick, ...LOGPROB_OUTPUTS, ...this.kvOutputs]] as [string[], string[]];
+    const fetch = (pick: string) =>
+      [[pick, LOGITS_NONFINITE, ...this.kvOutputs], [pick, LOGITS_NONFINITE, ...LOGPROB_OUTPUTS, ...this.kvOutputs]] as [string[], string[]];
     this.fetches = { greedy: fetch(GREEDY_TOKEN), logits: fetch('logits') };
     this.noPromptEmbeds = session.inputNames.includes(PROMPT_EMBEDS) ? noPromptEmbeds() : null;
   }
@@ -260,7 +262,10 @@ export class Engine {
     const step = logprobs
       ? { top: data(TOP_LOGPROBS), ids: out[TOP_LOGPROB_IDS].data as BigInt64Array, logsumexp: data(LOGSUMEXP), k: out[TOP_LOGPROBS].dims[1] }
       : null;
+    const check = data(LOGITS_NONFINITE);
     return {
+      /** Whether row b's logits hold NaN or Inf: it has no meaningful next token. */
+      nonFinite: (b: number) => Number.isNaN(check[b]),
       /** Row b's next token: the graph's argmax, or sampled from row b's logits. */
       next: logits
         ? (b: number) => rows[b].sampler.sample(logits.data, b * vocabSize, vocabSize)
@@ -330,6 +335,10 @@ export class Engine {
     this.group = null;
     for (let b = 0; b < n; b++) {
       const row = rows[b];
+      if (out.nonFinite(b)) {
+        result.finished.push({ rowId: row.req.rowId, reason: 'non_finite', generated: row.generated });
+        continue;
+      }
       const token = this.emit(row, out, b, result);
       const promptLen = row.req.promptIds.length;
       const virtual = prefixTokens(row);
@@ -386,6 +395,12 @@ export class Engine {
     const done: number[] = [];
     for (let b = 0; b < B; b++) {
       const row = batch.rows[b];
+      // Only this row ends: the others' logits are their own and were checked apart.
+      if (out.nonFinite(b)) {
+        result.finished.push({ rowId: row.req.rowId, reason: 'non_finite', generated: row.generated });
+        done.push(b);
+        continue;
+      }
       const token = this.emit(row, out, b, result);
       const reason = this.finishReason(row, token, len[b] + 1);
       if (reason) {

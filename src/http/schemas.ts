@@ -90,7 +90,10 @@ const openaiCommon = {
 
 export const completionBody = z.object({
   ...openaiCommon,
-  prompt: z.union([z.string(), z.array(z.string()).length(1, 'deltaserve takes one prompt per request')]),
+  prompt: z.union([z.string(), z.array(z.string())], { error: 'expected a string or a list of one string' })
+    .refine((p) => typeof p === 'string' || p.length === 1, {
+      error: (issue) => `deltaserve takes one prompt per request: send a string or a list of one string (this list has ${(issue.input as string[]).length})`,
+    }),
   max_tokens: maxTokens.nullish(),
   /** The sampled token's logprob and this many alternatives per token (OpenAI's legacy completions: 0–5). */
   logprobs: topN.nullish(),
@@ -116,6 +119,10 @@ export const chatBody = z.object({
   logprobs: z.boolean().nullish(),
   top_logprobs: topN.nullish(),
   tools: z.array(z.unknown()).nullish(),
+  // "none" and "auto" ask for nothing deltaserve does not do; a forced tool call cannot be honoured.
+  tool_choice: z.unknown().refine((c) => c == null || c === 'none' || c === 'auto', {
+    error: (issue) => `${JSON.stringify(issue.input)} asks for a tool call, but deltaserve does not call tools; leave tool_choice out or send "none"`,
+  }).optional(),
   response_format: z.object({ type: z.string() }).nullish(),
 });
 export type ChatBody = z.infer<typeof chatBody>;
@@ -142,6 +149,7 @@ export function parseBody<S extends z.ZodType>(schema: S, body: unknown): z.infe
   if (body === undefined) {
     throw new ServeError(400, 'bad_request', 'expected a JSON body with "Content-Type: application/json"');
   }
+  if (Array.isArray(body)) throw new ServeError(400, 'bad_request', 'the request body must be a JSON object, got an array');
   const parsed = schema.safeParse(body);
   if (!parsed.success) throw fromZod(parsed.error);
   return parsed.data;

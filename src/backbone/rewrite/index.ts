@@ -11,6 +11,7 @@ import { insertDeltaSites, type GraphSite, type SiteLayout } from './delta-sites
 import { rewriteKvCache, type LayerKvPath } from './kv-cache.js';
 import { rewriteLastLogits } from './last-logits.js';
 import { addLogprobs } from './logprobs.js';
+import { addFiniteCheck } from './finite-check.js';
 import { addPromptEmbeds } from './prompt-embeds.js';
 
 export interface EngineGraph {
@@ -35,6 +36,7 @@ export function buildEngineGraph(
   const { splitLayers, layers: kvPaths } = rewriteKvCache(g, backbone.io, { split: opts.splitAttention ?? true });
   rewriteLastLogits(g, backbone.io.vocabSize);
   addLogprobs(g, backbone.io.vocabSize);
+  addFiniteCheck(g, backbone.io.vocabSize);
   const sites = insertDeltaSites(g, backbone.linear, plan, backbone.io.float16);
   const promptEmbeds = addPromptEmbeds(g, backbone.io.vocabSize);
   return { bytes: g.encodeModel(), sites, splitLayers, kvPaths, promptEmbeds };

@@ -2,6 +2,7 @@
  * Delta admin: register (upload or import by path), list, inspect, delete,
  * and vLLM's load/unload aliases. Every route here is behind admin auth.
  */
+import { stat } from 'node:fs/promises';
 import { Router, type Request, type RequestHandler } from 'express';
 import type { BackboneInfo } from '../../backbone/types.js';
 import type { DeltaFile, DeltaRecord, DeltaRegistry } from '../../deltas/types.js';
@@ -36,6 +37,20 @@ function checkId(id: unknown, backbone: BackboneInfo, field = 'id'): string {
   return id;
 }
 
+/**
+ * One size limit for every way a delta comes in: an upload is cut off while it
+ * arrives (upload.ts); files imported by path are measured before a byte of
+ * them is read.
+ */
+async function checkSize(files: DeltaFile[], maxBytes: number): Promise<void> {
+  let total = 0;
+  for (const f of files) total += (await stat(f.path)).size;
+  if (total > maxBytes) {
+    throw new ServeError(413, 'payload_too_large',
+      `the delta's files are ${total} bytes, over the limit of ${maxBytes} bytes (DELTASERVE_MAX_UPLOAD_BYTES), which applies to uploads and imports by path alike`);
+  }
+}
+
 const notFound = (id: string) => new ServeError(404, 'delta_not_found', `no delta "${id}"; GET /v1/deltas lists them`);
 
 export function deltaRoutes(deps: DeltaRouteDeps): Router {
@@ -43,7 +58,9 @@ export function deltaRoutes(deps: DeltaRouteDeps): Router {
   const { registry, backbone, auth } = deps;
 
   async function register(id: string, files: DeltaFile[], replace: boolean): Promise<DeltaRecord> {
-    return registry.register(checkId(id, backbone), files, { replace });
+    checkId(id, backbone);
+    await checkSize(files, deps.upload.maxBytes);
+    return registry.register(id, files, { replace });
   }
 
   /** Asks first, so a missing delta is a 404 whatever the registry's remove does with it. */
