@@ -212,13 +212,17 @@ export function openaiRoutes(deps: OpenAIRouteDeps): Router {
   // OpenAI's own list is one page, and its clients read it whole: without `limit` every model is
   // listed (from the registry's index, so no manifest is read); with it, pages as /v1/deltas does.
   router.get('/v1/models', async (req, res) => {
-    const q = parseBody(pageQuery, req.query);
-    if (q.limit === undefined && q.after === undefined) {
+    // The backbone's name (first on the first page) may be a page's last_id without being a task id.
+    const afterBackbone = req.query.after === deps.backbone.name;
+    const q = parseBody(pageQuery, afterBackbone ? { ...req.query, after: undefined } : req.query);
+    if (q.limit === undefined && q.after === undefined && !afterBackbone) {
       const deltas = await deps.registry.list();
       return void res.json({ object: 'list', data: [backboneCard(), ...deltas.map(deltaCard)] });
     }
-    const page = await deps.registry.page({ limit: q.limit ?? MAX_PAGE, after: q.after });
-    const data = [...(q.after === undefined ? [backboneCard()] : []), ...page.records.map(deltaCard)];
+    // The backbone comes first and takes one place on the first page.
+    const first = q.after === undefined && !afterBackbone;
+    const page = await deps.registry.page({ limit: (q.limit ?? MAX_PAGE) - (first ? 1 : 0), after: q.after });
+    const data = [...(first ? [backboneCard()] : []), ...page.records.map(deltaCard)];
     res.json({ object: 'list', data, first_id: data[0]?.id ?? null, last_id: data.at(-1)?.id ?? null, has_more: page.hasMore });
   });
 
