@@ -28,17 +28,19 @@ import { fileURLToPath } from 'node:url';
 import { benchCacheDir, machine, mdTable, progress } from './lib/common.js';
 import { createContext, runSections, type BenchSection, type Flags } from './lib/runner.js';
 import { section as hotswap } from './sections/hotswap.js';
+import { section as hardware } from './sections/hardware.js';
 import { section as http } from './sections/http.js';
 import { section as kinds } from './sections/kinds.js';
 import { section as kv } from './sections/kv.js';
 import { section as logprobs } from './sections/logprobs.js';
 import { section as naive } from './sections/naive.js';
+import { section as peer } from './sections/peer.js';
 import { section as rewrite } from './sections/rewrite.js';
 import { section as scale } from './sections/scale.js';
 import { section as throughput } from './sections/throughput.js';
 
 /** In the order they run: the in-process sections share one backbone, then the serving stacks, then real server processes. */
-const SECTIONS: BenchSection[] = [rewrite, kv, kinds, logprobs, throughput, naive, http, hotswap, scale];
+const SECTIONS: BenchSection[] = [rewrite, kv, kinds, logprobs, hardware, throughput, naive, http, peer, hotswap, scale];
 
 const argv = process.argv.slice(2);
 const KNOWN = new Set(['quick', 'sections', 'reps', 'contexts', 'naive', 'sequential', 'max-new', 'prompt', 'scale', 'out', 'no-write', 'help']);
