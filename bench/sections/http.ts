@@ -5,12 +5,12 @@
  * compared with the same request run alone first (greedy, so they must be
  * equal); any failed request or differing output fails the section.
  */
-import type { BackboneInfo } from '../../src/backbone/types.js';
+import { gpt2Small } from '../../test/helpers/backbone-info.js';
 import { deltaFiles, encodeTensors, type TaskSpec } from '../../test/helpers/kind-cases.js';
 import { fmt, mdTable, median } from '../lib/common.js';
 import { closedLoop, openLoop, problems, stats, type Client, type LoadRequest, type LoadRun, type RunStats, type Slo } from '../lib/load.js';
 import { check, type BenchContext, type BenchSection, type Goal } from '../lib/runner.js';
-import { backboneModules, makeScratch, peftLora, startServer, uploadDelta, type ModuleInfo } from '../lib/server-process.js';
+import { backboneModules, makeScratch, peftLora, startServer, uploadDelta } from '../lib/server-process.js';
 import { lineChart } from '../lib/svg.js';
 import { yes } from './goals.js';
 
@@ -67,10 +67,10 @@ function kindSpecs(perKind: number): TaskSpec[] {
   return specs;
 }
 
-function kindFiles(modules: ModuleInfo[], spec: TaskSpec): Record<string, Uint8Array> {
-  const info = { name: 'demo:gpt2-small', modules: modules.map((m) => ({ name: m.name, kind: 'linear', inFeatures: m.in_features, outFeatures: m.out_features })) } as unknown as BackboneInfo;
+/** The delta's files as its format saves them; GPT-2 small's module names and shapes (the values are the deltas' own). */
+function kindFiles(spec: TaskSpec): Record<string, Uint8Array> {
   const files: Record<string, Uint8Array> = {};
-  for (const [name, content] of Object.entries(encodeTensors(deltaFiles(info, spec)))) {
+  for (const [name, content] of Object.entries(encodeTensors(deltaFiles(gpt2Small(), spec)))) {
     files[name] = content instanceof Uint8Array ? content : Buffer.from(JSON.stringify(content));
   }
   return files;
@@ -102,7 +102,7 @@ export const section: BenchSection = {
       const nLoras = Math.max(...distinct);
       for (let k = 0; k < nLoras; k++) await uploadDelta(server.url, loraId(k), peftLora(modules, k, LORA_RANK));
       const specs = kindSpecs(4);
-      for (const s of specs) await uploadDelta(server.url, s.id, kindFiles(modules, s));
+      for (const s of specs) await uploadDelta(server.url, s.id, kindFiles(s));
       ctx.log(`http: ${nLoras} LoRAs and ${specs.length} adapters/BitFit/IA³ registered over HTTP`);
 
       const reference = new Map<string, number[]>();
