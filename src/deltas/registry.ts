@@ -67,6 +67,8 @@ export class Registry implements DeltaRegistry {
   private sorted: string[] | null = null;
   private syncedAt = 0;
   private syncing: Promise<void> | null = null;
+  /** Ids this process changed while a sync was reading the folder: what it read of them may be older. */
+  private readonly touchedDuringSync = new Set<string>();
 
   private constructor(
     private readonly store: DeltaStore,
@@ -268,11 +270,13 @@ export class Registry implements DeltaRegistry {
   }
 
   private remember(record: DeltaRecord): void {
+    if (this.syncing) this.touchedDuringSync.add(record.id);
     if (!this.index.has(record.id)) this.sorted = null;
     this.index.set(record.id, record);
   }
 
   private forget(id: string): void {
+    if (this.syncing) this.touchedDuringSync.add(id);
     if (this.index.delete(id)) this.sorted = null;
   }
 
@@ -311,16 +315,19 @@ export class Registry implements DeltaRegistry {
     return (this.syncing ??= (async () => {
       try {
         const ids = new Set(await this.store.ids());
-        for (const id of [...this.index.keys()]) if (!ids.has(id)) this.forget(id);
+        const known = (id: string) => this.touchedDuringSync.has(id);
+        for (const id of [...this.index.keys()]) if (!ids.has(id) && !known(id)) this.index.delete(id);
         for (const id of ids) {
-          if (this.index.has(id)) continue;
+          if (this.index.has(id) || known(id)) continue;
           const stored = await this.store.read(id);
-          if (stored) this.remember(recordOf(stored));
+          if (stored && !known(id)) this.index.set(id, recordOf(stored));
         }
+        this.sorted = null;
         this.syncedAt = Date.now();
         this.countRegistered();
       } finally {
         this.syncing = null;
+        this.touchedDuringSync.clear();
       }
     })());
   }
