@@ -95,7 +95,6 @@ export const section: BenchSection = {
     ctx.onRelease(() => scratch.remove(), 'end');
     ctx.log('http: starting a server process');
     const server = await startServer({ deltasDir: `${scratch.dir}/deltas`, cacheDir: ctx.cacheDir });
-    ctx.onRelease(() => server.stop(), 'end');
     const client = server.client;
     try {
       const modules = await backboneModules(client);
@@ -199,6 +198,9 @@ export const section: BenchSection = {
     } catch (err) {
       if (!(err instanceof Error && err.name === 'BenchFailure')) throw new Error(`${(err as Error).message}\n--- server log ---\n${server.log().slice(-3000)}`);
       throw err;
+    } finally {
+      // The next section's server needs the cores and the memory.
+      await server.stop();
     }
   },
 };
