@@ -35,12 +35,14 @@ import { section as kv } from './sections/kv.js';
 import { section as logprobs } from './sections/logprobs.js';
 import { section as naive } from './sections/naive.js';
 import { section as peer } from './sections/peer.js';
+import { section as prefix } from './sections/prefix.js';
 import { section as rewrite } from './sections/rewrite.js';
 import { section as scale } from './sections/scale.js';
 import { section as throughput } from './sections/throughput.js';
+import { section as torchKv } from './sections/torch-kv.js';
 
 /** In the order they run: the in-process sections share one backbone, then the serving stacks, then real server processes. */
-const SECTIONS: BenchSection[] = [rewrite, kv, kinds, logprobs, hardware, throughput, naive, http, peer, hotswap, scale];
+const SECTIONS: BenchSection[] = [rewrite, kv, kinds, logprobs, prefix, hardware, torchKv, throughput, naive, http, peer, hotswap, scale];
 
 const argv = process.argv.slice(2);
 const KNOWN = new Set(['quick', 'sections', 'reps', 'contexts', 'naive', 'sequential', 'max-new', 'prompt', 'scale', 'out', 'no-write', 'help']);

@@ -92,6 +92,10 @@ program.command('inspect')
     }
     const plan = planSites(backbone, loadConfig({ DELTASERVE_SITES: o.sites }).sites);
     console.log(renderModuleTree(backbone.info, new Map([...plan].map(([m, sites]) => [m, `sites: ${sites.map((s) => s.name).join(', ')}`]))));
+    // The same rewrite `serve` runs: a graph it cannot serve fails here, naming the node.
+    const graph = buildEngineGraph(backbone, plan);
+    console.log(`\nKV cache: attention on ${graph.splitLayers} of ${graph.kvPaths.length} layers reads past and new without a Concat`);
+    for (const l of graph.kvPaths) console.log(`  layer ${l.layer}: ${l.path === 'split' ? 'split' : 'concat (fallback)'} — ${l.reason}`);
   });
 
 program.command('export')

@@ -54,6 +54,8 @@ export async function loadBackbone(opts: BackboneOptions): Promise<Backbone> {
     defaultTargets: defaultTargetsFor(family),
     hiddenSize: num('hidden_size', 'n_embd'),
     numLayers: source.io.layers,
+    kvHeads: source.io.kvHeads,
+    headDim: source.io.headDim,
     vocabSize: source.io.vocabSize,
     maxPositions: num('max_position_embeddings', 'n_positions') || 2048,
     biasOf: (module) => readBias(byName.get(module)?.biasInitializer ?? null),

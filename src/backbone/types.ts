@@ -27,6 +27,9 @@ export interface BackboneInfo {
   defaultTargets: Record<string, string[]>;
   hiddenSize: number;
   numLayers: number;
+  /** K/V heads per layer and their size (grouped-query models have fewer K/V heads than query heads). */
+  kvHeads?: number;
+  headDim?: number;
   vocabSize: number;
   maxPositions: number;
   /** The backbone's bias values for a module (BitFit stores tuned biases; the delta is the difference). */

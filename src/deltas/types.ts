@@ -5,7 +5,7 @@
  * and low-rank products multiplied out). What produced them is its kind's
  * business (src/deltas/kinds); everything after validation is kind-agnostic.
  */
-/** A kind's `type`: lora, adapter, bitfit, ia3, compacter, low_rank_adapter, parallel_adapter. */
+/** A kind's `type`: lora, adapter, bitfit, ia3, compacter, low_rank_adapter, parallel_adapter, prefix, prompt. */
 export type DeltaType = string;
 export type DeltaFormat = 'peft' | 'opendelta';
 
@@ -19,6 +19,27 @@ export interface DeltaSite {
   data: Record<string, Float32Array>;
 }
 
+/**
+ * What a prompt-learning delta (prefix tuning, prompt tuning, P-tuning) is to
+ * the engine: `tokens` virtual tokens at the start of every row of its task,
+ * as per-layer K/V in the row's first KV slots. Prefix tuning saves the K/V
+ * themselves; prompt tuning and P-tuning save embeddings, which the engine
+ * runs through the frozen backbone once (their K/V depend on nothing else,
+ * since they come first and attention is causal) and writes into `keys` and
+ * `values`. Every array sits in shared memory, so the engine thread's one
+ * computation serves every later request that carries the same loaded delta.
+ */
+export interface DeltaPrefix {
+  tokens: number;
+  /** [layers, kvHeads, tokens, headDim]: filled at load (prefix tuning) or by the engine (from `embeds`). */
+  keys: Float32Array;
+  values: Float32Array;
+  /** [tokens, hidden] virtual-token embeddings (prompt tuning, P-tuning); absent for prefix tuning. */
+  embeds?: Float32Array;
+  /** One Int32: 1 once `keys` and `values` hold the prefix. */
+  ready: Int32Array;
+}
+
 export interface LoadedDelta {
   id: string;
   /** sha256 of the stored manifest: changes when the delta is replaced. */
@@ -28,7 +49,9 @@ export interface LoadedDelta {
   /** Largest rank (LoRA) or bottleneck (adapters); 0 for BitFit and IA³. */
   rank: number;
   sites: DeltaSite[];
-  /** Bytes of parameter data held in memory. */
+  /** Prompt-learning kinds: the KV prefix each row of the task starts with (such a delta has no sites). */
+  prefix?: DeltaPrefix;
+  /** Bytes of parameter data held in memory (a prefix's K/V included). */
   bytes: number;
 }
 

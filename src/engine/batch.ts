@@ -12,18 +12,17 @@ import type { DecoderIO } from '../backbone/decoder-io.js';
 import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import type { LoadedDelta } from '../deltas/types.js';
 import { DeltaBanks, type BankOptions } from './banks.js';
-import { KvPool } from './kv-pool.js';
+import { KvPool, type KvSegment } from './kv-pool.js';
 
 export interface BatchRow {
   readonly req: { readonly delta: LoadedDelta | null };
 }
 
-/** A row's prompt K/V in another batch: `tokens` slots of row `index`, from slot `start`. */
+/** A row's K/V in another batch: row `index`'s slots, segment after segment (its KV prefix, its prompt). */
 export interface KvSource {
   batch: Batch<BatchRow>;
   index: number;
-  start: number;
-  tokens: number;
+  segments: readonly KvSegment[];
 }
 
 export class Batch<R extends BatchRow> {
@@ -31,8 +30,9 @@ export class Batch<R extends BatchRow> {
   private readonly kv: KvPool;
   private readonly banks: DeltaBanks;
 
-  constructor(private readonly io: DecoderIO, layouts: readonly SiteLayout[], opts: BankOptions) {
-    this.kv = new KvPool(io, opts.maxRows);
+  /** `maxTokens`: the most KV slots a row may hold (the model's context less one). */
+  constructor(private readonly io: DecoderIO, layouts: readonly SiteLayout[], opts: BankOptions & { maxTokens?: number }) {
+    this.kv = new KvPool(io, opts.maxRows, opts.maxTokens);
     this.banks = new DeltaBanks(layouts, opts);
   }
 
@@ -44,7 +44,7 @@ export class Batch<R extends BatchRow> {
   add(row: R, from?: KvSource): void {
     if (from) {
       const src = from.batch.kv;
-      this.kv.addRow(from.tokens, { keys: src.keys, values: src.values, capacity: src.capacity, row: from.index, start: from.start });
+      this.kv.addRow({ keys: src.keys, values: src.values, capacity: src.capacity, row: from.index, segments: from.segments });
     } else {
       this.kv.addEmptyRow();
     }
@@ -93,6 +93,20 @@ export class Batch<R extends BatchRow> {
     this.kv.ensure(this.rows.length, tokens);
   }
 
+  /**
+   * Puts each row's KV prefix (prompt learning) in its first `slots` slots,
+   * right-aligned so it ends where the prompt's slots begin; a row without one
+   * leaves them empty (the attention mask hides them). Call on a fresh batch
+   * after `reserve`.
+   */
+  placePrefixes(slots: number): void {
+    this.rows.forEach((r, b) => {
+      const p = r.req.delta?.prefix;
+      if (p) this.kv.writePrefix(b, slots - p.tokens, p);
+    });
+    this.kv.advance(slots);
+  }
+
   /** Before a decode step: room for one more token per row, the next capacity bucket filled ahead of need. */
   reserveNextToken(): void {
     this.kv.growAhead();
@@ -104,15 +118,18 @@ export class Batch<R extends BatchRow> {
     this.kv.append(keys, values, steps);
   }
 
-  /** The delta feeds and the past K/V for a run over every row; without `past`, a first prefill chunk's empty past. */
-  feeds(past: boolean): Record<string, ort.Tensor> {
+  /**
+   * The delta feeds and the past K/V for a run over every row; without `past`, a first prefill
+   * chunk's empty past. `packed`: feed only each row's first `packed` slots (a copy), not the whole capacity.
+   */
+  feeds(past: boolean, packed?: number): Record<string, ort.Tensor> {
     const { layers, kvHeads, headDim } = this.io;
     const rows = this.rows.length;
-    const cap = past ? this.kv.capacity : 0;
+    const cap = past ? packed ?? this.kv.capacity : 0;
     const f = this.banks.feeds();
     for (let l = 0; l < layers; l++) {
       for (const t of ['key', 'value'] as const) {
-        const data = past ? this.kv.pastView(l, t) : new Float32Array(0);
+        const data = !past ? new Float32Array(0) : packed === undefined ? this.kv.pastView(l, t) : this.kv.pastPacked(l, t, packed);
         f[`past_key_values.${l}.${t}`] = new ort.Tensor('float32', data, [rows, kvHeads, cap, headDim]);
       }
     }

@@ -13,7 +13,9 @@ import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import { newKvName } from '../backbone/rewrite/kv-cache.js';
 import { GREEDY_TOKEN } from '../backbone/rewrite/last-logits.js';
 import { LOGPROBS_ON, LOGSUMEXP, TOP_LOGPROB_IDS, TOP_LOGPROBS } from '../backbone/rewrite/logprobs.js';
-import { Batch } from './batch.js';
+import { noPromptEmbeds, PROMPT_EMBEDS } from '../backbone/rewrite/prompt-embeds.js';
+import type { DeltaPrefix } from '../deltas/types.js';
+import { Batch, type BatchRow } from './batch.js';
 import { tokenLogprobs, type TokenLogprobs } from './logprobs.js';
 import type { EngineFinish, RowRequest, StepResult } from './protocol.js';
 import { RowSampler } from './sampler.js';
@@ -36,15 +38,26 @@ interface Row {
   lastToken: number;
 }
 
-/** Rows being prefilled together, left-padded to the longest prompt. */
+/**
+ * Rows being prefilled together. Slot layout of row b: its KV prefix (prompt
+ * learning; P_b virtual tokens, none for most rows) right-aligned in the first
+ * `prefixSlots` slots, then its prompt left-padded to the longest. Prefixes
+ * are in place before the first chunk runs, so every real token sees its
+ * row's whole prefix; the mask hides both gaps.
+ */
 interface PrefillGroup {
   batch: Batch<Row>;
   /** Row by row, as the batch's rows move. */
   pads: number[];
   padded: number;
+  /** Slots before the prompts, holding the rows' KV prefixes: the longest prefix. */
+  prefixSlots: number;
   /** Padded positions already run. */
   done: number;
 }
+
+/** Virtual tokens a row's task puts before its prompt (prefix tuning, prompt tuning). */
+const prefixTokens = (r: BatchRow) => r.req.delta?.prefix?.tokens ?? 0;
 
 /** Padded tokens a prefill group may run per real prompt token. */
 const PADDING_LIMIT = 1.5;
@@ -68,6 +81,8 @@ export class Engine {
    */
   private readonly kvOutputs: string[];
   private readonly fetches: Record<'greedy' | 'logits', [plain: string[], withLogprobs: string[]]>;
+  /** The graph's `prompt_embeds` input, fed one zero (no virtual tokens) on every step; null when the graph has none. */
+  private readonly noPromptEmbeds: ort.Tensor | null;
 
   constructor(
     private readonly session: ort.InferenceSession,
@@ -80,10 +95,11 @@ export class Engine {
     this.kvOutputs = Array.from({ length: io.layers }, (_, l) => [newKvName(l, 'key'), newKvName(l, 'value')]).flat();
     const fetch = (pick: string) => [[pick, ...this.kvOutputs], [pick, ...LOGPROB_OUTPUTS, ...this.kvOutputs]] as [string[], string[]];
     this.fetches = { greedy: fetch(GREEDY_TOKEN), logits: fetch('logits') };
+    this.noPromptEmbeds = session.inputNames.includes(PROMPT_EMBEDS) ? noPromptEmbeds() : null;
   }
 
   private newBatch(maxRows: number): Batch<Row> {
-    return new Batch(this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true });
+    return new Batch(this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true, maxTokens: this.opts.maxPositions - 1 });
   }
 
   add(req: RowRequest): void {
@@ -131,7 +147,7 @@ export class Engine {
       },
     };
     this.applyCancellations(result);
-    if (!this.group) this.formGroup();
+    if (!this.group) await this.formGroup();
     if (this.group) await this.prefillChunk(this.group, result);
     if (this.decoding.size) await this.decode(result);
     result.rows = this.rowIds();
@@ -164,7 +180,7 @@ export class Engine {
     this.cancelled.clear();
   }
 
-  private formGroup(): void {
+  private async formGroup(): Promise<void> {
     const room = this.opts.maxBatch - this.decoding.size;
     if (room <= 0 || !this.pending.length) return;
     // Rows of one group are left-padded to its longest prompt: a row joins only while
@@ -181,11 +197,47 @@ export class Engine {
       real += len;
       take++;
     }
+    // Before the rows leave `pending`: if this fails, the step's error handler still finds them there.
+    for (const r of this.pending.slice(0, take)) if (r.req.delta?.prefix) await this.computePrefix(r.req.delta.prefix);
     const rows = this.pending.splice(0, take);
     const batch = this.newBatch(rows.length);
     for (const r of rows) batch.add(r);
-    batch.reserve(longest);
-    this.group = { batch, pads: rows.map((r) => longest - r.req.promptIds.length), padded: longest, done: 0 };
+    const prefixSlots = Math.max(...rows.map(prefixTokens));
+    batch.reserve(prefixSlots + longest);
+    if (prefixSlots > 0) batch.placePrefixes(prefixSlots);
+    this.group = { batch, pads: rows.map((r) => longest - r.req.promptIds.length), padded: longest, prefixSlots, done: 0 };
+  }
+
+  /**
+   * Prompt tuning's prefix: the frozen backbone run once over the virtual
+   * tokens' embeddings (ids vocab_size.. read rows of `prompt_embeds`,
+   * positions 0.., no delta), as PEFT runs `cat(prompts, inputs_embeds)`:
+   * the virtual tokens come first, so their K/V are the same for every
+   * prompt. Written into the delta's shared buffers, so later requests that
+   * carry the same loaded delta find it ready.
+   */
+  private async computePrefix(prefix: DeltaPrefix): Promise<void> {
+    if (Atomics.load(prefix.ready, 0) === 1 || !prefix.embeds) return;
+    if (!this.noPromptEmbeds) throw new Error('this backbone graph has no prompt_embeds input (no embedding Gather of input_ids was found), so prompt-tuned tasks cannot run on it');
+    const P = prefix.tokens;
+    const bare = new Batch<BatchRow>(this.io, this.sites, { maxRows: 1, zeroSize: this.opts.zeroSizeTensors ?? true });
+    bare.add({ req: { delta: null } });
+    const feeds: Record<string, ort.Tensor> = {
+      input_ids: i64(Array.from({ length: P }, (_, i) => this.io.vocabSize + i), [1, P]),
+      attention_mask: i64(new Array<number>(P).fill(1), [1, P]),
+      ...bare.feeds(false),
+      [LOGPROBS_ON]: LOGPROBS_NO,
+      // slice(): onnxruntime-node refuses a tensor over shared memory.
+      [PROMPT_EMBEDS]: new ort.Tensor('float32', prefix.embeds.slice(), [P, prefix.embeds.length / P]),
+    };
+    if (this.io.hasPositionIds) feeds.position_ids = i64(Array.from({ length: P }, (_, i) => i), [1, P]);
+    const out = await this.session.run(feeds, this.kvOutputs);
+    const n = this.io.kvHeads * P * this.io.headDim;
+    for (let l = 0; l < this.io.layers; l++) {
+      prefix.keys.set(out[this.kvOutputs[2 * l]].data as Float32Array, l * n);
+      prefix.values.set(out[this.kvOutputs[2 * l + 1]].data as Float32Array, l * n);
+    }
+    Atomics.store(prefix.ready, 0, 1);
   }
 
   /**
@@ -197,6 +249,7 @@ export class Engine {
     const greedy = rows.every((r) => r.sampler.greedy);
     const logprobs = rows.some((r) => r.req.logprobs !== undefined);
     feeds[LOGPROBS_ON] = logprobs ? LOGPROBS_YES : LOGPROBS_NO;
+    if (this.noPromptEmbeds) feeds[PROMPT_EMBEDS] = this.noPromptEmbeds;
     const { layers, vocabSize } = this.io;
     const out = await this.session.run(feeds, this.fetches[greedy ? 'greedy' : 'logits'][logprobs ? 1 : 0]);
     for (const t of [...Object.values(feeds), ...Object.values(out)]) {
@@ -229,26 +282,39 @@ export class Engine {
     const chunk = Math.min(g.padded - start, Math.max(1, Math.floor(this.opts.prefillChunkTokens / n)));
     const ids = new Array<number>(n * chunk);
     const pos = new Array<number>(n * chunk);
+    const slots = g.prefixSlots;
     for (let b = 0; b < n; b++) {
       const prompt = rows[b].req.promptIds;
+      // PEFT: a task's virtual tokens hold positions 0..P-1 and its real tokens follow from P
+      // (prefix tuning offsets position_ids by num_virtual_tokens; prompt tuning prepends the embeddings).
+      const first = prefixTokens(rows[b]);
       for (let i = 0; i < chunk; i++) {
         const j = start + i - g.pads[b];
         ids[b * chunk + i] = j >= 0 ? prompt[j] : 0;
-        pos[b * chunk + i] = Math.max(0, j);
+        pos[b * chunk + i] = first + Math.max(0, j);
       }
     }
-    // Past is the group's buffer (full capacity, masked) once a chunk has run.
-    const pastLen = start === 0 ? 0 : g.batch.kvCapacity;
+    // Past is the group's buffer (full capacity, masked) once a chunk has run or prefixes are in place;
+    // packed to the filled slots where capacity + chunk would pass the model's context (GPT-2's causal bias),
+    // and for the first chunk after the prefixes (a copy of a few slots beats attending over the whole capacity).
+    const hasPast = start > 0 || slots > 0;
+    const pack = start === 0 || g.batch.kvCapacity + chunk > this.opts.maxPositions;
+    const packed = hasPast && pack ? slots + start : undefined;
+    const pastLen = hasPast ? packed ?? g.batch.kvCapacity : 0;
     const mask = new Array<number>(n * (pastLen + chunk));
     for (let b = 0; b < n; b++) {
       const row = b * (pastLen + chunk);
-      for (let j = 0; j < pastLen; j++) mask[row + j] = j < start && j >= g.pads[b] ? 1 : 0;
+      const prefixFrom = slots - prefixTokens(rows[b]);
+      for (let j = 0; j < pastLen; j++) {
+        // PEFT prepends ones to the attention mask for the virtual tokens: every real token sees them all.
+        mask[row + j] = j < slots ? (j >= prefixFrom ? 1 : 0) : j - slots < start && j - slots >= g.pads[b] ? 1 : 0;
+      }
       for (let i = 0; i < chunk; i++) mask[row + pastLen + i] = start + i >= g.pads[b] ? 1 : 0;
     }
     const feeds: Record<string, ort.Tensor> = {
       input_ids: i64(ids, [n, chunk]),
       attention_mask: i64(mask, [n, pastLen + chunk]),
-      ...g.batch.feeds(start > 0),
+      ...g.batch.feeds(hasPast, packed),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(pos, [n, chunk]);
     const t0 = performance.now();
@@ -266,12 +332,16 @@ export class Engine {
       const row = rows[b];
       const token = this.emit(row, out, b, result);
       const promptLen = row.req.promptIds.length;
-      const reason = this.finishReason(row, token, promptLen + 1);
+      const virtual = prefixTokens(row);
+      const reason = this.finishReason(row, token, virtual + promptLen + 1);
       if (reason) {
         result.finished.push({ rowId: row.req.rowId, reason, generated: row.generated });
         continue;
       }
-      this.decoding.add(row, { batch: g.batch, index: b, start: g.pads[b], tokens: promptLen });
+      // In the decode batch the prefix and the prompt sit together from slot 0, so a row's
+      // next position is its slot count, as PEFT's cache_position counts the virtual tokens.
+      const segments = [{ start: g.prefixSlots - virtual, tokens: virtual }, { start: g.prefixSlots + g.pads[b], tokens: promptLen }];
+      this.decoding.add(row, { batch: g.batch, index: b, segments: segments.filter((s) => s.tokens > 0) });
     }
   }
 

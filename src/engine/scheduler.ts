@@ -211,6 +211,7 @@ export class Scheduler implements Generator {
         e.acquiring = false;
         if (e.settled) return lease.release();
         e.lease = lease;
+        this.countPrefix(e);
         this.pump();
       },
       (err) => {
@@ -221,6 +222,26 @@ export class Scheduler implements Generator {
         this.pump();
       },
     );
+  }
+
+  /**
+   * A prompt-learning task's virtual tokens hold KV slots and positions before
+   * the prompt: they count in the KV budget and the context, not in the
+   * prompt_tokens the user is told.
+   */
+  private countPrefix(e: Entry): void {
+    const virtual = e.lease?.delta.prefix?.tokens ?? 0;
+    if (!virtual) return;
+    const room = this.opts.maxPositions - virtual - e.promptIds.length;
+    if (room < 1) {
+      e.leaseError = new ServeError(422, 'prompt_too_long',
+        `the prompt is ${e.promptIds.length} tokens, task '${e.task}' puts ${virtual} virtual tokens before it, and the backbone's context is ${this.opts.maxPositions}: shorten the prompt to at most ${this.opts.maxPositions - virtual - 1} tokens`);
+      e.lease!.release();
+      e.lease = null;
+      return;
+    }
+    e.maxNewTokens = Math.min(e.maxNewTokens, room);
+    e.reserve = virtual + e.promptIds.length + e.maxNewTokens;
   }
 
   private admit(e: Entry): void {
