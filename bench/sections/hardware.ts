@@ -101,7 +101,7 @@ export const section: BenchSection = {
         },
       ],
       outputs: [{
-        title: '10. The hardware\'s limit: the decode step against MatMul throughput and memory bandwidth (issue 14)',
+        title: '12. The hardware\'s limit: the decode step against MatMul throughput and memory bandwidth (issue 14)',
         body: [
           'The real `Engine` in-process (default site plan, no deltas, 48-token prompts prefilled untimed), its decode steps timed in blocks interleaved with blocks of ' +
           `onnxruntime running only the step's ${bb.linear.length} weight matmuls (every MatMul/Gemm of the backbone with a 2-D weight initializer, on its own initializers) on [B, in] inputs — what the MatMul kernels can do at exactly these shapes — ` +

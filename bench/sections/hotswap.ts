@@ -142,7 +142,7 @@ async function measure(ctx: BenchContext, server: ServerProcess): Promise<Sectio
       },
     ],
     outputs: [{
-      title: '8. Hot swap over HTTP: cache miss vs hit, registration to first token, streams during churn (issue 14)',
+      title: '10. Hot swap over HTTP: cache miss vs hit, registration to first token, streams during churn (issue 14)',
       body: [
         `A real server process (demo:gpt2-small) with DELTASERVE_CACHE_BYTES = ${CACHED} rank-16 LoRAs (${CACHED * LORA_BYTES} bytes) and ${nLoras} LoRAs registered. ` +
         'Miss vs hit: pairs of requests one at a time (4 new tokens), the first on lora-000 (used every pair: a hit), the second on a LoRA that cycles through the other ' +

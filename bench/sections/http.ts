@@ -173,7 +173,7 @@ export const section: BenchSection = {
       return {
         goals,
         outputs: [{
-          title: '7. Over HTTP: throughput vs distinct deltas, mixed kinds, latency vs offered load (issue 14)',
+          title: '9. Over HTTP: throughput vs distinct deltas, mixed kinds, latency vs offered load (issue 14)',
           body: [
             `A real server process (\`tsx src/cli.ts serve\`, demo:gpt2-small, default config: max batch 32, max_loras 32, cache sized from the backbone) on 127.0.0.1; ` +
             `${nLoras} PEFT LoRAs (rank ${LORA_RANK} on c_attn) and ${specs.length} other deltas (4 each: adapter bottleneck 16 on attn/mlp c_proj, BitFit on c_attn/c_fc, IA³ on c_attn/mlp.c_proj) uploaded with POST /v1/deltas. ` +

@@ -113,7 +113,7 @@ async function compare(
       },
     ],
     outputs: [{
-      title: '11. The peer: transformers.js on the same exported backbone (issue 14)',
+      title: '13. The peer: transformers.js on the same exported backbone (issue 14)',
       body: [
         `@huggingface/transformers ${tfVersion} (onnxruntime-node underneath, CPU, fp32) loading the exported demo:gpt2-small folder from local files only (\`env.allowRemoteModels = false\`), greedy, ${maxNew} new tokens; ` +
         'deltaserve as a separate server process over HTTP (streamed /v1/generate). Before timing, transformers.js\'s greedy ids were checked equal to deltaserve\'s on 8 prompts of the bare backbone, ' +

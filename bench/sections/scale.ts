@@ -226,7 +226,7 @@ export const section: BenchSection = {
     return {
       goals,
       outputs: [{
-        title: '9. Scale: 10, 1,000 and 10,000 registered deltas, 100 hot under Zipf traffic, and pinning (issue 14)',
+        title: '11. Scale: 10, 1,000 and 10,000 registered deltas, 100 hot under Zipf traffic, and pinning (issue 14)',
         body: [
           `A real server process per store size (demo:gpt2-small, DELTASERVE_CACHE_BYTES = ${CACHE_BYTES} = 32 rank-16 LoRAs). ${HOT} distinct rank-16 LoRAs uploaded over HTTP; ` +
           'the rest of each store are copies of them under other ids (same files, hard-linked; manifests naming the new id), as another replica would leave them. ' +
