@@ -195,7 +195,7 @@ test('list, inspect, delete', async () => {
   registry.cached.add('sql');
   const list = await request(app).get('/v1/deltas').expect(200);
   assert.equal(list.body.data.length, 1);
-  assert.deepEqual(Object.keys(list.body.data[0]).sort(), ['bytes', 'cached', 'created_at', 'format', 'id', 'rank', 'type']);
+  assert.deepEqual(Object.keys(list.body.data[0]).sort(), ['bytes', 'cached', 'created_at', 'format', 'id', 'pinned', 'rank', 'type']);
   assert.equal(list.body.data[0].cached, true);
   const one = await request(app).get('/v1/deltas/sql').expect(200);
   assert.deepEqual(one.body.sites, [{ module: 'model.layers.0.self_attn.q_proj', kind: 'lora', site: 'lora', shapes: [[16, 8], [8, 16]] }]);

@@ -42,6 +42,8 @@ export interface Manifest {
   /** Bytes of the stored files. */
   file_bytes: number;
   sites: SiteSummary[];
+  /** Kept in the cache whatever the traffic (PATCH /v1/deltas/{id}); absent in manifests written before pinning existed. */
+  pinned?: boolean;
 }
 
 export interface StoredDelta {
@@ -84,7 +86,7 @@ function checkManifest(value: unknown, id: string): Manifest | string {
 
 export function recordOf(stored: StoredDelta): DeltaRecord {
   const m = stored.manifest;
-  return { id: m.id, type: m.type, format: m.format, rank: m.rank, bytes: m.bytes, sha256: stored.sha256, createdAt: m.created_at, sites: m.sites };
+  return { id: m.id, type: m.type, format: m.format, rank: m.rank, bytes: m.bytes, sha256: stored.sha256, createdAt: m.created_at, sites: m.sites, pinned: m.pinned === true };
 }
 
 async function writeDurably(path: string, bytes: Uint8Array): Promise<void> {
@@ -106,6 +108,8 @@ async function syncDir(path: string): Promise<void> {
     await fh.close();
   }
 }
+
+const manifestBytesOf = (m: Manifest) => Buffer.from(JSON.stringify(m, null, 2) + '\n', 'utf8');
 
 const isMissing = (err: unknown) => (err as NodeJS.ErrnoException).code === 'ENOENT';
 
@@ -237,7 +241,7 @@ export class DeltaStore {
       file_bytes: [...files.values()].reduce((n, b) => n + b.byteLength, 0),
       created_at: new Date().toISOString(),
     };
-    const manifestBytes = Buffer.from(JSON.stringify(full, null, 2) + '\n', 'utf8');
+    const manifestBytes = manifestBytesOf(full);
 
     const temp = join(this.dir, `${TMP}${ownerTag()}${randomBytes(8).toString('hex')}`);
     await mkdir(temp);
@@ -278,6 +282,31 @@ export class DeltaStore {
     await syncDir(this.dir);
     await this.opts.onStep?.('new-in');
     if (aside) await rm(aside, { recursive: true, force: true });
+  }
+
+  /**
+   * Sets the manifest's `pinned` flag in place: the new manifest is written
+   * beside the old one and renamed over it, so readers see one or the other.
+   * Null when there is no such delta.
+   */
+  async setPinned(id: string, pinned: boolean): Promise<StoredDelta | null> {
+    const stored = await this.read(id);
+    if (!stored) return null;
+    const manifest: Manifest = { ...stored.manifest, pinned };
+    const bytes = manifestBytesOf(manifest);
+    const folder = join(this.dir, id);
+    const temp = join(folder, `${TMP}${MANIFEST}.${randomBytes(8).toString('hex')}`);
+    try {
+      await writeDurably(temp, bytes);
+      await rename(temp, join(folder, MANIFEST));
+    } catch (err) {
+      await rm(temp, { force: true });
+      // The folder went away (removed or being replaced elsewhere): report what the store holds now.
+      if (isMissing(err)) return null;
+      throw err;
+    }
+    await syncDir(folder);
+    return { manifest, sha256: sha256(bytes) };
   }
 
   /** Removes a delta; false when there was none. */

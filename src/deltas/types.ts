@@ -77,6 +77,15 @@ export interface DeltaRecord {
   sha256: string;
   createdAt: string;
   sites: SiteSummary[];
+  /** Held in the delta cache whatever the traffic (never evicted). */
+  pinned: boolean;
+}
+
+/** One page of the registered deltas, ordered by id. */
+export interface DeltaPage {
+  records: DeltaRecord[];
+  /** Whether ids after the last one on this page exist. */
+  hasMore: boolean;
 }
 
 /** One uploaded or imported file: its own name and where it sits on disk now. */
@@ -89,6 +98,12 @@ export interface DeltaFile {
 export interface DeltaRegistry {
   register(id: string, files: DeltaFile[], opts: { replace: boolean }): Promise<DeltaRecord>;
   list(): Promise<DeltaRecord[]>;
+  /** Up to `limit` deltas with ids after `after` (exclusive), from the in-memory index: no manifest is read. */
+  page(opts: { limit: number; after?: string }): Promise<DeltaPage>;
+  /** How many deltas are registered, without touching the disk on the caller's path. */
+  count(): number;
+  /** Pins (or unpins) a delta in the cache; persisted in its manifest. 404 unknown, 409 past the cache budget. */
+  setPinned(id: string, pinned: boolean): Promise<DeltaRecord>;
   /** Looks in the store on disk before answering null, so replicas see each other's registrations. */
   get(id: string): Promise<DeltaRecord | null>;
   remove(id: string): Promise<void>;

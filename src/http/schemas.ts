@@ -144,6 +144,21 @@ export const replaceQuery = z.object({
   replace: z.enum(['true', 'false', '1', '0'], { message: 'expected true or false' }).optional(),
 });
 
+// --- PATCH /v1/deltas/{id} and the listings' pages (added 2026-12) ----------
+
+export const patchDeltaBody = z.object({ pinned: z.boolean({ message: 'expected "pinned": true or false' }) });
+
+export const MAX_PAGE = 1000;
+
+/** OpenAI's list paging: `limit` items with ids after `after`; the answer says `has_more`. */
+const wholeFrom1 = `expected a whole number from 1 to ${MAX_PAGE}`;
+export const pageQuery = z.object({
+  limit: z.coerce.number({ message: wholeFrom1 }).int(wholeFrom1).min(1, wholeFrom1)
+    .max(MAX_PAGE, `at most ${MAX_PAGE} per page; follow has_more with after=<last_id> for the rest`)
+    .optional(),
+  after: taskId.optional(),
+});
+
 /** Validates a parsed JSON body; a missing body means the client did not send JSON at all. */
 export function parseBody<S extends z.ZodType>(schema: S, body: unknown): z.infer<S> {
   if (body === undefined) {

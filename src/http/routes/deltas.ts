@@ -8,7 +8,7 @@ import type { BackboneInfo } from '../../backbone/types.js';
 import type { DeltaFile, DeltaRecord, DeltaRegistry } from '../../deltas/types.js';
 import { ServeError } from '../../errors.js';
 import { resolveImport } from '../import-path.js';
-import { importBody, loadLoraBody, parseBody, replaceQuery, TASK_ID, TASK_ID_RULE, unloadLoraBody } from '../schemas.js';
+import { importBody, loadLoraBody, pageQuery, parseBody, patchDeltaBody, replaceQuery, TASK_ID, TASK_ID_RULE, unloadLoraBody } from '../schemas.js';
 import { isMultipart, receiveUpload, type UploadLimits } from '../upload.js';
 
 export interface DeltaRouteDeps {
@@ -24,8 +24,11 @@ const summary = (r: DeltaRecord) => ({
 });
 
 const listing = (r: DeltaRecord, cached: boolean) => ({
-  id: r.id, type: r.type, format: r.format, rank: r.rank, bytes: r.bytes, cached, created_at: r.createdAt,
+  id: r.id, type: r.type, format: r.format, rank: r.rank, bytes: r.bytes, cached, created_at: r.createdAt, pinned: r.pinned,
 });
+
+/** Deltas per page of GET /v1/deltas when the client names no limit. */
+export const DEFAULT_DELTA_PAGE = 100;
 
 function checkId(id: unknown, backbone: BackboneInfo, field = 'id'): string {
   if (typeof id !== 'string' || !TASK_ID.test(id)) {
@@ -93,9 +96,11 @@ export function deltaRoutes(deps: DeltaRouteDeps): Router {
     res.status(201).json(summary(await registerFromRequest(req)));
   });
 
-  router.get('/v1/deltas', auth, async (_req, res) => {
-    const records = await registry.list();
-    res.json({ data: records.map((r) => listing(r, registry.isCached(r.id))) });
+  router.get('/v1/deltas', auth, async (req, res) => {
+    const q = parseBody(pageQuery, req.query);
+    const page = await registry.page({ limit: q.limit ?? DEFAULT_DELTA_PAGE, after: q.after });
+    const data = page.records.map((r) => listing(r, registry.isCached(r.id)));
+    res.json({ object: 'list', data, first_id: data[0]?.id ?? null, last_id: data.at(-1)?.id ?? null, has_more: page.hasMore });
   });
 
   router.get('/v1/deltas/:id', auth, async (req, res) => {
@@ -107,6 +112,13 @@ export function deltaRoutes(deps: DeltaRouteDeps): Router {
       sha256: r.sha256,
       sites: r.sites.map((s) => ({ module: s.module, kind: s.kind, site: s.site, shapes: s.shapes })),
     });
+  });
+
+  router.patch('/v1/deltas/:id', auth, async (req, res) => {
+    const id = checkId(req.params.id, backbone);
+    const b = parseBody(patchDeltaBody, req.body);
+    const r = await registry.setPinned(id, b.pinned);
+    res.json(listing(r, registry.isCached(r.id)));
   });
 
   router.delete('/v1/deltas/:id', auth, async (req, res) => {
