@@ -169,7 +169,7 @@ describe('e2e: the contract on the real stack', () => {
 
     const list = (await request(app).get('/v1/deltas').expect(200)).body;
     const row = list.data.find((d: { id: string }) => d.id === 'api-lora');
-    assert.deepEqual(Object.keys(row).sort(), ['bytes', 'cached', 'created_at', 'format', 'id', 'rank', 'type']);
+    assert.deepEqual(Object.keys(row).sort(), ['bytes', 'cached', 'created_at', 'format', 'id', 'pinned', 'rank', 'type']);
     assert.equal(typeof row.cached, 'boolean');
     assert.ok(!Number.isNaN(Date.parse(row.created_at)));
 
