@@ -306,7 +306,7 @@ export class DeltaStore {
       throw err;
     }
     await syncDir(folder);
-    return { manifest, sha256: sha256(bytes) };
+    return { manifest, sha256: contentSha256(manifest.files) };
   }
 
   /** Removes a delta; false when there was none. */
