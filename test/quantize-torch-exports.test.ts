@@ -19,7 +19,8 @@ import { generate, params, startStack, type Stack } from './helpers/engine-stack
 import { torchFixtures } from './helpers/fixtures.js';
 import { dequantizedModel, peftLoraFactors } from './helpers/quant-reference.js';
 
-for (const f of torchFixtures()) {
+// gpt2-fp16's weights are float16, which the quantizer leaves float (README: known limitations).
+for (const f of torchFixtures().filter((x) => x.name !== 'gpt2-fp16')) {
   for (const bits of [4, 8] as const) {
     describe(`torch export ${f.name}, ${bits}-bit`, () => {
       let out: string;

@@ -92,7 +92,7 @@ describe('deltaserve quantize refuses what it cannot do, saying why', () => {
     assert.match(await refused(['--bits', '3', '--model', dir, '--out', join(tmpdir(), 'x')]), /--bits.*choices are 4, 8|Allowed choices are 4, 8/);
     assert.match(await refused(['--bits', '4', '--model', dir, '--out', dir]), /--out must be another folder/);
     const empty = await mkdtemp(join(tmpdir(), 'ds-not-a-model-'));
-    assert.match(await refused(['--bits', '4', '--model', empty, '--out', join(empty, 'q')]), /lacks model\.onnx/);
+    assert.match(await refused(['--bits', '4', '--model', empty, '--out', join(empty, 'q')]), /lacks a model file \(model\.onnx/);
   });
 });
 

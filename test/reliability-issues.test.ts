@@ -124,7 +124,8 @@ test('5: stray files and folders in the store are ignored and logged, not a 500'
   const src = await tempDir(t, 'src');
   const lines: string[] = [];
   const logger = createLogger('warn', { write: (s: string) => lines.push(s) });
-  const registry = await Registry.open({ dir: store, backbone, cacheBytes: 1 << 20, logger });
+  // syncMs 0: every listing re-reads the folder (by default, within a second), so entries added behind its back are seen.
+  const registry = await Registry.open({ dir: store, backbone, cacheBytes: 1 << 20, logger, syncMs: 0 });
   await registry.register('real', await writePeft(src, { ...PEFT_BASE_CONFIG }, lora(1)), { replace: false });
   await writeFile(join(store, 'README.md'), '# notes');
   await mkdir(join(store, 'empty-folder'));
