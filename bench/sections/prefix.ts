@@ -1,28 +1,14 @@
 /** Section 8 (issue 12): prompt learning as KV prefixes — TTFT with a cached prefix, decode steps with 20-token prefixes. */
-import type * as ort from 'onnxruntime-node';
-import { buildEngineGraph } from '../../src/backbone/rewrite/index.js';
-import { planSites } from '../../src/deltas/kinds/index.js';
 import { measurePrefix, prefixGoals, prefixTables } from '../lib/prefix-step.js';
-import type { RewriteBenchResult } from '../lib/rewrite-step.js';
 import type { BenchSection } from '../lib/runner.js';
-import { DEFAULT_PLAN, REWRITE_KEY } from './rewrite.js';
+import { defaultPlanEngine } from './rewrite.js';
 
 export const section: BenchSection = {
   name: 'prefix',
   async run(ctx) {
-    const bb = await ctx.backbone();
     const q = ctx.quick;
     const cfg = { ttftPairs: q ? 4 : 30, ttftPrompt: 64, decodePrompt: 150, rounds: q ? 2 : 8, perBlock: 3 };
-    const g = buildEngineGraph(bb, planSites(bb));
-    const { createSession } = await import('../../src/backbone/session.js');
-    const rewrite = await ctx.peek<Promise<RewriteBenchResult>>(REWRITE_KEY);
-    let engine: ort.InferenceSession;
-    if (rewrite) engine = rewrite.sessions.byPlan.get(DEFAULT_PLAN)!;
-    else {
-      const own = await createSession(g.bytes);
-      ctx.onRelease(() => own.release());
-      engine = own;
-    }
+    const { bb, graph: g, engine } = await defaultPlanEngine(ctx);
     const res = await measurePrefix(bb, engine, g.sites, { ...cfg, log: ctx.log });
     return {
       goals: prefixGoals(res),

@@ -1,12 +1,29 @@
 /** Section 1 (issue 3): the rewritten graph's decode step per batch size, against the original and the no-sites graph. */
+import type * as ort from 'onnxruntime-node';
+import type { Backbone } from '../../src/backbone/backbone.js';
+import { buildEngineGraph, type EngineGraph } from '../../src/backbone/rewrite/index.js';
+import { createSession } from '../../src/backbone/session.js';
+import { planSites } from '../../src/deltas/kinds/index.js';
 import { fmt } from '../lib/common.js';
 import { measureRewrite, NO_SITES_LABEL, ORIGINAL_LABEL, rewriteTables, type RewriteBenchResult } from '../lib/rewrite-step.js';
-import type { BenchSection, Goal } from '../lib/runner.js';
+import type { BenchContext, BenchSection, Goal } from '../lib/runner.js';
 import { yes } from './goals.js';
 
 export const DEFAULT_PLAN = 'engine, default plan';
 /** Where kv and kinds find the sessions this section built, when it ran. */
 export const REWRITE_KEY = 'rewrite';
+
+/** The engine graph on the default site plan and a session of it: section 1's when it ran, else one of the caller's own. */
+export async function defaultPlanEngine(ctx: BenchContext): Promise<{ bb: Backbone; graph: EngineGraph; engine: ort.InferenceSession }> {
+  const bb = await ctx.backbone();
+  const graph = buildEngineGraph(bb, planSites(bb));
+  const rewrite = await ctx.peek<Promise<RewriteBenchResult>>(REWRITE_KEY);
+  const shared = rewrite?.sessions.byPlan.get(DEFAULT_PLAN);
+  if (shared) return { bb, graph, engine: shared };
+  const engine = await createSession(graph.bytes);
+  ctx.onRelease(() => engine.release());
+  return { bb, graph, engine };
+}
 
 function rewriteGoals(res: RewriteBenchResult, planLabel: string): Goal[] {
   const find = (label: string) => res.configs.find((c) => c.label === label)!;
