@@ -6,6 +6,7 @@
  *
  * Rows, their KV cache and their delta banks' slices live together in a
  * Batch (batch.ts): the decode batch, and the prefill group being prefilled.
+ * Where they live, host arrays or device tensors, is the Device's (device/).
  */
 import * as ort from 'onnxruntime-node';
 import type { DecoderIO } from '../backbone/decoder-io.js';
@@ -14,6 +15,8 @@ import { newKvName } from '../backbone/rewrite/kv-cache.js';
 import { GREEDY_TOKEN } from '../backbone/rewrite/last-logits.js';
 import { LOGPROBS_ON, LOGSUMEXP, TOP_LOGPROB_IDS, TOP_LOGPROBS } from '../backbone/rewrite/logprobs.js';
 import { Batch } from './batch.js';
+import { HostDevice } from './device/cpu.js';
+import type { Device, HostRows, Transfer } from './device/device.js';
 import { tokenLogprobs, type TokenLogprobs } from './logprobs.js';
 import type { EngineFinish, RowRequest, StepResult } from './protocol.js';
 import { RowSampler } from './sampler.js';
@@ -27,6 +30,8 @@ export interface EngineOptions {
   maxPositions: number;
   /** Whether the provider takes zero-size tensors (an unused LoRA site is then free); see BankOptions. */
   zeroSizeTensors?: boolean;
+  /** Where the KV cache and banks live; the host (CPU provider) by default. */
+  device?: Device;
 }
 
 interface Row {
@@ -68,6 +73,7 @@ export class Engine {
    */
   private readonly kvOutputs: string[];
   private readonly fetches: Record<'greedy' | 'logits', [plain: string[], withLogprobs: string[]]>;
+  private readonly device: Device;
 
   constructor(
     private readonly session: ort.InferenceSession,
@@ -75,15 +81,17 @@ export class Engine {
     private readonly sites: SiteLayout[],
     private readonly opts: EngineOptions,
   ) {
+    this.device = opts.device ?? new HostDevice();
     this.decoding = this.newBatch(opts.maxBatch);
     this.eos = new Set(opts.eosTokenIds);
     this.kvOutputs = Array.from({ length: io.layers }, (_, l) => [newKvName(l, 'key'), newKvName(l, 'value')]).flat();
-    const fetch = (pick: string) => [[pick, ...this.kvOutputs], [pick, ...LOGPROB_OUTPUTS, ...this.kvOutputs]] as [string[], string[]];
-    this.fetches = { greedy: fetch(GREEDY_TOKEN), logits: fetch('logits') };
+    const fetch = (...pick: string[]) => [[...pick, ...this.kvOutputs], [...pick, ...LOGPROB_OUTPUTS, ...this.kvOutputs]] as [string[], string[]];
+    // Where the logits stay on a device, greedy rows of a sampling step read the argmax, and only sampling rows' logits come back.
+    this.fetches = { greedy: fetch(GREEDY_TOKEN), logits: this.device.logitsOnHost ? fetch('logits') : fetch(GREEDY_TOKEN, 'logits') };
   }
 
   private newBatch(maxRows: number): Batch<Row> {
-    return new Batch(this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true });
+    return new Batch(this.device, this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true });
   }
 
   add(req: RowRequest): void {
@@ -127,7 +135,7 @@ export class Engine {
       tokens: [], finished: [], rows: [],
       stats: {
         decodeRows: 0, prefillRows: 0, prefillTokens: 0, decodeMs: 0, prefillMs: 0,
-        kvTokens: 0, kvBytes: 0, bankBytes: 0, transferBytes: 0, runningDeltas: [],
+        kvTokens: 0, kvBytes: 0, bankBytes: 0, transfer: { toDevice: 0, toHost: 0 }, runningDeltas: [],
       },
     };
     this.applyCancellations(result);
@@ -156,7 +164,10 @@ export class Engine {
         done(g.batch.remove(i));
         moveLastInto(g.pads, i);
       }
-      if (g.batch.size === 0) this.group = null;
+      if (g.batch.size === 0) {
+        g.batch.release();
+        this.group = null;
+      }
     }
     for (let i = this.decoding.size - 1; i >= 0; i--) {
       if (this.cancelled.has(this.decoding.rows[i].req.rowId)) done(this.decoding.remove(i));
@@ -198,27 +209,29 @@ export class Engine {
     const logprobs = rows.some((r) => r.req.logprobs !== undefined);
     feeds[LOGPROBS_ON] = logprobs ? LOGPROBS_YES : LOGPROBS_NO;
     const { layers, vocabSize } = this.io;
-    const out = await this.session.run(feeds, this.fetches[greedy ? 'greedy' : 'logits'][logprobs ? 1 : 0]);
-    for (const t of [...Object.values(feeds), ...Object.values(out)]) {
-      stats.transferBytes += (t.data as ArrayBufferView).byteLength;
-    }
+    const out = await this.device.run(this.session, feeds, this.fetches[greedy ? 'greedy' : 'logits'][logprobs ? 1 : 0], stats.transfer);
     const data = (name: string) => out[name].data as Float32Array;
-    const logits = greedy ? null : { data: data('logits'), vocab: vocabSize };
+    const sampling = rows.flatMap((r, b) => (r.sampler.greedy ? [] : [b]));
+    const logits: (HostRows & { vocab: number }) | null = greedy
+      ? null
+      : { ...(await this.device.hostRows(out.logits, this.device.logitsOnHost ? [] : sampling, vocabSize, stats.transfer)), vocab: vocabSize };
+    const argmax = (b: number) => Number((out[GREEDY_TOKEN].data as BigInt64Array)[b]);
     const step = logprobs
       ? { top: data(TOP_LOGPROBS), ids: out[TOP_LOGPROB_IDS].data as BigInt64Array, logsumexp: data(LOGSUMEXP), k: out[TOP_LOGPROBS].dims[1] }
       : null;
     return {
       /** Row b's next token: the graph's argmax, or sampled from row b's logits. */
       next: logits
-        ? (b: number) => rows[b].sampler.sample(logits.data, b * vocabSize, vocabSize)
-        : (b: number) => Number((out[GREEDY_TOKEN].data as BigInt64Array)[b]),
+        ? (b: number) => (this.device.logitsOnHost || !rows[b].sampler.greedy ? rows[b].sampler.sample(logits.data, logits.offset(b), vocabSize) : argmax(b))
+        : argmax,
       /** Row b's logprobs for the token it picked, when it asked for them. */
       logprobs: (b: number, token: number): TokenLogprobs | undefined => {
         const n = rows[b].req.logprobs;
-        return step && n !== undefined ? tokenLogprobs(step, b, token, n, logits) : undefined;
+        const ownLogits = logits && (this.device.logitsOnHost || !rows[b].sampler.greedy) ? logits : null;
+        return step && n !== undefined ? tokenLogprobs(step, b, token, n, ownLogits) : undefined;
       },
-      keys: Array.from({ length: layers }, (_, l) => data(this.kvOutputs[2 * l])),
-      values: Array.from({ length: layers }, (_, l) => data(this.kvOutputs[2 * l + 1])),
+      keys: Array.from({ length: layers }, (_, l) => out[this.kvOutputs[2 * l]]),
+      values: Array.from({ length: layers }, (_, l) => out[this.kvOutputs[2 * l + 1]]),
     };
   }
 
@@ -248,7 +261,7 @@ export class Engine {
     const feeds: Record<string, ort.Tensor> = {
       input_ids: i64(ids, [n, chunk]),
       attention_mask: i64(mask, [n, pastLen + chunk]),
-      ...g.batch.feeds(start > 0),
+      ...(await g.batch.feeds(start > 0, result.stats.transfer)),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(pos, [n, chunk]);
     const t0 = performance.now();
@@ -273,6 +286,9 @@ export class Engine {
       }
       this.decoding.add(row, { batch: g.batch, index: b, start: g.pads[b], tokens: promptLen });
     }
+    // The rows' K/V are copied out (on a device, by queued runs): then the group's memory goes.
+    await this.decoding.settle(result.stats.transfer);
+    g.batch.release();
   }
 
   /** Row b of the step picks its token (with its logprobs, when asked). */
@@ -297,15 +313,11 @@ export class Engine {
     batch.reserveNextToken();
     const C = batch.kvCapacity;
     const len = batch.lengths;
-    const mask = new BigInt64Array(B * (C + 1));
-    for (let b = 0; b < B; b++) {
-      mask.fill(1n, b * (C + 1), b * (C + 1) + len[b]);
-      mask[b * (C + 1) + C] = 1n;
-    }
+    const transfer: Transfer = result.stats.transfer;
     const feeds: Record<string, ort.Tensor> = {
+      ...(await batch.feeds(true, transfer)),
       input_ids: i64(batch.rows.map((r) => r.lastToken), [B, 1]),
-      attention_mask: new ort.Tensor('int64', mask, [B, C + 1]),
-      ...batch.feeds(true),
+      attention_mask: await this.device.decodeMask(len, C, transfer),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(len, [B, 1]);
     const t0 = performance.now();
