@@ -19,8 +19,8 @@ export interface SessionOptions {
   ep?: ExecutionProvider;
   /** Intra-op threads; default lets ORT use every core. */
   threads?: number;
-  /** On WebGPU: outputs that stay on the device (`gpu-buffer` tensors); every other output comes to the host. */
-  deviceOutputs?: string[];
+  /** On WebGPU: where outputs go (`gpu-buffer` stays on the device). */
+  outputLocations?: 'cpu' | 'gpu-buffer';
 }
 
 /** Dawn (the WebGPU provider) wants XDG_RUNTIME_DIR; a service often has none. */
@@ -49,7 +49,7 @@ export async function createSession(model: Uint8Array | string, opts: SessionOpt
     graphOptimizationLevel: 'all',
     logSeverityLevel: 3,
     ...(opts.threads ? { intraOpNumThreads: opts.threads } : {}),
-    ...(ep === 'webgpu' && opts.deviceOutputs ? { preferredOutputLocation: Object.fromEntries(opts.deviceOutputs.map((n) => [n, 'gpu-buffer' as const])) } : {}),
+    ...(ep === 'webgpu' && opts.outputLocations ? { preferredOutputLocation: opts.outputLocations } : {}),
   };
   try {
     return typeof model === 'string'

@@ -109,7 +109,12 @@ export class Batch<R extends BatchRow> {
   /** The delta feeds and the past K/V for a run over every row; without `past`, a first prefill chunk's empty past. */
   async feeds(past: boolean, transfer: Transfer): Promise<Record<string, ort.Tensor>> {
     await this.kv.settle(transfer);
-    return { ...(await this.bankFeeds.feeds(this.banks.stampedFeeds(), transfer)), ...this.kv.pastFeeds(past) };
+    return { ...(await this.bankFeeds.feeds(this.banks.stampedFeeds(), transfer)), ...(await this.kv.pastFeeds(past, transfer)) };
+  }
+
+  /** Past slots a run's feeds hold (the attention mask's past columns). */
+  pastSlots(past: boolean): number {
+    return this.kv.pastSlots(past);
   }
 
   /** Waits for the device's row moves, adding what crossed to `transfer`. */

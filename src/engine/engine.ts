@@ -251,7 +251,7 @@ export class Engine {
       }
     }
     // Past is the group's buffer (full capacity, masked) once a chunk has run.
-    const pastLen = start === 0 ? 0 : g.batch.kvCapacity;
+    const pastLen = g.batch.pastSlots(start > 0);
     const mask = new Array<number>(n * (pastLen + chunk));
     for (let b = 0; b < n; b++) {
       const row = b * (pastLen + chunk);

@@ -5,7 +5,7 @@
  */
 import { parentPort } from 'node:worker_threads';
 import { createSession, takesZeroSizeTensors } from '../backbone/session.js';
-import { deviceFor, deviceOutputs } from './device/index.js';
+import { deviceFor, outputLocations } from './device/index.js';
 import { Engine } from './engine.js';
 import type { EngineInit, FromEngine, ToEngine } from './protocol.js';
 
@@ -17,7 +17,7 @@ let wake: (() => void) | null = null;
 let running = false;
 
 async function init(init: EngineInit): Promise<void> {
-  const session = await createSession(init.model, { ep: init.ep, threads: init.threads, deviceOutputs: deviceOutputs(init.ep, init.io.layers) });
+  const session = await createSession(init.model, { ep: init.ep, threads: init.threads, outputLocations: outputLocations(init.ep) });
   engine = new Engine(session, init.io, init.sites, {
     maxBatch: init.maxBatch,
     prefillChunkTokens: init.prefillChunkTokens,

@@ -48,7 +48,11 @@ class HostKv implements KvStore {
     this.pool.append(keys.map(data), values.map(data), steps);
   }
 
-  pastFeeds(past: boolean): Record<string, ort.Tensor> {
+  pastSlots(past: boolean): number {
+    return past ? this.pool.capacity : 0;
+  }
+
+  async pastFeeds(past: boolean): Promise<Record<string, ort.Tensor>> {
     const { layers, kvHeads, headDim } = this.shape;
     const rows = this.pool.rows;
     const cap = past ? this.pool.capacity : 0;

@@ -45,8 +45,10 @@ export interface KvStore {
   removeRow(i: number): void;
   /** Writes a run's new K/V ([rows, kvHeads, steps, D] per layer, as the session returned them) after each row's slots. */
   append(keys: ort.Tensor[], values: ort.Tensor[], steps: number): void;
-  /** The past feeds of a run over every row (capacity slots), once settled; without `past`, a first prefill chunk's empty past. */
-  pastFeeds(past: boolean): Record<string, ort.Tensor>;
+  /** The past feeds of a run over every row (capacity slots), once settled; without `past`, a first prefill chunk's past, empty or masked out. */
+  pastFeeds(past: boolean, transfer: Transfer): Promise<Record<string, ort.Tensor>>;
+  /** Past slots `pastFeeds` feeds (the attention mask's past columns): a first chunk's is 0, or 1 where zero-size tensors crash. */
+  pastSlots(past: boolean): number;
   /** Waits for data moves still under way, adding the bytes they moved across to `transfer`. */
   settle(transfer?: Transfer): Promise<void>;
   /** Frees what the store holds (the batch is done with it). */

@@ -116,7 +116,7 @@ export function pickRowsGraph(): Uint8Array {
   return g.encode('pick-rows');
 }
 
-/** Host data to a device tensor, one run per tensor (`Identity` with a device output). */
+/** One tensor across, either way: `Identity`, its output on the device or the host as the session says. */
 export function uploadGraph(elemType: number): Uint8Array {
   const g = new GraphBuilder();
   // No shape: any rank passes.
@@ -124,4 +124,13 @@ export function uploadGraph(elemType: number): Uint8Array {
   g.opNamed('Identity', ['host'], 'device');
   g.outputs.push({ name: 'device', type: { tensorType: { elemType } } });
   return g.encode('upload');
+}
+
+/** Zeros of the given shape (int64 [4]): a one-slot, masked-out past for a first prefill chunk (WebGPU takes no zero-size past). */
+export function zerosGraph(): Uint8Array {
+  const g = new GraphBuilder();
+  g.input('shape', DataType.INT64, [4]);
+  g.opNamed('Expand', [g.scalar(0), 'shape'], 'zeros');
+  g.output('zeros', DataType.FLOAT, kvDims);
+  return g.encode('zeros');
 }

@@ -20,7 +20,7 @@ import { ensureRuntimeDir } from '../../backbone/session.js';
 import { capacityBucket, type KvShape } from '../kv-pool.js';
 import { tensorBytes, type BankFeeder, type Device, type HostRows, type KvRowSource, type KvStore, type StampedFeed, type Transfer } from './device.js';
 import {
-  appendOneGraph, appendRunGraph, gatherGraph, joinGraph, maskGraph, padGraph, pickRowsGraph, rowGraphNames, uploadGraph,
+  appendOneGraph, appendRunGraph, gatherGraph, joinGraph, maskGraph, padGraph, pickRowsGraph, rowGraphNames, uploadGraph, zerosGraph,
 } from './row-graphs.js';
 
 const i64 = (values: readonly number[]) => new ort.Tensor('int64', BigInt64Array.from(values, (v) => BigInt(v)), [values.length]);
@@ -28,7 +28,7 @@ const f32 = (values: readonly number[]) => new ort.Tensor('float32', Float32Arra
 /** Pad amounts on the slot axis of [rows, heads, slots, D]. */
 const slotPads = (before: number, after: number) => i64([0, 0, before, 0, 0, 0, after, 0]);
 
-type Graph = 'pad' | 'gather' | 'join' | 'joinFirst' | 'appendOne' | 'appendRun' | 'mask' | 'pickRows' | 'uploadFloat' | 'uploadBool';
+type Graph = 'zeros' | 'pad' | 'gather' | 'join' | 'joinFirst' | 'appendOne' | 'appendRun' | 'mask' | 'pickRows' | 'uploadFloat' | 'uploadBool' | 'downloadFloat' | 'downloadInt64';
 
 export class WebGpuDevice implements Device {
   readonly name = 'webgpu';
@@ -39,14 +39,18 @@ export class WebGpuDevice implements Device {
   /** Uploaded feeds whose stamps say they never change (idle slices, gates), shared by every batch. */
   readonly constants = new Map<string, ort.Tensor>();
 
-  /** `tensors`: how many KV tensors a batch holds (2 × layers). */
-  constructor(readonly tensors: number) {
+  private readonly hostOutputs: Set<string>;
+
+  /** `tensors`: how many KV tensors a batch holds (2 × layers); `hostOutputs`: the engine graph's outputs read on the host. */
+  constructor(readonly tensors: number, hostOutputs: readonly string[]) {
     ensureRuntimeDir();
+    this.hostOutputs = new Set(hostOutputs);
   }
 
   private build(name: Graph): Uint8Array {
     const n = this.tensors;
     switch (name) {
+      case 'zeros': return zerosGraph();
       case 'pad': return padGraph(n);
       case 'gather': return gatherGraph(n);
       case 'join': return joinGraph(n, false);
@@ -57,6 +61,8 @@ export class WebGpuDevice implements Device {
       case 'pickRows': return pickRowsGraph();
       case 'uploadFloat': return uploadGraph(DataType.FLOAT);
       case 'uploadBool': return uploadGraph(DataType.BOOL);
+      case 'downloadFloat': return uploadGraph(DataType.FLOAT);
+      case 'downloadInt64': return uploadGraph(DataType.INT64);
     }
   }
 
@@ -64,7 +70,7 @@ export class WebGpuDevice implements Device {
     let s = this.sessions.get(name);
     if (!s) {
       // Every output stays on the device, except the rows a host asked for.
-      const where = name === 'pickRows' ? 'cpu' : 'gpu-buffer';
+      const where = name === 'pickRows' || name.startsWith('download') ? 'cpu' : 'gpu-buffer';
       s = ort.InferenceSession.create(this.build(name), { executionProviders: ['webgpu'], logSeverityLevel: 3, preferredOutputLocation: where });
       this.sessions.set(name, s);
     }
@@ -80,8 +86,16 @@ export class WebGpuDevice implements Device {
 
   async run(session: ort.InferenceSession, feeds: Record<string, ort.Tensor>, fetches: string[], transfer: Transfer) {
     for (const t of Object.values(feeds)) if (t.location === 'cpu') transfer.toDevice += tensorBytes(t);
-    const out = await session.run(feeds, fetches);
-    for (const t of Object.values(out)) if (t.location === 'cpu') transfer.toHost += tensorBytes(t);
+    const out: Record<string, ort.Tensor> = { ...(await session.run(feeds, fetches)) };
+    for (const [name, t] of Object.entries(out)) {
+      if (t.location === 'cpu') {
+        transfer.toHost += tensorBytes(t);
+      } else if (this.hostOutputs.has(name)) {
+        const [host] = await this.runOwn(t.type === 'int64' ? 'downloadInt64' : 'downloadFloat', { host: t }, transfer);
+        t.dispose();
+        out[name] = host;
+      }
+    }
     return out;
   }
 
@@ -139,6 +153,8 @@ class DeviceKv implements KvStore {
   /** Keys of every layer, then values; null while no slot is written. */
   private tensors: ort.Tensor[] | null = null;
   private work: Promise<void> = Promise.resolve();
+  /** The zeros fed as a first chunk's past, freed at the next append. */
+  private firstPast: ort.Tensor | null = null;
   /** Bytes the queued work moved across (lengths, orders); taken by the next run's stats. */
   private readonly moved: Transfer = { toDevice: 0, toHost: 0 };
 
@@ -244,19 +260,26 @@ class DeviceKv implements KvStore {
       }
       this.swap(out);
       for (const t of fresh) t.dispose();
+      this.firstPast?.dispose();
+      this.firstPast = null;
     });
   }
 
-  pastFeeds(past: boolean): Record<string, ort.Tensor> {
+  pastSlots(past: boolean): number {
+    return past ? this.capacity : 1;
+  }
+
+  async pastFeeds(past: boolean, transfer: Transfer): Promise<Record<string, ort.Tensor>> {
     const { layers, kvHeads, headDim } = this.shape;
+    if (past && !this.tensors) throw new Error('no K/V on the device to feed as past');
+    // A first chunk's past: one zero slot made on the device, which the mask hides.
+    const zeros = past ? null : (await this.device.runOwn('zeros', { shape: i64([this.rows, kvHeads, 1, headDim]) }, transfer))[0];
     const f: Record<string, ort.Tensor> = {};
     for (let l = 0; l < layers; l++) {
-      for (const [k, t] of [['key', l], ['value', layers + l]] as const) {
-        f[`past_key_values.${l}.${k}`] = past && this.tensors
-          ? this.tensors[t]
-          : new ort.Tensor('float32', new Float32Array(0), [this.rows, kvHeads, 0, headDim]);
-      }
+      f[`past_key_values.${l}.key`] = zeros ?? this.tensors![l];
+      f[`past_key_values.${l}.value`] = zeros ?? this.tensors![layers + l];
     }
+    this.firstPast = zeros;
     return f;
   }
 
