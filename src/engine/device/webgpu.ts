@@ -86,8 +86,16 @@ export class WebGpuDevice implements Device {
 
   async run(session: ort.InferenceSession, feeds: Record<string, ort.Tensor>, fetches: string[], transfer: Transfer) {
     for (const t of Object.values(feeds)) if (t.location === 'cpu') transfer.toDevice += tensorBytes(t);
-    const out: Record<string, ort.Tensor> = { ...(await session.run(feeds, fetches)) };
-    for (const [name, t] of Object.entries(out)) {
+    // onnxruntime-node 1.30 mixes up device outputs when the fetched set changes from run to run (a
+    // previous run's buffer is handed to another output): every run of a session fetches all its outputs.
+    const all = await session.run(feeds, [...session.outputNames]);
+    const out: Record<string, ort.Tensor> = {};
+    for (const [name, t] of Object.entries(all)) {
+      if (!fetches.includes(name)) {
+        t.dispose();
+        continue;
+      }
+      out[name] = t;
       if (t.location === 'cpu') {
         transfer.toHost += tensorBytes(t);
       } else if (this.hostOutputs.has(name)) {
@@ -168,7 +176,25 @@ class DeviceKv implements KvStore {
   }
 
   private queue(op: () => Promise<void>): void {
+    this.flushOrder();
     this.work = this.work.then(op);
+  }
+
+  /**
+   * Rows leaving are gathered out in one run, however many left since the
+   * last device work: `order` lists, for each row now, its row in the held tensors.
+   */
+  private order: number[] | null = null;
+
+  private flushOrder(): void {
+    const order = this.order;
+    if (!order) return;
+    this.order = null;
+    this.work = this.work.then(async () => {
+      if (!this.tensors) return;
+      if (order.length === 0) return this.swap(null);
+      this.swap(await this.device.runOwn('gather', { ...this.feedsOf(rowGraphNames.input, this.tensors), order: i64(order) }, this.moved));
+    });
   }
 
   /** Replaces the held tensors with `next`, freeing the old ones. */
@@ -223,16 +249,10 @@ class DeviceKv implements KvStore {
     const last = this.rows - 1;
     this.len[i] = this.len[last];
     this.len.pop();
-    if (this.rows === 0) {
-      this.capacity = 0;
-      this.queue(async () => this.swap(null));
-      return;
-    }
-    const order = Array.from({ length: last }, (_, r) => (r === i ? last : r));
-    this.queue(async () => {
-      if (!this.tensors) return;
-      this.swap(await this.device.runOwn('gather', { ...this.feedsOf(rowGraphNames.input, this.tensors), order: i64(order) }, this.moved));
-    });
+    this.order ??= Array.from({ length: last + 1 }, (_, r) => r);
+    this.order[i] = this.order[last];
+    this.order.pop();
+    if (this.rows === 0) this.capacity = 0;
   }
 
   append(keys: ort.Tensor[], values: ort.Tensor[], steps: number): void {
@@ -285,6 +305,7 @@ class DeviceKv implements KvStore {
 
   /** Waits for queued device work, adding what it moved to `transfer`; a failure surfaces once, then the queue starts clean. */
   async settle(transfer?: Transfer): Promise<void> {
+    this.flushOrder();
     const work = this.work;
     this.work = Promise.resolve();
     try {
