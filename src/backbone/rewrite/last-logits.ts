@@ -8,7 +8,11 @@ import { DataType } from '../onnx/graph-builder.js';
 import { attrInt, dimsOf, valueInfo, type NodeProto } from '../onnx/proto.js';
 import type { GraphEditor } from './editor.js';
 
-const SHAPE_OPS = new Set(['Reshape', 'Flatten', 'Squeeze', 'Unsqueeze', 'Identity']);
+/**
+ * Ops between lm_head and `logits` that keep every value: views, and Cast (Llama's `logits.float()`;
+ * a float16 export's upcast). The rewrite recomputes logits from the last position and casts to float itself.
+ */
+const VALUE_PRESERVING = new Set(['Reshape', 'Flatten', 'Squeeze', 'Unsqueeze', 'Identity', 'Cast']);
 
 export const GREEDY_TOKEN = 'greedy_token';
 
@@ -16,9 +20,18 @@ export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
   const idx = g.index();
   // Walk back from `logits` through views to the vocabulary projection.
   let node: NodeProto | undefined = idx.producer.get('logits');
-  while (node && SHAPE_OPS.has(node.opType!)) node = idx.producer.get(node.input![0]);
+  const walked: string[] = [];
+  while (node && VALUE_PRESERVING.has(node.opType!)) {
+    walked.push(`${node.opType} ${node.name}`);
+    node = idx.producer.get(node.input![0]);
+  }
   if (!node || (node.opType !== 'MatMul' && node.opType !== 'Gemm')) {
-    throw new Error('cannot find the lm_head MatMul/Gemm that produces logits');
+    const at = node ? `${node.opType} node ${node.name}` : 'a graph input or initializer';
+    throw new Error(
+      `cannot find the lm_head MatMul/Gemm that produces logits: walking back from logits` +
+      `${walked.length ? ` through ${walked.join(' ← ')}` : ''} reached ${at}; expected a MatMul or Gemm ` +
+      `with a weight initializer, reached only through ${[...VALUE_PRESERVING].join('/')}`,
+    );
   }
   const weight = idx.initializers.get(node.input![1]);
   if (!weight) throw new Error(`lm_head ${node.name} has no weight initializer`);
@@ -35,7 +48,10 @@ export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
     const x2 = g.op('Reshape', [last, g.ints([-1, hidden])]);
     const extra = node.opType === 'Gemm' ? (node.input!.slice(2)) : [];
     const attrs = Object.fromEntries((node.attribute ?? []).map((a) => [a.name!, a]));
-    g.opNamed(node.opType!, [x2, node.input![1], ...extra], 'logits', node.opType === 'Gemm' ? attrs : {});
+    const gemmAttrs = node.opType === 'Gemm' ? attrs : {};
+    // A float16 lm_head's logits are upcast here, whether or not the export had its own Cast.
+    if (weight.dataType === DataType.FLOAT) g.opNamed(node.opType!, [x2, node.input![1], ...extra], 'logits', gemmAttrs);
+    else g.opNamed('Cast', [g.op(node.opType!, [x2, node.input![1], ...extra], gemmAttrs)], 'logits', { to: DataType.FLOAT });
   });
   g.outputs.push(valueInfo('logits', DataType.FLOAT, ['batch_size', vocabSize]));
   // A step whose rows are all greedy fetches only this: [batch] ids instead of [batch, vocab] floats.
