@@ -6,7 +6,7 @@
  *
  *   npm run bench                                   # everything, ~5–8 min on 2 cores
  *   npm run bench -- --quick                        # fewer repetitions, contexts 64 and 256 (~2–3 min)
- *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs (or 1-6)
+ *   npm run bench -- --sections rewrite,kv          # rewrite | kv | throughput | naive | kinds | logprobs | device (or 1-7)
  *
  * Other flags: --reps N (throughput rounds), --contexts 64,256,512, --naive N
  * (naive requests actually measured, the rest extrapolated), --sequential N,
@@ -60,7 +60,7 @@ if (has('help')) {
 }
 
 const QUICK = has('quick');
-const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs'] as const;
+const SECTION_NAMES = ['rewrite', 'kv', 'throughput', 'naive', 'kinds', 'logprobs', 'device'] as const;
 type Section = (typeof SECTION_NAMES)[number];
 const sections = new Set<Section>(
   (arg('sections') ?? SECTION_NAMES.join(',')).split(',').map((s) => {
@@ -256,6 +256,28 @@ async function main(): Promise<void> {
       'as the engine graph was before it. (b) against (a) is what a greedy step pays when nobody asks; (c) what asking costs; ' +
       '(d) what fetching the logits for a JavaScript log-softmax would cost instead.',
       logprobsTable(lp),
+    ].join('\n\n'));
+  }
+
+  if (sections.has('device')) {
+    progress('section 7: bytes crossing per decode step, by device (issue 10)');
+    const { measureDeviceStep, deviceStepTable } = await import('./lib/device-step.js');
+    const log = progress;
+    const small = bb ?? await loadBackbone({ model: 'demo:gpt2-small', cacheDir });
+    // On a GPU host (scripts/gpu-check.sh) webgpu runs gpt2-small at every batch; on lavapipe (a software rasterizer,
+    // ~10 s a step here) only batch 1, and batch 32 runs on demo:gpt2, whose step feeds the same inputs (the bytes are O(batch)).
+    const gpuHost = process.env.DELTASERVE_BENCH_GPU === '1';
+    const results = [
+      await measureDeviceStep(small, { batches: [1, 32], ctx: 512, steps: 5, devices: ['cpu', 'cuda'], log }),
+      await measureDeviceStep(small, { batches: gpuHost ? [1, 32] : [1], ctx: 512, steps: 3, devices: ['webgpu'], log }),
+      ...(gpuHost ? [] : [await measureDeviceStep(await loadBackbone({ model: 'demo:gpt2', cacheDir }), { batches: [32], ctx: 512, steps: 5, devices: ['webgpu'], log })]),
+    ];
+    add('7. Bytes crossing per decode step, by device (issue 10)', [
+      'The real Engine stepped greedily at KV capacity 512 (rows prefilled to 260 tokens), bare rows, decode-only steps, medians; bytes from the ' +
+      'engine\'s own counter (`deltaserve_engine_transfer_bytes_total`). cuda is host-fed: its bytes are what its counter records, taken on the CPU ' +
+      'provider because no CUDA ran here. webgpu ran on Mesa\'s lavapipe, a software Vulkan rasterizer on this shared 2-core CPU: its times say nothing ' +
+      'about a GPU\'s.',
+      deviceStepTable(results),
     ].join('\n\n'));
   }
 
