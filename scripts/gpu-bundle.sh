@@ -33,6 +33,7 @@ cp test/engine-webgpu.test.ts "$root/app/test/"
 cp -r test/helpers "$root/app/test/"
 cp scripts/gpu-check.sh "$root/app/scripts/"
 
+echo "gpu-bundle: pruning node_modules to production, linux-x64" >&2
 # Production dependencies only, from this checkout's node_modules.
 cp -a node_modules "$root/app/node_modules"
 (cd "$root/app" && npm prune --omit=dev --no-audit --no-fund --offline >/dev/null 2>&1)
@@ -43,7 +44,8 @@ done
 find "$root/app/node_modules" -depth -type d \( -name '*darwin*' -o -name '*win32*' -o -name '*-arm64' -o -name '*android*' -o -name '*freebsd*' \) -prune -exec rm -rf {} +
 find "$root/app/node_modules" -type f \( -name '*.map' -o -name '*.md' -o -name '*.d.ts' \) -delete
 
-XZ_OPT=-9e tar -C "$stage" -cJf "$out" deltaserve-gpu
+echo "gpu-bundle: compressing $(du -sh "$root" | cut -f1)" >&2
+XZ_OPT='-6 -T0' tar -C "$stage" -cJf "$out" deltaserve-gpu
 size=$(stat -c %s "$out")
 echo "gpu-bundle: $out, $((size / 1024 / 1024)) MiB ($size bytes; limit 64 MiB)"
 [ "$size" -le "$limit" ] || { echo "gpu-bundle: over 64 MiB" >&2; exit 1; }
