@@ -27,11 +27,8 @@ bundle=$(cd "$app/.." && pwd)
 report="$PWD/gpu-check-report.txt"
 exec > >(tee "$report") 2>&1
 
-# Only the bundle's Node: drop every other node from PATH.
-clean=""
-IFS=: read -ra parts <<< "${PATH:-/usr/bin:/bin}"
-for p in "${parts[@]}"; do [ -x "$p/node" ] || clean="${clean:+$clean:}$p"; done
-export PATH="$bundle/node/bin:$clean"
+# The bundle's Node first on PATH: whatever else the host has (or lacks) is not used.
+export PATH="$bundle/node/bin:${PATH:-/usr/bin:/bin}"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 cd "$app"
 
