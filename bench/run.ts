@@ -273,8 +273,6 @@ async function main(): Promise<void> {
       : [
         await measureDeviceStep(bb ?? await loadBackbone({ model: 'demo:gpt2-small', cacheDir }), { batches: [1, 32], ctx: 512, steps: 5, devices: ['cpu', 'cuda'], log }),
         await measureDeviceStep(bb ?? await loadBackbone({ model: 'demo:gpt2-small', cacheDir }), { batches: gpuHost ? [1, 32] : [1], ctx: 512, steps: 3, devices: ['webgpu'], log }),
-        // Without a GPU, gpt2-small's batch 32 fills the capacity with one long row (its prefill alone takes minutes on lavapipe).
-        ...(gpuHost ? [] : [await measureDeviceStep(bb ?? await loadBackbone({ model: 'demo:gpt2-small', cacheDir }), { batches: [32], ctx: 512, steps: 3, devices: ['webgpu'], log, oneLongRow: true })]),
         ...(gpuHost ? [] : [await measureDeviceStep(await tiny(), { batches: [32], ctx: 512, steps: 5, devices: ['webgpu'], log })]),
       ];
     add('7. Bytes crossing per decode step, by device (issue 10)', [

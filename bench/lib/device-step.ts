@@ -38,7 +38,6 @@ export interface DeviceStepRow {
 
 export interface DeviceStepResult {
   ctx: number;
-  oneLongRow?: boolean;
   rows: DeviceStepRow[];
 }
 
@@ -48,8 +47,6 @@ export async function measureDeviceStep(
   bb: Backbone,
   opts: {
     batches: number[]; ctx: number; steps: number; devices: ('cpu' | 'cuda' | 'webgpu')[]; log: (s: string) => void;
-    /** Only row 0 is prefilled to reach the capacity, the rest get 4-token prompts: the same feeds' shapes, a fraction of the prefill (for lavapipe). */
-    oneLongRow?: boolean;
   },
 ): Promise<DeviceStepResult> {
   const graph = buildEngineGraph(bb, planSites(bb));
@@ -64,7 +61,7 @@ export async function measureDeviceStep(
       });
       const prompt = Math.floor(opts.ctx / 2) + 4;
       for (let b = 0; b < B; b++) {
-        const promptIds = Array.from({ length: opts.oneLongRow && b > 0 ? 4 : prompt }, (_, i) => 1 + ((b * 131 + i * 17) % (bb.io.vocabSize - 1)));
+        const promptIds = Array.from({ length: prompt }, (_, i) => 1 + ((b * 131 + i * 17) % (bb.io.vocabSize - 1)));
         engine.add({ rowId: b, promptIds, sampling: GREEDY, maxNewTokens: opts.steps + 3, delta: null });
       }
       const t0 = performance.now();
@@ -83,7 +80,7 @@ export async function measureDeviceStep(
     }
     await session.release();
   }
-  return { ctx: opts.ctx, oneLongRow: opts.oneLongRow, rows };
+  return { ctx: opts.ctx, rows };
 }
 
 const kib = (bytes: number) => (bytes >= 1024 * 1024 ? `${fmt(bytes / 1024 / 1024, 1)} MiB` : bytes >= 1024 ? `${fmt(bytes / 1024, 1)} KiB` : `${fmt(bytes, 0)} B`);
@@ -91,7 +88,7 @@ const kib = (bytes: number) => (bytes >= 1024 * 1024 ? `${fmt(bytes / 1024 / 102
 export function deviceStepTable(results: DeviceStepResult[]): string {
   return mdTable(
     ['backbone', 'context', 'device', 'batch', 'to device / step', 'to host / step', 'step (median)'],
-    results.flatMap((res) => res.rows.map((r) => [r.model, `${res.ctx}${res.oneLongRow && r.batch > 1 ? ' (one row long, the rest 4-token prompts)' : ''}`,
+    results.flatMap((res) => res.rows.map((r) => [r.model, res.ctx,
       r.device === 'cuda' ? 'cuda (host-fed; counted on the CPU provider)' : r.device === 'webgpu' ? 'webgpu (lavapipe: software Vulkan)' : 'cpu',
       r.batch, kib(median(r.toDevice)), kib(median(r.toHost)), r.ms ? `${fmt(median(r.ms))} ms` : 'not run (no CUDA here)',
     ])),
