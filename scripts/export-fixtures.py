@@ -400,16 +400,16 @@ def flat_forward(model, layers):
     inner = model.forward
 
     def forward(input_ids, attention_mask, position_ids, *flat_past):
-        past = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(layers)]
+        past = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(layers)] if flat_past else None
         logits, presents = inner(input_ids, attention_mask, position_ids, past)
         return (logits,) + tuple(t for kv in presents for t in kv)
     return forward
 
 
-def export_onnx(model, layers, kv_heads, head_dim, path):
-    names_past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+def export_onnx(model, layers, kv_heads, head_dim, path, with_past=True):
+    names_past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")] if with_past else []
     names_present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    b, s, p = 2, 3, 4
+    b, s, p = 2, 3, 4 if with_past else 0
     dummy = (torch.randint(0, 200, (b, s)), torch.ones(b, p + s, dtype=torch.int64),
              torch.arange(p, p + s).unsqueeze(0).expand(b, s).contiguous())
     past = tuple(torch.randn(b, kv_heads, p, head_dim) for _ in names_past)
@@ -418,7 +418,7 @@ def export_onnx(model, layers, kv_heads, head_dim, path):
             "position_ids": {0: "batch_size", 1: "sequence_length"},
             "logits": {0: "batch_size", 1: "sequence_length"}}
     axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in names_past})
-    axes.update({n: {0: "batch_size", 2: "past_sequence_length + 1"} for n in names_present})
+    axes.update({n: {0: "batch_size", 2: "past_sequence_length + 1" if with_past else "sequence_length"} for n in names_present})
     model.forward = flat_forward(model, layers)
     try:
         with torch.no_grad():
@@ -427,6 +427,120 @@ def export_onnx(model, layers, kv_heads, head_dim, path):
                               output_names=["logits"] + names_present, dynamic_axes=axes, do_constant_folding=True)
     finally:
         del model.forward
+
+
+# --------------------------------------------------------------------------- onnx-community layouts
+def merge_decoders(no_past_path, with_past_path, out_path):
+    """Optimum's decoder_model_merged.onnx: one If on use_cache_branch, then = with past, else = without."""
+    import onnx
+    from onnx import helper, TensorProto
+    a, b = onnx.load(no_past_path), onnx.load(with_past_path)
+
+    def branch(m, tag):
+        g = m.graph
+        rename = {o.name: f"{o.name}/{tag}" for o in g.output}
+        for n in g.node:
+            n.output[:] = [rename.get(x, x) for x in n.output]
+            n.input[:] = [rename.get(x, x) for x in n.input]
+        outs = []
+        for o in g.output:
+            v = onnx.ValueInfoProto()
+            v.CopyFrom(o)
+            v.name = rename[o.name]
+            outs.append(v)
+        return helper.make_graph(list(g.node), tag, [], outs, list(g.initializer))
+    outer_out = [o for o in b.graph.output]
+    if_node = helper.make_node("If", ["use_cache_branch"], [o.name for o in outer_out], name="optimum::if",
+                               then_branch=branch(b, "with_past"), else_branch=branch(a, "without_past"))
+    inputs = list(b.graph.input) + [helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])]
+    g = helper.make_graph([if_node], "merged", inputs, outer_out)
+    m = helper.make_model(g, opset_imports=b.opset_import, producer_name="deltaserve export-fixtures (Optimum's merge)")
+    m.ir_version = b.ir_version
+    onnx.save(m, out_path)
+
+
+def to_float16(in_path, out_path, keep_float_outputs=()):
+    """A float16 copy of a float32 export: initializers, constants, casts and float I/O in float16."""
+    import onnx
+    from onnx import numpy_helper, TensorProto as T
+    m = onnx.load(in_path)
+    g = m.graph
+    for i, t in enumerate(g.initializer):
+        if t.data_type == T.FLOAT:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == T.FLOAT:
+                arr = np.clip(numpy_helper.to_array(a.t), -65504, 65504).astype(np.float16)
+                a.t.CopyFrom(numpy_helper.from_array(arr))
+            if n.op_type == "Cast" and a.name == "to" and a.i == T.FLOAT and n.output[0] not in keep_float_outputs:
+                a.i = T.FLOAT16
+    for v in list(g.input) + list(g.output):
+        if v.type.tensor_type.elem_type == T.FLOAT and v.name not in keep_float_outputs:
+            v.type.tensor_type.elem_type = T.FLOAT16
+    del g.value_info[:]
+    onnx.save(m, out_path)
+
+
+def copy_text_files(src, dst):
+    os.makedirs(dst, exist_ok=True)
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(src, f)) as i, open(os.path.join(dst, f), "w") as o:
+            o.write(i.read())
+
+
+def build_merged(name):
+    """<name>-onnx-community/: the same weights as <name> in onnx/decoder_model_merged.onnx."""
+    src = os.path.join(ROOT, "test", "fixtures", "torch", name)
+    dst = os.path.join(ROOT, "test", "fixtures", "torch", f"{name}-onnx-community")
+    os.makedirs(os.path.join(dst, "onnx"), exist_ok=True)
+    copy_text_files(src, dst)
+    model, c, layers, kv_heads, head_dim = make_model(name)
+    tmp = os.path.join(dst, "no_past.tmp.onnx")
+    export_onnx(model, layers, kv_heads, head_dim, tmp, with_past=False)
+    merge_decoders(tmp, os.path.join(src, "model.onnx"), os.path.join(dst, "onnx", "decoder_model_merged.onnx"))
+    os.remove(tmp)
+    print(f"{name}-onnx-community ->", dst)
+
+
+def build_fp16(name):
+    """<name>-fp16/: onnx/model_fp16.onnx, and PyTorch's greedy ids with the weights rounded to float16."""
+    src = os.path.join(ROOT, "test", "fixtures", "torch", name)
+    dst = os.path.join(ROOT, "test", "fixtures", "torch", f"{name}-fp16")
+    os.makedirs(os.path.join(dst, "onnx"), exist_ok=True)
+    copy_text_files(src, dst)
+    fp16_min = float(torch.finfo(torch.float16).min)
+    model, c, layers, kv_heads, head_dim = make_model(name, dtype_min=fp16_min)
+    tmp = os.path.join(dst, "fp32.tmp.onnx")
+    export_onnx(model, layers, kv_heads, head_dim, tmp)
+    to_float16(tmp, os.path.join(dst, "onnx", "model_fp16.onnx"), keep_float_outputs=("logits",) if name != "gpt2" else ())
+    os.remove(tmp)
+    with torch.no_grad():  # the oracle: PyTorch on the weights as stored (float16), computing in float32
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    with open(os.path.join(src, "expected.json")) as f:
+        base = json.load(f)
+    steps = 8
+    record = {"model": f"{name}-fp16", "max_positions": base["max_positions"], "max_new_tokens": steps, "prompts": [],
+              "lora": {"dir": "../" + name + "/lora"}, "oracle": "PyTorch float32 on float16-rounded weights"}
+    bare = [(p["text"], p["prompt_ids"]) + greedy(model, p["prompt_ids"], steps) for p in base["prompts"]]
+    fifo = name == "gpt2"
+    targets = base["lora"]["target_modules"]
+    factors = make_lora(model, targets, fifo, base["lora"]["r"], base["lora"]["lora_alpha"], seed=7,
+                        out_dir=os.path.join(dst, "lora.tmp"), base_name="")
+    import shutil
+    shutil.rmtree(os.path.join(dst, "lora.tmp"))
+    merge_lora(factors, base["lora"]["lora_alpha"] / base["lora"]["r"], fifo)
+    for (text, pids, ids_bare, m_bare) in bare:
+        ids_lora, m_lora = greedy(model, pids, steps)
+        record["prompts"].append({"text": text, "prompt_ids": pids, "bare": ids_bare, "lora": ids_lora,
+                                  "min_margin_bare": min(m_bare), "min_margin_lora": min(m_lora)})
+    # The whole context is served, but its 30-odd float16 steps are not compared (margins that long are not kept).
+    record["full_context"] = {k: base["full_context"][k] for k in ("text", "prompt_ids")}
+    with open(os.path.join(dst, "expected.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"{name}-fp16 ->", dst, "min margins", min(x["min_margin_bare"] for x in record["prompts"]),
+          min(x["min_margin_lora"] for x in record["prompts"]))
 
 
 # --------------------------------------------------------------------------- PEFT LoRA
@@ -498,14 +612,31 @@ def greedy(model, prompt_ids, n):
 
 
 PROMPTS = ["Hello, world", "The quick brown fox", "deltaserve"]
+LONG_TEXTS = ["Once upon a time, in a small town by the sea, there lived a keeper of lighthouses. ",
+              "All work and no play makes a dull model. ", "Lorem ipsum dolor sit amet, consectetur adipiscing elit. "]
 
 
-def build(name, full=False, out_root=None):
+def make_model(name, full=False, dtype_min=torch.finfo(torch.float32).min):
+    """The model with its seeded weights: (model, config, layers, kv heads, head size)."""
     torch.manual_seed(0)
     if name == "gpt2":
         c = gpt2_config(full)
-        model = GPT2LMHeadModel(c)
+        model = GPT2LMHeadModel(c, dtype_min)
         layers, kv_heads, head_dim = c["n_layer"], c["n_head"], c["n_embd"] // c["n_head"]
+    else:
+        qwen = name == "qwen2"
+        c = llama_config(qwen)
+        model = LlamaForCausalLM(c, qkv_bias=qwen, tied=qwen, dtype_min=dtype_min)
+        layers, kv_heads = c["num_hidden_layers"], c["num_key_value_heads"]
+        head_dim = c["hidden_size"] // c["num_attention_heads"]
+    init_weights(model, seed={"gpt2": 1, "llama": 2, "qwen2": 3}[name])
+    model.eval()
+    return model, c, layers, kv_heads, head_dim
+
+
+def build(name, full=False, out_root=None):
+    model, c, layers, kv_heads, head_dim = make_model(name, full)
+    if name == "gpt2":
         max_pos = c["n_positions"]
         targets, fifo = ["c_attn", "c_proj", "c_fc"], True
         specials, bos, eos, add_bos = ["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", False
@@ -513,10 +644,7 @@ def build(name, full=False, out_root=None):
                     "{% if add_generation_prompt %}assistant:{% endif %}")
     else:
         qwen = name == "qwen2"
-        c = llama_config(qwen)
-        model = LlamaForCausalLM(c, qkv_bias=qwen, tied=qwen)
-        layers, kv_heads = c["num_hidden_layers"], c["num_key_value_heads"]
-        head_dim, max_pos = c["hidden_size"] // c["num_attention_heads"], c["max_position_embeddings"]
+        max_pos = c["max_position_embeddings"]
         targets, fifo = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False
         if qwen:
             specials, bos, eos, add_bos = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|endoftext|>", "<|endoftext|>", False
@@ -524,8 +652,6 @@ def build(name, full=False, out_root=None):
             specials, bos, eos, add_bos = ["<s>", "</s>"], "<s>", "</s>", True
         template = ("{{ bos_token }}{% for message in messages %}<|{{ message.role }}|>\n{{ message.content }}"
                     "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    init_weights(model, seed={"gpt2": 1, "llama": 2, "qwen2": 3}[name])
-    model.eval()
 
     out = out_root or os.path.join(ROOT, "test", "fixtures", "torch", name)
     os.makedirs(out, exist_ok=True)
@@ -557,6 +683,15 @@ def build(name, full=False, out_root=None):
                                   "min_margin_bare": min(m_bare), "min_margin_lora": min(m_lora)})
         if ids_bare == ids_lora:
             sys.exit(f"{name}: the LoRA does not change the greedy ids for {p!r}; pick another seed")
+    # The whole context: a prompt that, with its greedy continuation, fills every position
+    # (the first of a few texts whose continuation has no eos, so generation runs to the end).
+    for seed_text in LONG_TEXTS:
+        long_text = (seed_text * 8)[: max_pos * 3 // 4]
+        long_ids = encode(long_text)
+        cont = greedy(model, long_ids, max_pos - len(long_ids))[0]
+        if c["eos_token_id"] not in cont:
+            break
+    record["full_context"] = {"text": long_text, "prompt_ids": long_ids, "lora": cont}
     with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump(record, f, indent=2)
     print(name, "->", out, "min margins",
@@ -573,3 +708,5 @@ if __name__ == "__main__":
     else:
         for n in a.only:
             build(n)
+        build_merged("qwen2")
+        build_fp16("gpt2")

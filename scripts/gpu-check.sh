@@ -4,7 +4,7 @@
 # then with the bundle's own Node runs the WebGPU equality test
 # (test/engine-webgpu.test.ts: greedy tokens equal the CPU path's) and the
 # transfer and step-time figures at batch 1 and 32 on demo:gpt2-small
-# (bench section 7). A few minutes on a GPU.
+# (bench section 15, `--sections device`). A few minutes on a GPU.
 #
 #   bash gpu-check.sh deltaserve-gpu.tar.xz      # unpacks into a temp dir
 #   bash deltaserve-gpu/app/scripts/gpu-check.sh # already unpacked
@@ -49,7 +49,7 @@ echo "== WebGPU equality test (greedy tokens on webgpu vs cpu)"
 node --import tsx --test --test-reporter=spec test/engine-webgpu.test.ts 2>&1 | grep -v 'artificially reduced'
 test_rc=${PIPESTATUS[0]}
 
-echo "== Bytes per decode step and step time (bench section 7)"
+echo "== Bytes per decode step and step time (bench section 15, --sections device)"
 if [ "${GPU_CHECK_LAVAPIPE:-0}" = 1 ]; then quick=--quick; else quick=; fi
 DELTASERVE_BENCH_GPU=1 node --import tsx bench/run.ts --sections device --no-write $quick 2>&1 | grep -v 'artificially reduced'
 bench_rc=${PIPESTATUS[0]}

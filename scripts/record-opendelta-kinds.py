@@ -31,9 +31,6 @@ MODULES = {
 }
 ROWS = 3
 
-torch.manual_seed(20261201)
-
-
 def save_safetensors(path, tensors):
     header, blobs, offset = {}, [], 0
     for name, t in tensors.items():
@@ -136,9 +133,11 @@ def parallel_adapter(params, module, in_f, out_f):
     return 'input', lambda x: 0.5 * up(act('relu', down(x)))
 
 
-record('compacter', 'compacter', *compacter(4, True, False, 'gelu_new'))
-record('compacter-full-weight', 'compacter', *compacter(2, False, True, 'gelu'))
-record('low_rank_adapter', 'low_rank_adapter',
-       {'reduction_factor': 4, 'non_linearity': 'silu', 'low_rank_rank': 1, 'low_rank_w_init': 'glorot-uniform'}, low_rank_adapter)
-record('parallel_adapter', 'parallel_adapter', {'bottleneck_dim': 6, 'non_linearity': 'relu', 'scaled': 0.5}, parallel_adapter)
-print(f'wrote {sorted(os.listdir(OUT))} under {os.path.normpath(OUT)}')
+if __name__ == '__main__':
+    torch.manual_seed(20261201)
+    record('compacter', 'compacter', *compacter(4, True, False, 'gelu_new'))
+    record('compacter-full-weight', 'compacter', *compacter(2, False, True, 'gelu'))
+    record('low_rank_adapter', 'low_rank_adapter',
+           {'reduction_factor': 4, 'non_linearity': 'silu', 'low_rank_rank': 1, 'low_rank_w_init': 'glorot-uniform'}, low_rank_adapter)
+    record('parallel_adapter', 'parallel_adapter', {'bottleneck_dim': 6, 'non_linearity': 'relu', 'scaled': 0.5}, parallel_adapter)
+    print(f'wrote {sorted(os.listdir(OUT))} under {os.path.normpath(OUT)}')

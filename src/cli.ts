@@ -5,7 +5,9 @@
 import { readdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
-import { loadBackbone } from './backbone/backbone.js';
+import { loadBackbone, resolveModelDir } from './backbone/backbone.js';
+import type { Bits } from './backbone/quant/matmul-nbits.js';
+import { quantizeModelDir } from './backbone/quant/quantize-model.js';
 import { writeDemoDir } from './backbone/demo/materialize.js';
 import { demoSpec } from './backbone/demo/spec.js';
 import { engineModelSource } from './backbone/engine-model.js';
@@ -92,6 +94,10 @@ program.command('inspect')
     }
     const plan = planSites(backbone, loadConfig({ DELTASERVE_SITES: o.sites }).sites);
     console.log(renderModuleTree(backbone.info, new Map([...plan].map(([m, sites]) => [m, `sites: ${sites.map((s) => s.name).join(', ')}`]))));
+    // The same rewrite `serve` runs: a graph it cannot serve fails here, naming the node.
+    const graph = buildEngineGraph(backbone, plan);
+    console.log(`\nKV cache: attention on ${graph.splitLayers} of ${graph.kvPaths.length} layers reads past and new without a Concat`);
+    for (const l of graph.kvPaths) console.log(`  layer ${l.layer}: ${l.path === 'split' ? 'split' : 'concat (fallback)'} — ${l.reason}`);
   });
 
 program.command('export')
@@ -104,6 +110,25 @@ program.command('export')
     if (!spec) throw new Error(`--model must be an embedded backbone (demo, demo:llama, demo:gpt2, demo:gpt2-small), got ${o.model}`);
     await writeDemoDir(spec, resolve(o.out), o.tokenizer);
     console.log(`wrote ${spec.name} to ${resolve(o.out)}: ${(await readdir(o.out)).join(', ')}`);
+  });
+
+program.command('quantize')
+  .description('write a quantized copy of a float model directory: every linear but lm_head as onnxruntime\'s MatMulNBits (round-to-nearest per block); embeddings stay float')
+  .addOption(new Option('--bits <n>', 'bits per weight').choices(['4', '8']).makeOptionMandatory())
+  .addOption(new Option('--block <n>', 'weights per block along the input features (one scale and zero point each)').choices(['32', '64', '128']).default('32'))
+  .requiredOption('--model <dir|demo:family>', 'the float model directory (Optimum layout), or an embedded backbone')
+  .requiredOption('--out <dir>', 'output directory (the same layout: serve it with DELTASERVE_MODEL)')
+  .option('--include-lm-head', 'quantize lm_head too')
+  .addOption(new Option('--accuracy-level <n>', 'MatMulNBits accuracy_level: 0 float32 compute, 4 int8 activations').choices(['0', '1', '2', '3', '4']).default('0'))
+  .action(async (o) => {
+    const { dir } = await resolveModelDir({ model: o.model });
+    const report = await quantizeModelDir(dir, resolve(o.out), {
+      bits: Number(o.bits) as Bits, blockSize: Number(o.block), includeLmHead: !!o.includeLmHead, accuracyLevel: Number(o.accuracyLevel),
+    });
+    const mb = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+    console.log(`quantized ${report.quantized.length} linear modules to ${o.bits}-bit blocks of ${o.block}: ${mb(report.floatBytes)} of float32 weights -> ${mb(report.quantizedBytes)}`);
+    for (const s of report.skipped) console.log(`  left float: ${s.module} (${s.reason})`);
+    console.log(`wrote ${resolve(o.out)}: ${(await readdir(o.out)).join(', ')}`);
   });
 
 const deltas = program.command('deltas').description('manage the delta store directly (running servers see changes on their next miss)');

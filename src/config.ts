@@ -127,6 +127,16 @@ export const CONFIG_OPTIONS = {
     env: 'DELTASERVE_MAX_UPLOAD_BYTES', flag: '--max-upload-bytes <bytes>', help: 'largest multipart delta upload (all files together)',
     defaultText: '2GiB', schema: bytes, fallback: 2 * 2 ** 30,
   }),
+  uploadTmpDir: spec({
+    env: 'DELTASERVE_UPLOAD_TMP_DIR', flag: '--upload-tmp-dir <dir>',
+    help: 'where multipart uploads are written while they arrive (one deltaserve-upload-* folder each, removed on every exit path and at startup)',
+    defaultText: "the OS's temp folder", schema: optionalText, fallback: null as string | null,
+  }),
+  requestTimeoutSeconds: spec({
+    env: 'DELTASERVE_REQUEST_TIMEOUT_SECONDS', flag: '--request-timeout-seconds <s>',
+    help: 'a client must have sent its whole request (headers and body) within this; slower connections are closed (slow-loris). Responses, streams included, are not limited',
+    defaultText: '300', schema: int(1, 86400), fallback: 300,
+  }),
   drainSeconds: spec({
     env: 'DELTASERVE_DRAIN_SECONDS', flag: '--drain-seconds <s>', help: 'on SIGTERM, how long running requests may finish before the server closes',
     defaultText: '30', schema: int(0, 86400), fallback: 30,

@@ -10,6 +10,7 @@ export type ErrorCode =
   | 'delta_not_found'
   | 'not_found'
   | 'delta_exists'
+  | 'pin_budget_exceeded'
   | 'payload_too_large'
   | 'invalid_delta'
   | 'unsupported_delta'

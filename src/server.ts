@@ -8,7 +8,7 @@ import { loadBackbone, type Backbone } from './backbone/backbone.js';
 import { engineModelSource } from './backbone/engine-model.js';
 import { buildEngineGraph } from './backbone/rewrite/index.js';
 import { planSites, type SitePlan } from './deltas/kinds/index.js';
-import type { DeltaSite } from './deltas/types.js';
+import type { DeltaPrefix, DeltaSite } from './deltas/types.js';
 import { bankBytesFor } from './engine/bank-bytes.js';
 import type { Config } from './config.js';
 import { Registry } from './deltas/registry.js';
@@ -17,6 +17,7 @@ import { Scheduler } from './engine/scheduler.js';
 import { createApp } from './http/app.js';
 import { chatTemplateFromTokenizerConfig } from './http/chat-template.js';
 import { sendError } from './http/errors.js';
+import { sweepUploadTemps } from './http/upload.js';
 import { Lifecycle } from './http/lifecycle.js';
 import { healthRoutes } from './http/routes/health.js';
 import { serve, type RunningServer } from './http/server.js';
@@ -80,7 +81,11 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
 
   const sites = opts.sites ?? config.sites;
   const plan = planSites(backbone, sites);
-  const unplaceable = (delta: { sites: DeltaSite[] }) => {
+  const graph = buildEngineGraph(backbone, plan);
+  const unplaceable = (delta: { sites: DeltaSite[]; prefix?: DeltaPrefix }) => {
+    if (delta.prefix?.embeds && !graph.promptEmbeds) {
+      return ['this backbone\'s graph has no embedding Gather of input_ids for the rewrite to add prompt_embeds to, so prompt-tuned tasks cannot run on it'];
+    }
     const missing = delta.sites.filter((s) => !plan.get(s.module)?.some((site) => site.name === s.site));
     if (!missing.length) return [];
     const sites = [...new Set(missing.map((s) => s.site))];
@@ -88,9 +93,13 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
       `restart it with DELTASERVE_SITES naming those modules (e.g. ${sites[0]}:all), or target modules it serves (GET /v1/backbone)`];
   };
 
+  const swept = await sweepUploadTemps(config.uploadTmpDir);
+  if (swept) logger.warn({ folders: swept }, 'removed upload folders left by a process that stopped mid-upload');
+
   const registry = await Registry.open({
     unplaceable,
     dir: config.deltasDir,
+    logger,
     backbone: backbone.info,
     cacheBytes: config.cacheBytes ?? defaultCacheBytes(backbone),
     maxRank: config.maxRank,
@@ -104,13 +113,14 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
     },
   });
 
-  const graph = buildEngineGraph(backbone, plan);
   const engine = await EngineClient.start({
     model: await engineModelSource(backbone, graph.bytes, opts.cacheDir),
     io: backbone.io, sites: graph.sites, eosTokenIds: [...backbone.tokenizer.eosTokenIds], maxPositions: backbone.info.maxPositions,
     ep: config.ep, threads: config.threads || undefined, maxBatch: config.maxBatch, prefillChunkTokens: config.prefillChunkTokens,
   });
   engine.on('error', (message) => logger.error({ message }, 'engine step failed'));
+  // Each layer left on the Concat fallback says why: it costs an O(context) copy per step.
+  for (const l of graph.kvPaths) if (l.path === 'concat') logger.warn({ layer: l.layer, reason: l.reason }, 'attention keeps Concat(past, new) on this layer');
   logger.info({ sites: graph.sites.length, splitAttentionLayers: graph.splitLayers, ep: config.ep }, 'engine ready');
 
   const scheduler = new Scheduler(engine, backbone.tokenizer, {

@@ -110,7 +110,7 @@ describe('loader errors', () => {
       return true;
     });
     unlinkSync(join(dir, 'model.onnx'));
-    await assert.rejects(loadBackbone({ model: dir }), /lacks model\.onnx, tokenizer\.json/);
+    await assert.rejects(loadBackbone({ model: dir }), /lacks a model file \(model\.onnx, onnx\/model\.onnx, .*onnx\/model_fp16\.onnx.*\), tokenizer\.json/);
     await assert.rejects(loadBackbone({ model: join(work, 'nowhere') }), /model directory .*nowhere does not exist/);
   });
 

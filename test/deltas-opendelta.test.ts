@@ -91,10 +91,10 @@ const refusals: { name: string; files: Record<string, unknown>; code: string; re
     reason: /pytorch_model\.bin is a pickle.*torch\.load\('pytorch_model\.bin'.*save_file\(.*'model\.safetensors'\)/,
   },
   {
-    name: 'delta_type prefix',
-    files: { 'config.json': { delta_type: 'prefix', modified_modules: ['attn'] }, 'model.safetensors': new Uint8Array(0) },
+    name: 'delta_type split',
+    files: { 'config.json': { delta_type: 'split', modified_modules: ['attn'] }, 'model.safetensors': new Uint8Array(0) },
     code: 'unsupported_delta',
-    reason: /OpenDelta delta_type 'prefix' is not supported; deltaserve serves lora, adapter, bitfit, compacter, low_rank_adapter, parallel_adapter/,
+    reason: /OpenDelta delta_type 'split' is not supported; deltaserve serves lora, adapter, bitfit, compacter, low_rank_adapter, parallel_adapter, prefix, soft_prompt/,
   },
   {
     name: 'low_rank_adapter with low_rank_rank 2',

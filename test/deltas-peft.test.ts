@@ -162,7 +162,7 @@ const refusals: Refusal[] = [
     code: 'unsupported_delta',
     reason: /adapter_model\.bin is a pickle.*save_file.*adapter_model\.safetensors/,
   },
-  { name: 'peft_type PREFIX_TUNING', config: { peft_type: 'PREFIX_TUNING' }, code: 'unsupported_delta', reason: /peft_type is PREFIX_TUNING; deltaserve serves PEFT adapters of peft_type LORA, IA3/ },
+  { name: 'peft_type LOHA', config: { peft_type: 'LOHA' }, code: 'unsupported_delta', reason: /peft_type is LOHA; deltaserve serves PEFT adapters of peft_type LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING/ },
 ];
 
 for (const c of refusals) {

@@ -7,7 +7,7 @@ import { test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { ServeError } from '../src/errors.js';
 import { Registry } from '../src/deltas/registry.js';
-import type { WriteStep } from '../src/deltas/store.js';
+import { contentSha256, type WriteStep } from '../src/deltas/store.js';
 import { gpt2Like } from './helpers/backbone-info.js';
 import { peftFactors, tempDir, treeHash, writeDelta, writePeft } from './helpers/deltas.js';
 
@@ -37,7 +37,9 @@ test('a registered delta is stored as uploaded, with a manifest, and listed', as
   assert.deepEqual((await readdir(join(store, 'task-1'))).sort(), ['adapter_config.json', 'adapter_model.safetensors', 'manifest.json']);
   const manifestBytes = await readFile(join(store, 'task-1', 'manifest.json'));
   const manifest = JSON.parse(manifestBytes.toString());
-  assert.equal(rec.sha256, sha(manifestBytes));
+  // The version hashes the delta's content (its files' names and hashes), not when it was written.
+  assert.equal(rec.sha256, contentSha256(manifest.files));
+  assert.notEqual(rec.sha256, sha(manifestBytes));
   assert.deepEqual(manifest.files, await hashesOf(dir, ['adapter_config.json', 'adapter_model.safetensors']));
   assert.equal(manifest.fingerprint, backbone.fingerprint);
   assert.equal(manifest.type, 'lora');

@@ -20,6 +20,7 @@ function adminCalls(app: App, files: Record<string, Buffer>): [string, () => req
       .attach('a', files['adapter_config.json'], 'adapter_config.json').attach('b', files['adapter_model.safetensors'], 'adapter_model.safetensors')],
     ['GET /v1/deltas', () => request(app).get('/v1/deltas')],
     ['GET /v1/deltas/auth-lora', () => request(app).get('/v1/deltas/auth-lora')],
+    ['PATCH /v1/deltas/auth-lora', () => request(app).patch('/v1/deltas/auth-lora').send({ pinned: true })],
     ['DELETE /v1/deltas/auth-lora', () => request(app).delete('/v1/deltas/auth-lora')],
     ['POST /v1/deltas (import)', () => request(app).post('/v1/deltas').send({ id: 'x', path: 'x' })],
     ['POST /v1/load_lora_adapter', () => request(app).post('/v1/load_lora_adapter').send({ lora_name: 'x', lora_path: 'x' })],
@@ -182,6 +183,61 @@ describe('e2e: admin without a token, and imports by path', () => {
     const run = await request(app).post('/v1/completions').send({ model: 'vllm-lora', prompt: 'Hello', max_tokens: 2 });
     assert.equal(run.status, 404);
     assert.equal(run.body.error.code, 'model_not_found');
+  });
+});
+
+describe('e2e: pinning and pages on the real stack', () => {
+  let stack: Stack;
+  before(async () => {
+    stack = await startStack({});
+  });
+  after(() => stack?.close());
+
+  test('PATCH pins (shown in GET, held in the cache, counted in /metrics as ever); bad bodies 400; pages follow has_more', async () => {
+    const app = stack.services.app;
+    const info = stack.services.backbone.info;
+    for (const [i, id] of ['p-a', 'p-b', 'p-c'].entries()) {
+      const f = peftLora(info, 20 + i);
+      await request(app).post('/v1/deltas').field('id', id).attach('a', f['adapter_config.json'], 'adapter_config.json')
+        .attach('b', f['adapter_model.safetensors'], 'adapter_model.safetensors').expect(201);
+    }
+    const pinned = await request(app).patch('/v1/deltas/p-b').send({ pinned: true }).expect(200);
+    assert.equal(pinned.body.pinned, true);
+    assert.equal(pinned.body.cached, true, 'a pinned delta is loaded at once');
+    assert.equal((await request(app).get('/v1/deltas/p-b').expect(200)).body.pinned, true);
+    await request(app).post('/v1/generate').send({ task: 'p-b', inputs: 'hi', parameters: { max_new_tokens: 2 } }).expect(200);
+
+    for (const body of [{}, { pinned: 'yes' }]) {
+      const bad = await request(app).patch('/v1/deltas/p-b').send(body);
+      assert.equal(bad.status, 400, JSON.stringify(bad.body));
+      assert.match(bad.body.error.message, /pinned/);
+    }
+    assert.equal((await request(app).patch('/v1/deltas/nope').send({ pinned: true })).body.error.code, 'delta_not_found');
+
+    const first = await request(app).get('/v1/deltas?limit=2').expect(200);
+    assert.deepEqual(first.body.data.map((d: { id: string }) => d.id), ['p-a', 'p-b']);
+    assert.equal(first.body.has_more, true);
+    assert.equal(first.body.last_id, 'p-b');
+    const rest = await request(app).get(`/v1/deltas?limit=2&after=${first.body.last_id}`).expect(200);
+    assert.deepEqual(rest.body.data.map((d: { id: string }) => d.id), ['p-c']);
+    assert.equal(rest.body.has_more, false);
+    for (const q of ['limit=0', 'limit=abc', 'limit=1001', 'after=..%2Fx']) {
+      const bad = await request(app).get(`/v1/deltas?${q}`);
+      assert.equal(bad.status, 400, `${q}: ${JSON.stringify(bad.body)}`);
+    }
+    const models = await request(app).get('/v1/models?limit=2').expect(200);
+    assert.deepEqual(models.body.data.map((m: { id: string }) => m.id), [info.name, 'p-a']);
+    assert.equal(models.body.has_more, true);
+    const one = await request(app).get('/v1/models?limit=1').expect(200);
+    const next = await request(app).get(`/v1/models?limit=5&after=${encodeURIComponent(one.body.last_id)}`).expect(200);
+    assert.deepEqual(next.body.data.map((m: { id: string }) => m.id), ['p-a', 'p-b', 'p-c'], 'after the backbone come the deltas');
+    assert.equal((await request(app).get('/v1/models').expect(200)).body.data.length, 4, 'without a limit, every model');
+    const metrics = await request(app).get('/metrics').expect(200);
+    assert.match(metrics.text, /^deltaserve_deltas_registered 3$/m);
+
+    const unpinned = await request(app).patch('/v1/deltas/p-b').send({ pinned: false }).expect(200);
+    assert.equal(unpinned.body.pinned, false);
+    for (const id of ['p-a', 'p-b', 'p-c']) await request(app).delete(`/v1/deltas/${id}`).expect(204);
   });
 });
 

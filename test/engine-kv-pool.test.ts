@@ -41,9 +41,9 @@ test('spread growth keeps every row exactly as growing at once does', () => {
     if (spread.rows < 6 && (spread.rows === 0 || r < 0.05)) {
       // A row joins with a short prompt taken from a one-row source block.
       const tokens = 1 + Math.floor(rand() * 20);
-      const src = { keys: fresh(1, tokens), values: fresh(1, tokens), capacity: tokens, row: 0, start: 0 };
-      spread.addRow(tokens, src);
-      atOnce.addRow(tokens, src);
+      const src = { keys: fresh(1, tokens), values: fresh(1, tokens), capacity: tokens, row: 0, segments: [{ start: 0, tokens }] };
+      spread.addRow(src);
+      atOnce.addRow(src);
     } else if (spread.rows > 1 && r < 0.08) {
       const row = Math.floor(rand() * spread.rows);
       spread.removeRow(row);
@@ -80,4 +80,25 @@ test('a greedy generation across three capacity buckets equals the full forward'
 
   // The reference: one full forward of the whole sequence on the original graph, each position's argmax.
   assert.deepEqual(got, await fullForwardGreedy(await originalSession(bb), bb.io, prompt, got));
+});
+
+test('capacity stops at the model\'s context less one, and packed past keeps each row\'s first tokens', () => {
+  const pool = new KvPool(shape, Infinity, 100);
+  pool.ensure(2, 90);
+  assert.equal(pool.capacity, 100, 'the 128 bucket is capped at maxTokens');
+  pool.addEmptyRow();
+  pool.addEmptyRow();
+  const { layers, kvHeads, headDim } = shape;
+  const step = (v: number) => Array.from({ length: layers }, () => new Float32Array(2 * kvHeads * headDim).fill(v));
+  for (let t = 1; t <= 100; t++) pool.append(step(t), step(t));
+  assert.deepEqual(pool.len, [100, 100]);
+  for (let n = 0; n < 30; n++) pool.growAhead();
+  assert.equal(pool.capacity, 100, 'no growth past the cap');
+  // One more step at the cap: no slot is written past the row (it is the row's last step).
+  pool.append(step(999), step(999));
+  assert.deepEqual(pool.len, [100, 100]);
+  assert.ok(!pool.keys[0].includes(999));
+  const packed = pool.pastPacked(0, 'key', 3);
+  assert.equal(packed.length, 2 * kvHeads * 3 * headDim);
+  assert.deepEqual(Array.from(packed.subarray(0, 3 * headDim)), [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]);
 });

@@ -6,19 +6,26 @@
  * sample (their logits fetched alone) and rows asking for logprobs agree too.
  * The bare rows are also checked against a full forward pass of the original
  * graph, so the pair is not only equal to each other. And a decode step
- * moves only O(batch) bytes, counted by the device. Runs on any Vulkan
+ * moves only O(batch) bytes, counted by the device. Prompt learning's KV
+ * prefixes (prefix tuning uploaded, prompt tuning's computed on the device),
+ * chunked prefills after them, and rows at the context's end (capped
+ * capacity, packed past) agree too. Runs on any Vulkan
  * driver (lavapipe in CI); skips loudly where WebGPU has no adapter.
  */
 import assert from 'node:assert/strict';
+import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
 import type { Backbone } from '../src/backbone/backbone.js';
 import type { SiteLayout } from '../src/backbone/rewrite/delta-sites.js';
 import { createSession } from '../src/backbone/session.js';
+import { Registry } from '../src/deltas/registry.js';
+import { encodeSafetensors } from '../src/deltas/safetensors.js';
 import type { LoadedDelta } from '../src/deltas/types.js';
 import { deviceFor, outputLocations } from '../src/engine/device/index.js';
 import { Engine } from '../src/engine/engine.js';
 import type { RowRequest, StepResult } from '../src/engine/protocol.js';
-import { defaultGraph, demo, everyKind, FAMILIES, fullForwardGreedy, loadCases, originalSession, tokens, type KindCase, type Session } from './helpers/engine-graph.js';
+import { randomFloats, writeDelta } from './helpers/deltas.js';
+import { defaultGraph, demo, everyKind, FAMILIES, fullForwardGreedy, loadCases, originalSession, testCacheDir, tokens, type KindCase, type Session } from './helpers/engine-graph.js';
 import { webgpuMissing } from './helpers/webgpu.js';
 
 const missing = webgpuMissing();
@@ -63,8 +70,8 @@ for (const model of FAMILIES) {
     let gpu: Session;
     let original: Session;
     let cases: KindCase[];
-    const engines = () => {
-      const opts = { maxBatch: 16, prefillChunkTokens: 64, eosTokenIds: [], maxPositions: bb.info.maxPositions };
+    const engines = (prefillChunkTokens = 64) => {
+      const opts = { maxBatch: 16, prefillChunkTokens, eosTokenIds: [], maxPositions: bb.info.maxPositions };
       return {
         cpu: new Engine(cpu, bb.io, sites, opts),
         gpu: new Engine(gpu, bb.io, sites, { ...opts, zeroSizeTensors: false, device: deviceFor('webgpu', bb.io.layers) }),
@@ -116,6 +123,59 @@ for (const model of FAMILIES) {
       for (const [i, lps] of want.logprobs.entries()) {
         assert.equal(got.logprobs[i].length, lps.length);
         lps.forEach((lp, j) => assert.ok(Math.abs(got.logprobs[i][j] - lp) <= 1e-4, `row ${i} token ${j}: ${got.logprobs[i][j]} vs ${lp}`));
+      }
+    });
+
+    test('prefix-tuned and prompt-tuned rows beside bare and LoRA rows, chunked, and rows at the context\'s end: the same greedy tokens', async () => {
+      const { numLayers: L, hiddenSize: H } = bb.info;
+      const { kvHeads: KV, headDim: D } = bb.io;
+      const dir = join(testCacheDir(), `webgpu-prefix-${Math.random().toString(36).slice(2)}`);
+      const registry = await Registry.open({ dir: join(dir, 'deltas'), backbone: bb.info, cacheBytes: 2 ** 30 });
+      const put = async (id: string, config: Record<string, unknown>, weights: Float32Array, shape: number[]) => {
+        const files = {
+          'adapter_config.json': { peft_type: config.peft_type, task_type: 'CAUSAL_LM', inference_mode: true, base_model_name_or_path: 'demo', revision: null, ...config },
+          'adapter_model.safetensors': encodeSafetensors({ prompt_embeddings: { dtype: 'F32', shape, data: weights } }),
+        };
+        await registry.register(id, await writeDelta(join(dir, 'upload', id), files), { replace: false });
+        return registry.load(id);
+      };
+      const P1 = 5;
+      const prefix = await put('prefix', {
+        peft_type: 'PREFIX_TUNING', num_virtual_tokens: P1, token_dim: KV * D, num_transformer_submodules: 1, num_attention_heads: KV, num_layers: L,
+        encoder_hidden_size: H, prefix_projection: false,
+      }, randomFloats(P1 * L * 2 * KV * D, 71, 1.5), [P1, L * 2 * KV * D]);
+      const P2 = 4;
+      const prompted = await put('prompt', { peft_type: 'PROMPT_TUNING', num_virtual_tokens: P2, token_dim: H, num_transformer_submodules: 1, prompt_tuning_init: 'RANDOM' },
+        randomFloats(P2 * H, 72, model === 'demo:gpt2' ? 0.3 : 1), [P2, H]);
+      const deltas = [prefix, prompted, null, cases[0].delta];
+      const mixed: Planned[] = Array.from({ length: 8 }, (_, i) => ({ delta: deltas[i % 4], promptIds: prompt(i, 3 + ((i * 5) % 9)), maxNewTokens: 5, at: i < 4 ? 0 : 2 }));
+      // Near the context: capacity capped at its end less one, the prefill's past packed, the rows ending by length.
+      const max = bb.info.maxPositions;
+      const long: Planned[] = [
+        { delta: null, promptIds: tokens(max - 4, 40, bb.io.vocabSize), maxNewTokens: 10, at: 0 },
+        { delta: prefix, promptIds: tokens(max - P1 - 3, 41, bb.io.vocabSize), maxNewTokens: 10, at: 0 },
+      ];
+      for (const [plan, chunk] of [[mixed, 64], [mixed, 2 * 4], [long, 128]] as const) {
+        const e = engines(chunk);
+        // Prompt tuning's prefix computed by each engine afresh: first the CPU's, then the device's, compared.
+        const forget = () => {
+          Atomics.store(prompted.prefix!.ready, 0, 0);
+          prompted.prefix!.keys.fill(0);
+          prompted.prefix!.values.fill(0);
+        };
+        forget();
+        const want = await serve(e.cpu, plan);
+        const cpuKeys = prompted.prefix!.keys.slice();
+        forget();
+        const got = await serve(e.gpu, plan);
+        assert.deepEqual(got.tokens, want.tokens, `WebGPU tokens differ from the CPU path's (prefill chunk ${chunk})`);
+        if (plan === mixed) {
+          assert.equal(Atomics.load(prompted.prefix!.ready, 0), 1, 'the device computed the prompt prefix');
+          const worst = cpuKeys.reduce((m, k, i) => Math.max(m, Math.abs(k - prompted.prefix!.keys[i])), 0);
+          assert.ok(worst <= 1e-4, `prompt prefix keys on the device vs the CPU: ${worst}`);
+        } else {
+          assert.ok(got.tokens.every((t) => t.length > 0 && t.length < 10), `the long rows end at the context: ${got.tokens.map((t) => t.length)}`);
+        }
       }
     });
 

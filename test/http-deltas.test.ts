@@ -1,19 +1,26 @@
 import assert from 'node:assert/strict';
-import { mkdir, mkdtemp, readdir, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, symlink, writeFile } from 'node:fs/promises';
 import { request as httpRequest } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import request from 'supertest';
 import { listen, testApp } from './helpers/http-app.js';
 
 const CONFIG = Buffer.from('{"peft_type":"LORA","r":8}');
 const WEIGHTS = Buffer.alloc(300, 7);
 
-const uploadTemps = async () => (await readdir(tmpdir())).filter((n) => n.startsWith('deltaserve-upload-')).length;
+/** A temp folder for one test server's uploads: other processes' uploads in the OS's temp folder must not count. */
+async function ownUploads(t: TestContext) {
+  const dir = await mkdtemp(join(tmpdir(), 'deltaserve-test-uploads-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  return { env: { DELTASERVE_UPLOAD_TMP_DIR: dir }, count: async () => (await readdir(dir)).filter((n) => n.startsWith('deltaserve-upload-')).length };
+}
 
-test('multipart upload: files arrive under their own filenames, whatever the field names', async () => {
-  const { app, registry } = testApp();
+test('multipart upload: files arrive under their own filenames, whatever the field names', async (t) => {
+  const uploads = await ownUploads(t);
+  const uploadTemps = uploads.count;
+  const { app, registry } = testApp({ env: uploads.env });
   const before = await uploadTemps();
   const res = await request(app)
     .post('/v1/deltas')
@@ -84,8 +91,10 @@ test('upload problems: missing or bad id 400, no files 400, duplicate file 400, 
   assert.match(res.body.error.message, /backbone's own name/);
 });
 
-test('an upload over DELTASERVE_MAX_UPLOAD_BYTES is 413 and leaves nothing behind', async () => {
-  const { app, registry } = testApp({ env: { DELTASERVE_MAX_UPLOAD_BYTES: '1000' } });
+test('an upload over DELTASERVE_MAX_UPLOAD_BYTES is 413 and leaves nothing behind', async (t) => {
+  const uploads = await ownUploads(t);
+  const uploadTemps = uploads.count;
+  const { app, registry } = testApp({ env: { DELTASERVE_MAX_UPLOAD_BYTES: '1000', ...uploads.env } });
   const before = await uploadTemps();
   // Declared length over the limit: refused before reading.
   let res = await request(app).post('/v1/deltas').field('id', 'big').attach('f', Buffer.alloc(5000), 'w.safetensors');
@@ -186,7 +195,7 @@ test('list, inspect, delete', async () => {
   registry.cached.add('sql');
   const list = await request(app).get('/v1/deltas').expect(200);
   assert.equal(list.body.data.length, 1);
-  assert.deepEqual(Object.keys(list.body.data[0]).sort(), ['bytes', 'cached', 'created_at', 'format', 'id', 'rank', 'type']);
+  assert.deepEqual(Object.keys(list.body.data[0]).sort(), ['bytes', 'cached', 'created_at', 'format', 'id', 'pinned', 'rank', 'type']);
   assert.equal(list.body.data[0].cached, true);
   const one = await request(app).get('/v1/deltas/sql').expect(200);
   assert.deepEqual(one.body.sites, [{ module: 'model.layers.0.self_attn.q_proj', kind: 'lora', site: 'lora', shapes: [[16, 8], [8, 16]] }]);

@@ -12,6 +12,7 @@ import { encodeModel } from '../../src/backbone/onnx/proto.js';
 import { buildEngineGraph } from '../../src/backbone/rewrite/index.js';
 import { planSites, type SitePlan } from '../../src/deltas/kinds/index.js';
 import { LOGPROBS_ON } from '../../src/backbone/rewrite/logprobs.js';
+import { noPromptEmbeds, PROMPT_EMBEDS } from '../../src/backbone/rewrite/prompt-embeds.js';
 import { createSession } from '../../src/backbone/session.js';
 import { DeltaBanks } from '../../src/engine/banks.js';
 import type { LoadedDelta } from '../../src/deltas/types.js';
@@ -60,8 +61,9 @@ export function stepFeeds(bb: Backbone, B: number, context: number): Record<stri
     input_ids: i64(Array.from({ length: B }, (_, b) => 100 + b), [B, 1]),
     attention_mask: i64(Array(B * (context + 1)).fill(1), [B, context + 1]),
     position_ids: i64(Array(B).fill(context), [B, 1]),
-    // Steps in this benchmark ask for no logprobs (the original graph ignores the extra feed).
+    // Steps in this benchmark ask for no logprobs and have no virtual tokens (the original graph ignores the extra feeds).
     [LOGPROBS_ON]: new ort.Tensor('bool', [false], []),
+    [PROMPT_EMBEDS]: noPromptEmbeds(),
   };
   const n = B * kvHeads * context * headDim;
   for (let l = 0; l < layers; l++) {

@@ -38,8 +38,8 @@ export async function loadBackbone(opts: BackboneOptions): Promise<Backbone> {
   const source = readModelDir(dir);
   const tokenizer = await loadTokenizer(dir);
   const linear = findLinearModules(source.model.graph!);
-  const modules = linear.map(({ name, kind, inFeatures, outFeatures, layer, biasInitializer }) => ({
-    name, kind, inFeatures, outFeatures, layer, biasInitializer,
+  const modules = linear.map(({ name, kind, inFeatures, outFeatures, layer, biasInitializer, quantization }) => ({
+    name, kind, inFeatures, outFeatures, layer, biasInitializer, ...(quantization ? { quantization } : {}),
   }));
   const cfg = source.config;
   const family = familyOf(typeof cfg.model_type === 'string' ? cfg.model_type : undefined, modules);
@@ -54,6 +54,8 @@ export async function loadBackbone(opts: BackboneOptions): Promise<Backbone> {
     defaultTargets: defaultTargetsFor(family),
     hiddenSize: num('hidden_size', 'n_embd'),
     numLayers: source.io.layers,
+    kvHeads: source.io.kvHeads,
+    headDim: source.io.headDim,
     vocabSize: source.io.vocabSize,
     maxPositions: num('max_position_embeddings', 'n_positions') || 2048,
     biasOf: (module) => readBias(byName.get(module)?.biasInitializer ?? null),

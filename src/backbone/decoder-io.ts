@@ -2,7 +2,7 @@
  * Discovers a decoder's I/O from the graph itself, the way Optimum's
  * `text-generation-with-past` export lays it out.
  */
-import { shapeOf, type GraphProto } from './onnx/proto.js';
+import { DataType, shapeOf, type GraphProto } from './onnx/proto.js';
 
 export interface DecoderIO {
   layers: number;
@@ -10,6 +10,8 @@ export interface DecoderIO {
   headDim: number;
   hasPositionIds: boolean;
   vocabSize: number;
+  /** The KV cache is float16 in the graph (a float16 export); the engine's graph casts at its edges. */
+  float16: boolean;
 }
 
 const EXPORT_HINT = 'export it with `optimum-cli export onnx --model <model> --task text-generation-with-past <dir>`';
@@ -56,5 +58,6 @@ export function discoverDecoderIO(graph: GraphProto, config: Record<string, unkn
   const logitsShape = shapeOf(outputs.get('logits')!);
   const vocabSize = typeof logitsShape[2] === 'number' ? logitsShape[2] : num(config.vocab_size);
   if (!vocabSize) throw new ModelFormatError('cannot tell the vocabulary size: set vocab_size in config.json');
-  return { layers, kvHeads, headDim, hasPositionIds: inputs.has('position_ids'), vocabSize };
+  const float16 = inputs.get('past_key_values.0.key')!.type?.tensorType?.elemType === DataType.FLOAT16;
+  return { layers, kvHeads, headDim, hasPositionIds: inputs.has('position_ids'), vocabSize, float16 };
 }

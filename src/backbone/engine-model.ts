@@ -38,7 +38,7 @@ async function linkedFolder(parent: string, name: string, dir: string, files: st
 }
 
 export async function engineModelSource(backbone: Backbone, bytes: Uint8Array, cacheDir = defaultCacheDir()): Promise<Uint8Array | string> {
-  const { externalFiles, dir } = backbone.source;
+  const { externalFiles, modelDir: dir } = backbone.source;
   if (externalFiles.length === 0) return bytes;
   const hash = createHash('sha256').update(bytes).update(dir).digest('hex').slice(0, 16);
   try {

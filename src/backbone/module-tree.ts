@@ -25,9 +25,11 @@ export function renderModuleTree(info: BackboneInfo, notes: ReadonlyMap<string, 
       node = node.children.get(p)!;
     }
     const note = notes.get(m.name);
-    node.label = `Linear ${m.inFeatures}→${m.outFeatures}${note ? `  [${note}]` : ''}`;
+    const q = m.quantization ? ` ${m.quantization.format} ${m.quantization.bits}-bit, block ${m.quantization.blockSize}` : '';
+    node.label = `Linear ${m.inFeatures}→${m.outFeatures}${q}${note ? `  [${note}]` : ''}`;
   }
-  const lines = [`${info.name} (${info.family}, ${info.modules.length} linear modules, fingerprint ${info.fingerprint.slice(0, 12)})${title}`];
+  const quantized = info.modules.filter((m) => m.quantization).length;
+  const lines = [`${info.name} (${info.family}, ${info.modules.length} linear modules${quantized ? `, ${quantized} quantized` : ''}, fingerprint ${info.fingerprint.slice(0, 12)})${title}`];
   const walk = (node: TreeNode, prefix: string) => {
     const entries = [...node.children];
     entries.forEach(([name, child], i) => {

@@ -6,15 +6,19 @@
 import { createHash } from 'node:crypto';
 import { GraphIndex, modulePathOf } from './onnx/graph-index.js';
 import { attrInt, dimsOf, floatData, type GraphProto, type NodeProto } from './onnx/proto.js';
-import type { LinearModule } from './types.js';
+import type { LinearModule, Quantization } from './types.js';
 
 export interface LinearSite extends LinearModule {
   /** The MatMul or Gemm computing `x · W`. */
   node: NodeProto;
   /** The tensor carrying the module's full output (after its bias Add when the bias is a separate node). */
   output: string;
-  /** Gemm nodes see a 2-D view [batch*seq, in] of the input. */
-  twoD: boolean;
+  /**
+   * Gemm nodes see a 2-D view [batch*seq, in] of the input; null where the op
+   * takes either rank (a quantized linear replacing a Gemm keeps its 2-D view,
+   * one replacing a MatMul its 3-D input) and the sites go by the tensor's own shape.
+   */
+  twoD: boolean | null;
 }
 
 function layerOf(path: string): number | null {
@@ -22,25 +26,23 @@ function layerOf(path: string): number | null {
   return m ? Number(m[1]) : null;
 }
 
-/** Finds every MatMul/Gemm against a 2-D weight initializer and names it by its scope. */
+/** Finds every MatMul/Gemm against a 2-D weight initializer, and every MatMulNBits, and names it by its scope. */
 export function findLinearModules(graph: GraphProto): LinearSite[] {
   const index = new GraphIndex(graph);
   const found: LinearSite[] = [];
   const seen = new Set<string>();
   for (const node of graph.node ?? []) {
-    if (node.opType !== 'MatMul' && node.opType !== 'Gemm') continue;
-    const weight = index.initializers.get(node.input?.[1] ?? '');
-    if (!weight || dimsOf(weight).length !== 2) continue;
+    const shape = node.opType === 'MatMulNBits' ? nbitsShape(node, index) : floatShape(node, index);
+    if (!shape) continue;
     const name = modulePathOf(node.name ?? '');
     if (!name || seen.has(name)) continue;
-    const [d0, d1] = dimsOf(weight);
-    const transB = node.opType === 'Gemm' && attrInt(node, 'transB') === 1;
-    const inFeatures = transB ? d1 : d0;
-    const outFeatures = transB ? d0 : d1;
+    const { inFeatures, outFeatures, quantization } = shape;
     let biasInitializer: string | null = null;
     let output = node.output![0];
-    if (node.opType === 'Gemm' && node.input?.[2] && index.initializers.has(node.input[2])) {
-      biasInitializer = node.input[2];
+    // Gemm's C, or MatMulNBits' optional bias (input 5).
+    const biasInput = node.opType === 'Gemm' ? node.input?.[2] : node.opType === 'MatMulNBits' ? node.input?.[5] : undefined;
+    if (biasInput && index.initializers.has(biasInput)) {
+      biasInitializer = biasInput;
     } else {
       // An ORT-optimised or folded Linear: MatMul followed by Add of a 1-D initializer.
       const next = index.consumersOf(output);
@@ -56,10 +58,37 @@ export function findLinearModules(graph: GraphProto): LinearSite[] {
     seen.add(name);
     found.push({
       name, kind: 'linear', inFeatures, outFeatures, layer: layerOf(name), biasInitializer,
-      node, output, twoD: node.opType === 'Gemm',
+      node, output, twoD: quantization ? null : node.opType === 'Gemm',
+      ...(quantization ? { quantization } : {}),
     });
   }
   return found;
+}
+
+interface LinearShape {
+  inFeatures: number;
+  outFeatures: number;
+  quantization?: Quantization;
+}
+
+/** A MatMul/Gemm against a 2-D float weight initializer. */
+function floatShape(node: NodeProto, index: GraphIndex): LinearShape | null {
+  if (node.opType !== 'MatMul' && node.opType !== 'Gemm') return null;
+  const weight = index.initializers.get(node.input?.[1] ?? '');
+  if (!weight || dimsOf(weight).length !== 2) return null;
+  const [d0, d1] = dimsOf(weight);
+  const transB = node.opType === 'Gemm' && attrInt(node, 'transB') === 1;
+  return { inFeatures: transB ? d1 : d0, outFeatures: transB ? d0 : d1 };
+}
+
+/** onnxruntime's MatMulNBits (com.microsoft) against a packed initializer: K inputs, N outputs. */
+function nbitsShape(node: NodeProto, index: GraphIndex): LinearShape | null {
+  if (node.domain !== 'com.microsoft' || !index.initializers.has(node.input?.[1] ?? '')) return null;
+  const K = attrInt(node, 'K');
+  const N = attrInt(node, 'N');
+  const blockSize = attrInt(node, 'block_size');
+  if (!K || !N || !blockSize) return null;
+  return { inFeatures: K, outFeatures: N, quantization: { format: 'MatMulNBits', bits: attrInt(node, 'bits') ?? 4, blockSize } };
 }
 
 export function fingerprintOf(modules: LinearModule[]): string {

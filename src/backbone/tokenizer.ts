@@ -35,6 +35,12 @@ export interface BackboneTokenizer {
   /** Largest token id + 1 (the logits' width the tokenizer expects). */
   readonly vocabSize: number;
   readonly modelMaxLength: number | null;
+  /**
+   * Characters of the longest token in the vocabulary: no token covers more
+   * input, so a text of n characters has at least n / maxTokenChars tokens.
+   * Lets a prompt too long for any context be refused before it is tokenized.
+   */
+  readonly maxTokenChars: number;
 }
 
 export interface TokenizerSources {
@@ -88,7 +94,11 @@ export function createTokenizer(src: TokenizerSources): BackboneTokenizer {
 
   const vocab = inner.get_vocab(true);
   let vocabSize = 0;
-  for (const id of vocab.values()) vocabSize = Math.max(vocabSize, id + 1);
+  let maxTokenChars = 1;
+  for (const [token, id] of vocab) {
+    vocabSize = Math.max(vocabSize, id + 1);
+    maxTokenChars = Math.max(maxTokenChars, token.length);
+  }
 
   const specialTokens = new Map<string, number>();
   for (const [id, token] of inner.get_added_tokens_decoder()) if (token.special) specialTokens.set(token.content, id);
@@ -129,6 +139,7 @@ export function createTokenizer(src: TokenizerSources): BackboneTokenizer {
     specialTokens,
     vocabSize,
     modelMaxLength,
+    maxTokenChars,
   };
 }
 

@@ -14,6 +14,15 @@ export interface LinearModule {
   layer: number | null;
   /** Name of the graph initializer holding this module's bias, if it has one. */
   biasInitializer: string | null;
+  /** How its weight is stored when it is not float: the op and its bits (deltas on it stay float32). */
+  quantization?: Quantization;
+}
+
+/** A quantized linear's storage: onnxruntime's MatMulNBits (bits, block size along the input features). */
+export interface Quantization {
+  format: 'MatMulNBits';
+  bits: number;
+  blockSize: number;
 }
 
 export interface BackboneInfo {
@@ -27,6 +36,9 @@ export interface BackboneInfo {
   defaultTargets: Record<string, string[]>;
   hiddenSize: number;
   numLayers: number;
+  /** K/V heads per layer and their size (grouped-query models have fewer K/V heads than query heads). */
+  kvHeads?: number;
+  headDim?: number;
   vocabSize: number;
   maxPositions: number;
   /** The backbone's bias values for a module (BitFit stores tuned biases; the delta is the difference). */

@@ -7,6 +7,11 @@
  * When a newly loaded delta does not fit even after evicting everything
  * unpinned, `acquire` waits for a release instead of failing: the scheduler
  * sees backpressure, not errors.
+ *
+ * A delta pinned by an admin (PATCH /v1/deltas/{id}) is *held*: the cache keeps
+ * a lease on it for as long as the pin lasts, so it is never evicted. Held
+ * bytes are not what a waiting admission waits for (they never come back on
+ * their own), so an admission that only held deltas block goes ahead.
  */
 import { LRUCache } from 'lru-cache';
 import type { LoadedDelta } from './types.js';
@@ -54,6 +59,9 @@ export class DeltaCache {
   private readonly pinnedCurrent = new Map<string, LoadedDelta>();
   private readonly flights = new Map<string, Flight>();
   private pinnedBytes = 0;
+  /** Leases kept for admin pins, by id; their bytes are part of pinnedBytes. */
+  private readonly held = new Map<string, Lease>();
+  private heldBytes = 0;
   private wakeups: (() => void)[] = [];
 
   constructor(private readonly opts: CacheOptions) {
@@ -103,8 +111,33 @@ export class DeltaCache {
     return this.lease(await flight.promise);
   }
 
-  /** The next acquire of `id` loads it afresh; holders of the current version keep it until they release. */
+  /** Ids held for admin pins. */
+  heldIds(): string[] {
+    return [...this.held.keys()];
+  }
+
+  /** Loads `id` if needed and keeps it until `unhold` (or `invalidate`). */
+  async hold(id: string): Promise<void> {
+    if (this.held.has(id)) return;
+    const lease = await this.acquire(id);
+    // A concurrent hold, or an invalidate while loading (the lease is then of a stale version), wins.
+    if (this.held.has(id) || this.version(id) !== lease.delta.version) return lease.release();
+    this.held.set(id, lease);
+    this.heldBytes += sizeOf(lease.delta);
+  }
+
+  /** Ends a hold; the delta goes back to the LRU like any released one. */
+  unhold(id: string): void {
+    const lease = this.held.get(id);
+    if (!lease) return;
+    this.held.delete(id);
+    this.heldBytes -= sizeOf(lease.delta);
+    lease.release();
+  }
+
+  /** The next acquire of `id` loads it afresh; holders of the current version keep it until they release. A hold ends. */
   invalidate(id: string): void {
+    this.unhold(id);
     this.flights.delete(id);
     this.lru.delete(id);
     const pinned = this.pinnedCurrent.get(id);
@@ -155,14 +188,16 @@ export class DeltaCache {
    * Evicts least recently released deltas until `delta` fits, waiting for
    * releases while pinned deltas fill the budget, then pins it in the same
    * tick as the check so two admissions cannot both take the last bytes. A
-   * delta larger than the whole budget is admitted once nothing else is
-   * pinned, so it can still run.
+   * delta that does not fit is admitted once nothing but held deltas is
+   * pinned (one larger than the whole budget, or one beside held deltas that
+   * leave it no room), so it can still run: the budget is then passed by
+   * that one delta until it is released and evicted.
    */
   private async admit(delta: LoadedDelta, pin: () => void): Promise<void> {
     const size = sizeOf(delta);
     for (;;) {
       while (this.bytes + size > this.opts.maxBytes && this.lru.size > 0) this.lru.pop();
-      if (this.bytes + size <= this.opts.maxBytes || this.pinnedBytes === 0) {
+      if (this.bytes + size <= this.opts.maxBytes || this.pinnedBytes === this.heldBytes) {
         pin();
         this.changed();
         return;

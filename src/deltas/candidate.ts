@@ -4,7 +4,7 @@
  * Validation resolves the names against the backbone and has the kind build
  * each module's bank rows.
  */
-import type { DeltaKind } from './kinds/kind.js';
+import type { AnyKind } from './kinds/kind.js';
 import type { DeltaFormat } from './types.js';
 
 export interface Tensor {
@@ -29,11 +29,12 @@ export interface Targets {
 }
 
 export interface CandidateDelta {
-  kind: DeltaKind;
+  kind: AnyKind;
   format: DeltaFormat;
   /** The kind's settings, as its format binding read them. */
   settings: unknown;
   /** Module name as the files write it → the kind's part name → tensor. */
   modules: Map<string, Map<string, Tensor>>;
+  /** Which modules the config selects (none for a prompt-learning kind, which has no graph site). */
   targets: Targets;
 }

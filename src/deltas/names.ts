@@ -4,6 +4,7 @@
  * wrapper may add or drop a prefix (`base_model.model.`, `model.`), so names
  * are compared on whole segments from the end.
  */
+import { RE2JS } from 're2js';
 
 /** True when `suffix` equals `path` or ends it on a segment boundary (`attn.c_proj` ends `h.0.attn.c_proj`, `proj` does not). */
 export function endsWithSegments(path: string, suffix: string): boolean {
@@ -21,11 +22,24 @@ export function segmentPrefixes(path: string): string[] {
   return parts.map((_, i) => parts.slice(0, i + 1).join('.'));
 }
 
-/** Compiles a user-supplied regex, reporting a bad one instead of throwing. */
-export function compileRegex(source: string, anchored: boolean): RegExp | string {
+/** A compiled user regex: only whether it matches, which is all module selection needs. */
+export interface NameMatcher {
+  test(name: string): boolean;
+}
+
+/**
+ * Compiles a user-supplied regex (a delta's config) with RE2's linear-time
+ * engine, so no pattern can hang the server with catastrophic backtracking
+ * (`(.*.*)*X`). RE2 has no backreferences or lookaround: such a pattern is
+ * refused with the reason instead of being run by a backtracking engine.
+ * Returns the problem as a string instead of throwing.
+ */
+export function compileRegex(source: string, anchored: boolean): NameMatcher | string {
   try {
-    return new RegExp(anchored ? `^(?:${source})$` : source);
+    const re = RE2JS.compile(anchored ? `^(?:${source})$` : source);
+    return { test: (name) => re.matcher(name).find() };
   } catch (err) {
-    return `'${source}' is not a valid regular expression: ${(err as Error).message}`;
+    return `'${source}' is not a valid regular expression for RE2, the linear-time engine deltaserve runs user regexes with ` +
+      `(no backreferences or lookaround): ${(err as Error).message}`;
   }
 }

@@ -2,9 +2,17 @@
  * The delta admin surface (DeltaRegistry) and the engine's way in (`acquire`,
  * `load`): store + formats + validation + cache. Registration parses and
  * validates everything in memory first, so a refused delta never touches the store.
+ *
+ * Listings, counts and pin budgets come from an in-memory index of the
+ * manifests, built at startup and kept by this process's own changes, so a
+ * scrape or a listing costs the same at 10 or 10,000 deltas. The store stays
+ * the truth replicas share: the index picks up other replicas' registrations
+ * and removals by re-reading the folder names (not the manifests) at most
+ * every `syncMs`, and `get`/`current` always read the one manifest asked for.
  */
 import { readFile } from 'node:fs/promises';
 import type { BackboneInfo } from '../backbone/types.js';
+import type { Logger } from '../log.js';
 import { badRequest, ServeError } from '../errors.js';
 import { DeltaCache, type CacheHooks, type Lease } from './cache.js';
 import { parseOpenDelta } from './formats/opendelta.js';
@@ -12,7 +20,7 @@ import { parsePeft } from './formats/peft.js';
 import { selectFiles, type Selection } from './formats/select.js';
 import { Problems } from './problems.js';
 import { DeltaStore, recordOf, TASK_ID, type StoreOptions } from './store.js';
-import type { DeltaFile, DeltaRecord, DeltaRegistry, LoadedDelta } from './types.js';
+import type { DeltaFile, DeltaPage, DeltaRecord, DeltaRegistry, LoadedDelta } from './types.js';
 import { DEFAULT_MAX_RANK, summarize, validateDelta, type ValidDelta } from './validate.js';
 
 export interface RegistryOptions {
@@ -26,6 +34,10 @@ export interface RegistryOptions {
     onRegistered?(count: number): void;
   };
   store?: StoreOptions;
+  /** Where entries of the store that are not deltas are reported (warn, once each). */
+  logger?: Logger;
+  /** How stale the index may get before a listing re-reads the store's folder names (other replicas' changes); default 1000 ms. */
+  syncMs?: number;
   /**
    * Problems with a delta this server's engine cannot place (modules it has
    * no site of that kind for); each becomes a 422 detail at registration.
@@ -38,9 +50,28 @@ const notFound = (id: string) => new ServeError(404, 'delta_not_found', `no delt
 /** The file's own name, whatever folder a browser or client put in front of it. */
 const baseName = (name: string) => name.replace(/\\/g, '/').split('/').pop() ?? '';
 
+/** Index of the first id greater than `after` in sorted `ids`. */
+function firstAfter(ids: string[], after: string): number {
+  let lo = 0;
+  let hi = ids.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (ids[mid]! <= after) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
 export class Registry implements DeltaRegistry {
   readonly cache: DeltaCache;
   private readonly locks = new Map<string, Promise<unknown>>();
+  private readonly index = new Map<string, DeltaRecord>();
+  /** The index's ids in order, rebuilt lazily after a change. */
+  private sorted: string[] | null = null;
+  private syncedAt = 0;
+  private syncing: Promise<void> | null = null;
+  /** Ids this process changed while a sync was reading the folder: what it read of them may be older. */
+  private readonly touchedDuringSync = new Set<string>();
 
   private constructor(
     private readonly store: DeltaStore,
@@ -50,9 +81,34 @@ export class Registry implements DeltaRegistry {
   }
 
   static async open(opts: RegistryOptions): Promise<Registry> {
-    const registry = new Registry(await DeltaStore.open(opts.dir, opts.store), opts);
-    await registry.countRegistered();
+    const onForeign = (entry: string, reason: string) =>
+      opts.logger?.warn({ entry, reason, dir: opts.dir }, `ignoring '${entry}' in the delta store: not a delta (${reason})`);
+    const registry = new Registry(await DeltaStore.open(opts.dir, { onForeign, ...opts.store }), opts);
+    const otherBackbone: string[] = [];
+    for (const id of await registry.store.ids()) {
+      const stored = await registry.store.read(id);
+      if (!stored) continue;
+      registry.remember(recordOf(stored));
+      if (stored.manifest.fingerprint !== opts.backbone.fingerprint) otherBackbone.push(id);
+    }
+    registry.syncedAt = Date.now();
+    registry.countRegistered();
+    registry.warnOtherBackbones(otherBackbone);
+    await registry.holdPinned();
     return registry;
+  }
+
+  /**
+   * A store made for another backbone (`deltaserve serve --model demo:gpt2` on
+   * the llama demo's deltas) lists deltas this server answers 422 for; say so
+   * at startup rather than per request.
+   */
+  private warnOtherBackbones(others: string[]): void {
+    if (!this.opts.logger || !others.length) return;
+    const n = others.length;
+    this.opts.logger.warn({ deltas: others, dir: this.opts.dir },
+      `${n} delta${n > 1 ? 's' : ''} in the store ${n > 1 ? 'were' : 'was'} registered for another backbone (${others.join(', ')}): ` +
+      `requests for ${n > 1 ? 'them' : 'it'} will be refused; serve the backbone they were made for, or point DELTASERVE_DELTAS_DIR at this backbone's store`);
   }
 
   async register(id: string, files: DeltaFile[], opts: { replace: boolean }): Promise<DeltaRecord> {
@@ -82,6 +138,7 @@ export class Registry implements DeltaRegistry {
         throw problems.toError(subject);
       }
 
+      const previous = opts.replace ? await this.store.read(id) : null;
       const stored = await this.store.write(
         id,
         contents,
@@ -92,27 +149,45 @@ export class Registry implements DeltaRegistry {
           fingerprint: this.opts.backbone.fingerprint,
           bytes: valid.bytes,
           sites: summarize(valid, this.opts.backbone),
+          // A replaced delta stays pinned, within the budget like any pin.
+          ...(previous?.manifest.pinned && this.pinnedBytesWithout(id) + valid.bytes <= this.opts.cacheBytes ? { pinned: true } : {}),
         },
         opts,
       );
       this.cache.invalidate(id);
-      await this.countRegistered();
-      return recordOf(stored);
+      const record = recordOf(stored);
+      this.remember(record);
+      this.countRegistered();
+      if (record.pinned) await this.cache.hold(id);
+      return record;
     });
   }
 
   async list(): Promise<DeltaRecord[]> {
-    const records: DeltaRecord[] = [];
-    for (const id of await this.store.ids()) {
-      const stored = await this.store.read(id);
-      if (stored) records.push(recordOf(stored));
-    }
-    return records;
+    await this.sync();
+    return this.sortedIds().map((id) => this.index.get(id)!);
+  }
+
+  async page(opts: { limit: number; after?: string }): Promise<DeltaPage> {
+    await this.sync();
+    const ids = this.sortedIds();
+    const start = opts.after === undefined ? 0 : firstAfter(ids, opts.after);
+    const slice = ids.slice(start, start + opts.limit);
+    return { records: slice.map((id) => this.index.get(id)!), hasMore: start + slice.length < ids.length };
+  }
+
+  count(): number {
+    // The caller (a scrape) gets this process's view now; other replicas' changes arrive with the next sync.
+    void this.sync().catch(() => undefined);
+    return this.index.size;
   }
 
   async get(id: string): Promise<DeltaRecord | null> {
     const stored = await this.store.read(id);
-    return stored ? recordOf(stored) : null;
+    const record = stored ? recordOf(stored) : null;
+    if (record) this.remember(record);
+    else this.forget(id);
+    return record;
   }
 
   async remove(id: string): Promise<void> {
@@ -120,7 +195,33 @@ export class Registry implements DeltaRegistry {
     await this.serialized(id, async () => {
       if (!(await this.store.remove(id))) throw notFound(id);
       this.cache.invalidate(id);
-      await this.countRegistered();
+      this.forget(id);
+      this.countRegistered();
+    });
+  }
+
+  async setPinned(id: string, pinned: boolean): Promise<DeltaRecord> {
+    this.checkId(id);
+    return this.serialized(id, async () => {
+      const current = await this.get(id);
+      if (!current) throw notFound(id);
+      if (pinned && !current.pinned) {
+        const others = this.pinnedBytesWithout(id);
+        if (others + current.bytes > this.opts.cacheBytes) {
+          throw new ServeError(409, 'pin_budget_exceeded',
+            `pinning '${id}' (${current.bytes} bytes) would hold ${others + current.bytes} pinned bytes, past the delta cache's budget of ` +
+            `${this.opts.cacheBytes} bytes (DELTASERVE_CACHE_BYTES); unpin another delta (PATCH {"pinned": false}) or raise DELTASERVE_CACHE_BYTES`);
+        }
+      }
+      const stored = current.pinned === pinned ? await this.store.read(id) : await this.store.setPinned(id, pinned);
+      if (!stored) throw notFound(id);
+      const record = recordOf(stored);
+      this.remember(record);
+      // The manifest's hash is the delta's version: the cached copy is of the old one, so load it again under the new.
+      if (stored.sha256 !== current.sha256) this.cache.invalidate(id);
+      if (pinned) await this.cache.hold(id);
+      else this.cache.unhold(id);
+      return record;
     });
   }
 
@@ -133,7 +234,11 @@ export class Registry implements DeltaRegistry {
   async current(id: string): Promise<DeltaRecord | null> {
     const record = await this.get(id);
     const cached = this.cache.version(id);
-    if (cached !== null && cached !== record?.sha256) this.cache.invalidate(id);
+    if (cached !== null && cached !== record?.sha256) {
+      this.cache.invalidate(id);
+      // Pinned by another replica, or replaced there while pinned: hold the new version too.
+      if (record?.pinned) void this.cache.hold(id).catch(() => undefined);
+    }
     return record;
   }
 
@@ -182,8 +287,70 @@ export class Registry implements DeltaRegistry {
     return next;
   }
 
-  private async countRegistered(): Promise<void> {
-    const hook = this.opts.hooks?.onRegistered;
-    if (hook) hook((await this.store.ids()).length);
+  private countRegistered(): void {
+    this.opts.hooks?.onRegistered?.(this.index.size);
+  }
+
+  private remember(record: DeltaRecord): void {
+    if (this.syncing) this.touchedDuringSync.add(record.id);
+    if (!this.index.has(record.id)) this.sorted = null;
+    this.index.set(record.id, record);
+  }
+
+  private forget(id: string): void {
+    if (this.syncing) this.touchedDuringSync.add(id);
+    if (this.index.delete(id)) this.sorted = null;
+  }
+
+  private sortedIds(): string[] {
+    return (this.sorted ??= [...this.index.keys()].sort());
+  }
+
+  private pinnedBytesWithout(id: string): number {
+    let bytes = 0;
+    for (const r of this.index.values()) if (r.pinned && r.id !== id) bytes += r.bytes;
+    return bytes;
+  }
+
+  /** Loads every pinned delta at startup, in id order, while the budget allows (a store edited by hand may pin more). */
+  private async holdPinned(): Promise<void> {
+    let bytes = 0;
+    for (const id of this.sortedIds()) {
+      const r = this.index.get(id)!;
+      if (!r.pinned || bytes + r.bytes > this.opts.cacheBytes) continue;
+      try {
+        await this.cache.hold(id);
+        bytes += r.bytes;
+      } catch {
+        // A pinned delta that no longer loads is reported when a request asks for it, not at startup.
+      }
+    }
+  }
+
+  /**
+   * Brings the index up to date with the store's folder names when it is
+   * older than `syncMs`: manifests are read only for ids this process has not
+   * seen, so a sync costs one readdir when nothing changed elsewhere.
+   */
+  private sync(): Promise<void> {
+    if (Date.now() - this.syncedAt < (this.opts.syncMs ?? 1000)) return Promise.resolve();
+    return (this.syncing ??= (async () => {
+      try {
+        const ids = new Set(await this.store.ids());
+        const known = (id: string) => this.touchedDuringSync.has(id);
+        for (const id of [...this.index.keys()]) if (!ids.has(id) && !known(id)) this.index.delete(id);
+        for (const id of ids) {
+          if (this.index.has(id) || known(id)) continue;
+          const stored = await this.store.read(id);
+          if (stored && !known(id)) this.index.set(id, recordOf(stored));
+        }
+        this.sorted = null;
+        this.syncedAt = Date.now();
+        this.countRegistered();
+      } finally {
+        this.syncing = null;
+        this.touchedDuringSync.clear();
+      }
+    })());
   }
 }

@@ -4,15 +4,21 @@
  * shared by replicas, so nothing is cached here: every read goes to disk.
  *
  * Crash safety comes from rename(2) being atomic:
- *   register  write `.tmp-<rand>/` (files, fsync, manifest last), rename it to `<id>`
+ *   register  write `.tmp-<pid>@<host>-<rand>/` (files, fsync, manifest last), rename it to `<id>`
  *   replace   rename `<id>` to `.old-<id>.<rand>`, rename the temp to `<id>`, remove the old
  *   remove    rename `<id>` to `.trash-<rand>`, then remove that
  * A crash leaves either the old or the new state, plus dot-folders that
- * `open` cleans up (an `.old-` with no `<id>` beside it is renamed back).
+ * `open` cleans up (an `.old-` with no `<id>` beside it is renamed back; a
+ * `.tmp-` whose writer on this host is dead goes at once, others by age).
+ *
+ * Anything else in the folder (a README, an empty folder, a folder whose
+ * manifest is not one) is not a delta: it is ignored and reported once through
+ * `onForeign`, never an error for the routes that list or read deltas.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { ownerTag, sweepLeftBehind } from '../temp-owner.js';
 import { ServeError } from '../errors.js';
 import type { DeltaFormat, DeltaRecord, DeltaType, SiteSummary } from './types.js';
 
@@ -36,11 +42,13 @@ export interface Manifest {
   /** Bytes of the stored files. */
   file_bytes: number;
   sites: SiteSummary[];
+  /** Kept in the cache whatever the traffic (PATCH /v1/deltas/{id}); absent in manifests written before pinning existed. */
+  pinned?: boolean;
 }
 
 export interface StoredDelta {
   manifest: Manifest;
-  /** sha256 of manifest.json: the delta's version. */
+  /** sha256 of the delta's content (its files' names and hashes), not of when it was written: the delta's version. */
   sha256: string;
 }
 
@@ -51,13 +59,34 @@ export interface StoreOptions {
   /** Leftover temp folders younger than this may belong to a replica still writing; default 10 minutes. */
   staleTempMs?: number;
   onStep?: (step: WriteStep) => Promise<void> | void;
+  /** An entry of the store's folder that is not a delta; reported once per entry. */
+  onForeign?: (entry: string, reason: string) => void;
 }
 
 export const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 
+/** The delta's version: one hash over its files' names and hashes, so identical uploads get identical versions. */
+export function contentSha256(files: Record<string, string>): string {
+  const h = createHash('sha256');
+  for (const name of Object.keys(files).sort()) h.update(`${name}\0${files[name]}\n`);
+  return h.digest('hex');
+}
+
+/** A parsed manifest.json that has what a delta needs, or the reason it is not one. */
+function checkManifest(value: unknown, id: string): Manifest | string {
+  if (!value || typeof value !== 'object') return 'manifest.json is not an object';
+  const m = value as Partial<Manifest>;
+  if (m.id !== id) return `manifest.json names the delta '${String(m.id)}', not '${id}'`;
+  if (!m.files || typeof m.files !== 'object' || Object.values(m.files).some((h) => typeof h !== 'string')) {
+    return 'manifest.json has no file hashes';
+  }
+  if (!Array.isArray(m.sites)) return 'manifest.json has no sites';
+  return m as Manifest;
+}
+
 export function recordOf(stored: StoredDelta): DeltaRecord {
   const m = stored.manifest;
-  return { id: m.id, type: m.type, format: m.format, rank: m.rank, bytes: m.bytes, sha256: stored.sha256, createdAt: m.created_at, sites: m.sites };
+  return { id: m.id, type: m.type, format: m.format, rank: m.rank, bytes: m.bytes, sha256: stored.sha256, createdAt: m.created_at, sites: m.sites, pinned: m.pinned === true };
 }
 
 async function writeDurably(path: string, bytes: Uint8Array): Promise<void> {
@@ -80,9 +109,14 @@ async function syncDir(path: string): Promise<void> {
   }
 }
 
+const manifestBytesOf = (m: Manifest) => Buffer.from(JSON.stringify(m, null, 2) + '\n', 'utf8');
+
 const isMissing = (err: unknown) => (err as NodeJS.ErrnoException).code === 'ENOENT';
 
 export class DeltaStore {
+  /** Entries already reported as foreign, so a listing every few seconds does not flood the log. */
+  private readonly reported = new Set<string>();
+
   private constructor(
     readonly dir: string,
     private readonly opts: StoreOptions,
@@ -112,29 +146,52 @@ export class DeltaStore {
         }
       } else if (entry.startsWith(TRASH)) {
         await rm(path, { recursive: true, force: true });
-      } else if (entry.startsWith(TMP)) {
-        // staleMs 0 means this process knows it is alone (file times can be a tick ahead of Date.now()).
-        if (staleMs <= 0 || Date.now() - (await stat(path)).mtimeMs >= staleMs) await rm(path, { recursive: true, force: true });
       }
     }
+    await sweepLeftBehind(this.dir, TMP, staleMs);
     await syncDir(this.dir);
   }
 
+  /** Folders named like a delta id; a few may be foreign (read() says which). */
   async ids(): Promise<string[]> {
-    return (await readdir(this.dir)).filter((e) => TASK_ID.test(e)).sort();
+    const entries = await readdir(this.dir, { withFileTypes: true });
+    for (const e of entries) if (!e.isDirectory() && TASK_ID.test(e.name)) this.foreign(e.name, 'it is not a folder');
+    return entries.filter((e) => e.isDirectory() && TASK_ID.test(e.name)).map((e) => e.name).sort();
   }
 
-  /** The delta's manifest, or null. During another process's replace it reads the version being replaced. */
+  private foreign(entry: string, reason: string): void {
+    if (this.reported.has(entry)) return;
+    this.reported.add(entry);
+    this.opts.onForeign?.(entry, reason);
+  }
+
+  /** The delta's manifest, or null (also for a foreign entry). During another process's replace it reads the version being replaced. */
   async read(id: string): Promise<StoredDelta | null> {
     const folder = await this.locate(id);
     if (!folder) return null;
+    let bytes: Buffer;
     try {
-      const bytes = await readFile(join(folder, MANIFEST));
-      return { manifest: JSON.parse(bytes.toString('utf8')) as Manifest, sha256: sha256(bytes) };
+      bytes = await readFile(join(folder, MANIFEST));
     } catch (err) {
-      if (isMissing(err)) return null;
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOTDIR') this.foreign(id, 'it is not a folder');
+      else if (isMissing(err) && (await exists(join(this.dir, id)))) this.foreign(id, 'it has no manifest.json');
+      if (isMissing(err) || code === 'ENOTDIR') return null;
       throw err;
     }
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(bytes.toString('utf8'));
+    } catch (err) {
+      this.foreign(id, `its manifest.json is not valid JSON (${(err as Error).message})`);
+      return null;
+    }
+    const manifest = checkManifest(parsed, id);
+    if (typeof manifest === 'string') {
+      this.foreign(id, manifest);
+      return null;
+    }
+    return { manifest, sha256: contentSha256(manifest.files) };
   }
 
   /** The manifest and every file, each checked against its recorded sha256. */
@@ -184,9 +241,9 @@ export class DeltaStore {
       file_bytes: [...files.values()].reduce((n, b) => n + b.byteLength, 0),
       created_at: new Date().toISOString(),
     };
-    const manifestBytes = Buffer.from(JSON.stringify(full, null, 2) + '\n', 'utf8');
+    const manifestBytes = manifestBytesOf(full);
 
-    const temp = join(this.dir, `${TMP}${randomBytes(8).toString('hex')}`);
+    const temp = join(this.dir, `${TMP}${ownerTag()}${randomBytes(8).toString('hex')}`);
     await mkdir(temp);
     try {
       for (const [name, bytes] of files) {
@@ -202,7 +259,7 @@ export class DeltaStore {
       await rm(temp, { recursive: true, force: true });
       throw err;
     }
-    return { manifest: full, sha256: sha256(manifestBytes) };
+    return { manifest: full, sha256: contentSha256(full.files) };
   }
 
   private async swapIn(id: string, temp: string, replace: boolean): Promise<void> {
@@ -225,6 +282,31 @@ export class DeltaStore {
     await syncDir(this.dir);
     await this.opts.onStep?.('new-in');
     if (aside) await rm(aside, { recursive: true, force: true });
+  }
+
+  /**
+   * Sets the manifest's `pinned` flag in place: the new manifest is written
+   * beside the old one and renamed over it, so readers see one or the other.
+   * Null when there is no such delta.
+   */
+  async setPinned(id: string, pinned: boolean): Promise<StoredDelta | null> {
+    const stored = await this.read(id);
+    if (!stored) return null;
+    const manifest: Manifest = { ...stored.manifest, pinned };
+    const bytes = manifestBytesOf(manifest);
+    const folder = join(this.dir, id);
+    const temp = join(folder, `${TMP}${MANIFEST}.${randomBytes(8).toString('hex')}`);
+    try {
+      await writeDurably(temp, bytes);
+      await rename(temp, join(folder, MANIFEST));
+    } catch (err) {
+      await rm(temp, { force: true });
+      // The folder went away (removed or being replaced elsewhere): report what the store holds now.
+      if (isMissing(err)) return null;
+      throw err;
+    }
+    await syncDir(folder);
+    return { manifest, sha256: sha256(bytes) };
   }
 
   /** Removes a delta; false when there was none. */

@@ -7,7 +7,7 @@ import { sliceDims } from '../backbone/rewrite/delta-sites.js';
 import type { BackboneInfo, LinearModule } from '../backbone/types.js';
 import type { CandidateDelta, Tensor } from './candidate.js';
 import { graphSite } from './kinds/index.js';
-import type { SiteRows } from './kinds/kind.js';
+import { isPrefixKind, type PrefixKind, type SiteRows } from './kinds/kind.js';
 import { sameModule } from './names.js';
 import type { Problems } from './problems.js';
 import type { DeltaSite, LoadedDelta, SiteSummary } from './types.js';
@@ -58,8 +58,17 @@ function checkFinite(problems: Problems, t: Tensor): void {
   if (bad > 0) problems.invalid(`tensor '${t.name}' has ${bad} non-finite value${bad > 1 ? 's' : ''} (NaN or Inf), the first at index ${first}`);
 }
 
+/** The one site a prompt-learning delta shows: its K/V prefix, [layers·2, tokens, K/V width] as served. */
+const PREFIX_SITE = 'kv_prefix';
+
 /** What GET /v1/deltas/{id} shows of each site: its kind, its graph site and its parameters' shapes as served. */
 export function summarize(delta: ValidDelta, backbone: BackboneInfo): SiteSummary[] {
+  if (delta.prefix) {
+    const p = delta.prefix;
+    const width = p.keys.length / (backbone.numLayers * p.tokens);
+    const shapes = [[backbone.numLayers * 2, p.tokens, width], ...(p.embeds ? [[p.tokens, p.embeds.length / p.tokens]] : [])];
+    return [{ module: 'past_key_values', kind: delta.type, site: PREFIX_SITE, shapes }];
+  }
   return delta.sites.map((s) => {
     const mod = backbone.modules.find((m) => m.name === s.module)!;
     const shapes = graphSite(s.site).banks
@@ -73,6 +82,15 @@ export function summarize(delta: ValidDelta, backbone: BackboneInfo): SiteSummar
   });
 }
 
+/** A prompt-learning delta: its kind checks the tensors and lays out the prefix (no modules, no rank). */
+function validatePrefix(delta: CandidateDelta, kind: PrefixKind, backbone: BackboneInfo, problems: Problems, subject: string): ValidDelta {
+  for (const parts of delta.modules.values()) for (const t of parts.values()) checkFinite(problems, t);
+  const prefix = kind.prefix(delta.modules, { settings: delta.settings, backbone, problems });
+  problems.throwIfAny(subject);
+  const bytes = [prefix!.keys, prefix!.values, prefix!.embeds].reduce((n, a) => n + (a?.byteLength ?? 0), 0);
+  return { type: kind.type, format: delta.format, rank: 0, sites: [], prefix: prefix!, bytes };
+}
+
 export function validateDelta(
   delta: CandidateDelta,
   backbone: BackboneInfo,
@@ -80,6 +98,8 @@ export function validateDelta(
   problems: Problems,
   subject: string,
 ): ValidDelta {
+  const kind = delta.kind;
+  if (isPrefixKind(kind)) return validatePrefix(delta, kind, backbone, problems, subject);
   const resolved = [...delta.modules].map(([name, parts]) => ({ name, parts, matches: resolve(name, backbone) }));
   const unresolved = resolved.filter((r) => r.matches.length === 0).map((r) => r.name);
   const unmatchedEntries = delta.targets.entries.filter((e) => !backbone.modules.some((m) => e.matches(m.name)));
@@ -109,7 +129,7 @@ export function validateDelta(
     if (!delta.targets.covers(mod.name)) {
       problems.invalid(`module '${name}' has weights but ${delta.targets.field} does not select it`);
     }
-    const rows = delta.kind.build(parts, { module: mod, name, settings: delta.settings, backbone, problems });
+    const rows = kind.build(parts, { module: mod, name, settings: delta.settings, backbone, problems });
     placed.set(mod.name, { name, mod, rows });
     if (rows && rows.rank > maxRank) [maxRank, rankAt] = [rows.rank, mod.name];
     for (const t of parts.values()) checkFinite(problems, t);
@@ -127,7 +147,7 @@ export function validateDelta(
   const order = new Map(backbone.modules.map((m, i) => [m.name, i]));
   const sites: DeltaSite[] = [...placed.values()]
     .sort((x, y) => order.get(x.mod.name)! - order.get(y.mod.name)!)
-    .map(({ mod, rows }) => ({ module: mod.name, site: delta.kind.site.name, rank: rows!.rank, data: rows!.data }));
+    .map(({ mod, rows }) => ({ module: mod.name, site: kind.site.name, rank: rows!.rank, data: rows!.data }));
   const bytes = sites.reduce((n, s) => n + Object.values(s.data).reduce((m, d) => m + d.byteLength, 0), 0);
-  return { type: delta.kind.type, format: delta.format, rank: maxRank, sites, bytes };
+  return { type: kind.type, format: delta.format, rank: maxRank, sites, bytes };
 }

@@ -14,17 +14,17 @@ import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import type { LoadedDelta } from '../deltas/types.js';
 import { DeltaBanks, type BankOptions } from './banks.js';
 import type { BankFeeder, Device, KvStore, Transfer } from './device/device.js';
+import type { KvSegment } from './kv-pool.js';
 
 export interface BatchRow {
   readonly req: { readonly delta: LoadedDelta | null };
 }
 
-/** A row's prompt K/V in another batch: `tokens` slots of row `index`, from slot `start`. */
+/** A row's K/V in another batch: row `index`'s slots, segment after segment (its KV prefix, its prompt). */
 export interface KvSource {
   batch: Batch<BatchRow>;
   index: number;
-  start: number;
-  tokens: number;
+  segments: readonly KvSegment[];
 }
 
 export class Batch<R extends BatchRow> {
@@ -33,8 +33,9 @@ export class Batch<R extends BatchRow> {
   private readonly banks: DeltaBanks;
   private readonly bankFeeds: BankFeeder;
 
-  constructor(device: Device, io: DecoderIO, layouts: readonly SiteLayout[], opts: BankOptions) {
-    this.kv = device.kv(io, opts.maxRows);
+  /** `maxTokens`: the most KV slots a row may hold (the model's context less one). */
+  constructor(device: Device, io: DecoderIO, layouts: readonly SiteLayout[], opts: BankOptions & { maxTokens?: number }) {
+    this.kv = device.kv(io, opts.maxRows, opts.maxTokens);
     this.banks = new DeltaBanks(layouts, opts);
     this.bankFeeds = device.banks();
   }
@@ -46,7 +47,7 @@ export class Batch<R extends BatchRow> {
   /** Adds a row, its K/V copied from `from` or empty (a prefill group fills it chunk by chunk). */
   add(row: R, from?: KvSource): void {
     if (from) {
-      this.kv.addRow({ store: from.batch.kv, row: from.index, start: from.start, tokens: from.tokens });
+      this.kv.addRow({ store: from.batch.kv, row: from.index, segments: from.segments });
     } else {
       this.kv.addEmptyRow();
     }
@@ -95,6 +96,16 @@ export class Batch<R extends BatchRow> {
     this.kv.ensure(this.rows.length, tokens);
   }
 
+  /**
+   * Puts each row's KV prefix (prompt learning) in its first `slots` slots,
+   * right-aligned so it ends where the prompt's slots begin; a row without one
+   * leaves them empty (the attention mask hides them). Call on a fresh batch
+   * after `reserve`.
+   */
+  placePrefixes(slots: number): void {
+    this.kv.placePrefixes(this.rows.map((r) => r.req.delta?.prefix ?? null), slots);
+  }
+
   /** Before a decode step: room for one more token per row, the next capacity bucket filled ahead of need. */
   reserveNextToken(): void {
     this.kv.growAhead();
@@ -106,15 +117,18 @@ export class Batch<R extends BatchRow> {
     this.kv.append(keys, values, steps);
   }
 
-  /** The delta feeds and the past K/V for a run over every row; without `past`, a first prefill chunk's empty past. */
-  async feeds(past: boolean, transfer: Transfer): Promise<Record<string, ort.Tensor>> {
+  /**
+   * The delta feeds and the past K/V for a run over every row; without `past`, a first prefill
+   * chunk's empty past. `packed`: feed only each row's first `packed` slots (a copy), not the whole capacity.
+   */
+  async feeds(past: boolean, transfer: Transfer, packed?: number): Promise<Record<string, ort.Tensor>> {
     await this.kv.settle(transfer);
-    return { ...(await this.bankFeeds.feeds(this.banks.stampedFeeds(), transfer)), ...(await this.kv.pastFeeds(past, transfer)) };
+    return { ...(await this.bankFeeds.feeds(this.banks.stampedFeeds(), transfer)), ...(await this.kv.pastFeeds(past, transfer, packed)) };
   }
 
   /** Past slots a run's feeds hold (the attention mask's past columns). */
-  pastSlots(past: boolean): number {
-    return this.kv.pastSlots(past);
+  pastSlots(past: boolean, packed?: number): number {
+    return this.kv.pastSlots(past, packed);
   }
 
   /** Waits for the device's row moves, adding what crossed to `transfer`. */

@@ -13,8 +13,11 @@ import type { DecoderIO } from '../backbone/decoder-io.js';
 import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import { newKvName } from '../backbone/rewrite/kv-cache.js';
 import { GREEDY_TOKEN } from '../backbone/rewrite/last-logits.js';
+import { LOGITS_NONFINITE } from '../backbone/rewrite/finite-check.js';
 import { LOGPROBS_ON, LOGSUMEXP, TOP_LOGPROB_IDS, TOP_LOGPROBS } from '../backbone/rewrite/logprobs.js';
-import { Batch } from './batch.js';
+import { noPromptEmbeds, PROMPT_EMBEDS } from '../backbone/rewrite/prompt-embeds.js';
+import type { DeltaPrefix } from '../deltas/types.js';
+import { Batch, type BatchRow } from './batch.js';
 import { HostDevice } from './device/cpu.js';
 import type { Device, HostRows, Transfer } from './device/device.js';
 import { tokenLogprobs, type TokenLogprobs } from './logprobs.js';
@@ -41,15 +44,26 @@ interface Row {
   lastToken: number;
 }
 
-/** Rows being prefilled together, left-padded to the longest prompt. */
+/**
+ * Rows being prefilled together. Slot layout of row b: its KV prefix (prompt
+ * learning; P_b virtual tokens, none for most rows) right-aligned in the first
+ * `prefixSlots` slots, then its prompt left-padded to the longest. Prefixes
+ * are in place before the first chunk runs, so every real token sees its
+ * row's whole prefix; the mask hides both gaps.
+ */
 interface PrefillGroup {
   batch: Batch<Row>;
   /** Row by row, as the batch's rows move. */
   pads: number[];
   padded: number;
+  /** Slots before the prompts, holding the rows' KV prefixes: the longest prefix. */
+  prefixSlots: number;
   /** Padded positions already run. */
   done: number;
 }
+
+/** Virtual tokens a row's task puts before its prompt (prefix tuning, prompt tuning). */
+const prefixTokens = (r: BatchRow) => r.req.delta?.prefix?.tokens ?? 0;
 
 /** Padded tokens a prefill group may run per real prompt token. */
 const PADDING_LIMIT = 1.5;
@@ -74,6 +88,8 @@ export class Engine {
   private readonly kvOutputs: string[];
   private readonly fetches: Record<'greedy' | 'logits', [plain: string[], withLogprobs: string[]]>;
   private readonly device: Device;
+  /** The graph's `prompt_embeds` input, fed one zero (no virtual tokens) on every step; null when the graph has none. */
+  private readonly noPromptEmbeds: ort.Tensor | null;
 
   constructor(
     private readonly session: ort.InferenceSession,
@@ -85,13 +101,15 @@ export class Engine {
     this.decoding = this.newBatch(opts.maxBatch);
     this.eos = new Set(opts.eosTokenIds);
     this.kvOutputs = Array.from({ length: io.layers }, (_, l) => [newKvName(l, 'key'), newKvName(l, 'value')]).flat();
-    const fetch = (...pick: string[]) => [[...pick, ...this.kvOutputs], [...pick, ...LOGPROB_OUTPUTS, ...this.kvOutputs]] as [string[], string[]];
+    const fetch = (...pick: string[]) =>
+      [[...pick, LOGITS_NONFINITE, ...this.kvOutputs], [...pick, LOGITS_NONFINITE, ...LOGPROB_OUTPUTS, ...this.kvOutputs]] as [string[], string[]];
     // Where the logits stay on a device, greedy rows of a sampling step read the argmax, and only sampling rows' logits come back.
     this.fetches = { greedy: fetch(GREEDY_TOKEN), logits: this.device.logitsOnHost ? fetch('logits') : fetch(GREEDY_TOKEN, 'logits') };
+    this.noPromptEmbeds = session.inputNames.includes(PROMPT_EMBEDS) ? noPromptEmbeds() : null;
   }
 
   private newBatch(maxRows: number): Batch<Row> {
-    return new Batch(this.device, this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true });
+    return new Batch(this.device, this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true, maxTokens: this.opts.maxPositions - 1 });
   }
 
   add(req: RowRequest): void {
@@ -139,7 +157,7 @@ export class Engine {
       },
     };
     this.applyCancellations(result);
-    if (!this.group) this.formGroup();
+    if (!this.group) await this.formGroup(result.stats.transfer);
     if (this.group) await this.prefillChunk(this.group, result);
     if (this.decoding.size) await this.decode(result);
     result.rows = this.rowIds();
@@ -175,7 +193,7 @@ export class Engine {
     this.cancelled.clear();
   }
 
-  private formGroup(): void {
+  private async formGroup(transfer: Transfer): Promise<void> {
     const room = this.opts.maxBatch - this.decoding.size;
     if (room <= 0 || !this.pending.length) return;
     // Rows of one group are left-padded to its longest prompt: a row joins only while
@@ -192,11 +210,53 @@ export class Engine {
       real += len;
       take++;
     }
+    // Before the rows leave `pending`: if this fails, the step's error handler still finds them there.
+    for (const r of this.pending.slice(0, take)) if (r.req.delta?.prefix) await this.computePrefix(r.req.delta.prefix, transfer);
     const rows = this.pending.splice(0, take);
     const batch = this.newBatch(rows.length);
     for (const r of rows) batch.add(r);
-    batch.reserve(longest);
-    this.group = { batch, pads: rows.map((r) => longest - r.req.promptIds.length), padded: longest, done: 0 };
+    const prefixSlots = Math.max(...rows.map(prefixTokens));
+    batch.reserve(prefixSlots + longest);
+    if (prefixSlots > 0) batch.placePrefixes(prefixSlots);
+    this.group = { batch, pads: rows.map((r) => longest - r.req.promptIds.length), padded: longest, prefixSlots, done: 0 };
+  }
+
+  /**
+   * Prompt tuning's prefix: the frozen backbone run once over the virtual
+   * tokens' embeddings (ids vocab_size.. read rows of `prompt_embeds`,
+   * positions 0.., no delta), as PEFT runs `cat(prompts, inputs_embeds)`:
+   * the virtual tokens come first, so their K/V are the same for every
+   * prompt. Written into the delta's shared buffers, so later requests that
+   * carry the same loaded delta find it ready.
+   */
+  private async computePrefix(prefix: DeltaPrefix, transfer: Transfer): Promise<void> {
+    if (Atomics.load(prefix.ready, 0) === 1 || !prefix.embeds) return;
+    if (!this.noPromptEmbeds) throw new Error('this backbone graph has no prompt_embeds input (no embedding Gather of input_ids was found), so prompt-tuned tasks cannot run on it');
+    const P = prefix.tokens;
+    const bare = new Batch<BatchRow>(this.device, this.io, this.sites, { maxRows: 1, zeroSize: this.opts.zeroSizeTensors ?? true });
+    bare.add({ req: { delta: null } });
+    // A device that takes no empty past feeds a masked-out slot.
+    const pastLen = bare.pastSlots(false);
+    const feeds: Record<string, ort.Tensor> = {
+      input_ids: i64(Array.from({ length: P }, (_, i) => this.io.vocabSize + i), [1, P]),
+      attention_mask: i64([...new Array<number>(pastLen).fill(0), ...new Array<number>(P).fill(1)], [1, pastLen + P]),
+      ...(await bare.feeds(false, transfer)),
+      [LOGPROBS_ON]: LOGPROBS_NO,
+      // slice(): onnxruntime-node refuses a tensor over shared memory.
+      [PROMPT_EMBEDS]: new ort.Tensor('float32', prefix.embeds.slice(), [P, prefix.embeds.length / P]),
+    };
+    if (this.io.hasPositionIds) feeds.position_ids = i64(Array.from({ length: P }, (_, i) => i), [1, P]);
+    try {
+      const out = await this.device.run(this.session, feeds, this.kvOutputs, transfer);
+      const n = this.io.kvHeads * P * this.io.headDim;
+      for (let l = 0; l < this.io.layers; l++) {
+        prefix.keys.set(await this.device.toHost(out[this.kvOutputs[2 * l]], transfer), l * n);
+        prefix.values.set(await this.device.toHost(out[this.kvOutputs[2 * l + 1]], transfer), l * n);
+      }
+    } finally {
+      bare.release();
+    }
+    Atomics.store(prefix.ready, 0, 1);
   }
 
   /**
@@ -208,6 +268,7 @@ export class Engine {
     const greedy = rows.every((r) => r.sampler.greedy);
     const logprobs = rows.some((r) => r.req.logprobs !== undefined);
     feeds[LOGPROBS_ON] = logprobs ? LOGPROBS_YES : LOGPROBS_NO;
+    if (this.noPromptEmbeds) feeds[PROMPT_EMBEDS] = this.noPromptEmbeds;
     const { layers, vocabSize } = this.io;
     const out = await this.device.run(this.session, feeds, this.fetches[greedy ? 'greedy' : 'logits'][logprobs ? 1 : 0], stats.transfer);
     const data = (name: string) => out[name].data as Float32Array;
@@ -219,7 +280,10 @@ export class Engine {
     const step = logprobs
       ? { top: data(TOP_LOGPROBS), ids: out[TOP_LOGPROB_IDS].data as BigInt64Array, logsumexp: data(LOGSUMEXP), k: out[TOP_LOGPROBS].dims[1] }
       : null;
+    const check = data(LOGITS_NONFINITE);
     return {
+      /** Whether row b's logits hold NaN or Inf: it has no meaningful next token. */
+      nonFinite: (b: number) => Number.isNaN(check[b]),
       /** Row b's next token: the graph's argmax, or sampled from row b's logits. */
       next: logits
         ? (b: number) => (this.device.logitsOnHost || !rows[b].sampler.greedy ? rows[b].sampler.sample(logits.data, logits.offset(b), vocabSize) : argmax(b))
@@ -242,26 +306,39 @@ export class Engine {
     const chunk = Math.min(g.padded - start, Math.max(1, Math.floor(this.opts.prefillChunkTokens / n)));
     const ids = new Array<number>(n * chunk);
     const pos = new Array<number>(n * chunk);
+    const slots = g.prefixSlots;
     for (let b = 0; b < n; b++) {
       const prompt = rows[b].req.promptIds;
+      // PEFT: a task's virtual tokens hold positions 0..P-1 and its real tokens follow from P
+      // (prefix tuning offsets position_ids by num_virtual_tokens; prompt tuning prepends the embeddings).
+      const first = prefixTokens(rows[b]);
       for (let i = 0; i < chunk; i++) {
         const j = start + i - g.pads[b];
         ids[b * chunk + i] = j >= 0 ? prompt[j] : 0;
-        pos[b * chunk + i] = Math.max(0, j);
+        pos[b * chunk + i] = first + Math.max(0, j);
       }
     }
-    // Past is the group's buffer (full capacity, masked) once a chunk has run.
-    const pastLen = g.batch.pastSlots(start > 0);
+    // Past is the group's buffer (full capacity, masked) once a chunk has run or prefixes are in place;
+    // packed to the filled slots where capacity + chunk would pass the model's context (GPT-2's causal bias),
+    // and for the first chunk after the prefixes (a copy of a few slots beats attending over the whole capacity).
+    const hasPast = start > 0 || slots > 0;
+    const pack = start === 0 || g.batch.kvCapacity + chunk > this.opts.maxPositions;
+    const packed = hasPast && pack ? slots + start : undefined;
+    const pastLen = g.batch.pastSlots(hasPast, packed);
     const mask = new Array<number>(n * (pastLen + chunk));
     for (let b = 0; b < n; b++) {
       const row = b * (pastLen + chunk);
-      for (let j = 0; j < pastLen; j++) mask[row + j] = j < start && j >= g.pads[b] ? 1 : 0;
+      const prefixFrom = slots - prefixTokens(rows[b]);
+      for (let j = 0; j < pastLen; j++) {
+        // PEFT prepends ones to the attention mask for the virtual tokens: every real token sees them all.
+        mask[row + j] = j < slots ? (j >= prefixFrom ? 1 : 0) : j - slots < start && j - slots >= g.pads[b] ? 1 : 0;
+      }
       for (let i = 0; i < chunk; i++) mask[row + pastLen + i] = start + i >= g.pads[b] ? 1 : 0;
     }
     const feeds: Record<string, ort.Tensor> = {
       input_ids: i64(ids, [n, chunk]),
       attention_mask: i64(mask, [n, pastLen + chunk]),
-      ...(await g.batch.feeds(start > 0, result.stats.transfer)),
+      ...(await g.batch.feeds(hasPast, result.stats.transfer, packed)),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(pos, [n, chunk]);
     const t0 = performance.now();
@@ -277,14 +354,22 @@ export class Engine {
     this.group = null;
     for (let b = 0; b < n; b++) {
       const row = rows[b];
+      if (out.nonFinite(b)) {
+        result.finished.push({ rowId: row.req.rowId, reason: 'non_finite', generated: row.generated });
+        continue;
+      }
       const token = this.emit(row, out, b, result);
       const promptLen = row.req.promptIds.length;
-      const reason = this.finishReason(row, token, promptLen + 1);
+      const virtual = prefixTokens(row);
+      const reason = this.finishReason(row, token, virtual + promptLen + 1);
       if (reason) {
         result.finished.push({ rowId: row.req.rowId, reason, generated: row.generated });
         continue;
       }
-      this.decoding.add(row, { batch: g.batch, index: b, start: g.pads[b], tokens: promptLen });
+      // In the decode batch the prefix and the prompt sit together from slot 0, so a row's
+      // next position is its slot count, as PEFT's cache_position counts the virtual tokens.
+      const segments = [{ start: g.prefixSlots - virtual, tokens: virtual }, { start: g.prefixSlots + g.pads[b], tokens: promptLen }];
+      this.decoding.add(row, { batch: g.batch, index: b, segments: segments.filter((s) => s.tokens > 0) });
     }
     // The rows' K/V are copied out (on a device, by queued runs): then the group's memory goes.
     await this.decoding.settle(result.stats.transfer);
@@ -328,6 +413,12 @@ export class Engine {
     const done: number[] = [];
     for (let b = 0; b < B; b++) {
       const row = batch.rows[b];
+      // Only this row ends: the others' logits are their own and were checked apart.
+      if (out.nonFinite(b)) {
+        result.finished.push({ rowId: row.req.rowId, reason: 'non_finite', generated: row.generated });
+        done.push(b);
+        continue;
+      }
       const token = this.emit(row, out, b, result);
       const reason = this.finishReason(row, token, len[b] + 1);
       if (reason) {

@@ -10,11 +10,16 @@
  * means copying the whole cache into a bigger buffer; done in one step that is
  * a pause of up to several steps' time, so the copy starts ahead of need and
  * is spread, a few layer-tensors a step, over GROWTH_STEPS steps.
+ *
+ * Capacity never passes `maxTokens` (the model's context less the one token a
+ * decode step adds): the graph sees a key length of capacity + new tokens, and
+ * models such as GPT-2 slice a fixed causal-bias buffer of exactly
+ * `n_positions` by it, so one slot more fails the step.
  */
-export function capacityBucket(tokens: number): number {
+export function capacityBucket(tokens: number, maxTokens = Infinity): number {
   let c = 64;
   while (c < tokens) c *= 2;
-  return c;
+  return Math.min(c, Math.max(maxTokens, 1));
 }
 
 /** Steps over which a capacity growth's copy is spread. */
@@ -28,6 +33,12 @@ interface Growth {
   rowsCap: number;
   buffers: (Float32Array | null)[];
   done: number;
+}
+
+/** `tokens` slots from slot `start`. */
+export interface KvSegment {
+  start: number;
+  tokens: number;
 }
 
 export interface KvShape {
@@ -44,8 +55,11 @@ export class KvPool {
   private rowsCap = 0;
   private growth: Growth | null = null;
 
-  /** `maxRows` caps the geometric growth of the row capacity (the engine's max batch). */
-  constructor(readonly shape: KvShape, private readonly maxRows = Infinity) {}
+  /**
+   * `maxRows` caps the geometric growth of the row capacity (the engine's max batch);
+   * `maxTokens` caps the capacity (slots per row).
+   */
+  constructor(readonly shape: KvShape, private readonly maxRows = Infinity, readonly maxTokens = Infinity) {}
 
   get rows(): number {
     return this.len.length;
@@ -94,8 +108,8 @@ export class KvPool {
     if (!this.rows) return;
     const total = 2 * this.shape.layers;
     if (!this.growth) {
-      if (this.capacity - Math.max(...this.len) > GROWTH_LEAD) return;
-      this.growth = { capacity: capacityBucket(this.capacity + 1), rowsCap: this.rowsCap, buffers: new Array(total).fill(null), done: 0 };
+      if (this.capacity >= this.maxTokens || this.capacity - Math.max(...this.len) > GROWTH_LEAD) return;
+      this.growth = { capacity: capacityBucket(this.capacity + 1, this.maxTokens), rowsCap: this.rowsCap, buffers: new Array(total).fill(null), done: 0 };
     }
     const g = this.growth;
     for (let n = Math.ceil(total / GROWTH_STEPS); n > 0 && g.done < total; n--, g.done++) {
@@ -110,7 +124,7 @@ export class KvPool {
 
   /** Makes room for `rows` rows of `tokens` slots each, keeping every row's data. */
   ensure(rows: number, tokens: number): void {
-    const capacity = Math.max(this.capacity, capacityBucket(tokens));
+    const capacity = Math.max(this.capacity, capacityBucket(tokens, this.maxTokens));
     // Rows join one at a time: grow geometrically, or filling a batch copies the cache O(rows²) times.
     const rowsCap = rows > this.rowsCap ? Math.max(rows, Math.min(this.maxRows, this.rowsCap * 2)) : this.rowsCap;
     if (capacity === this.capacity && rowsCap === this.rowsCap) return;
@@ -131,12 +145,14 @@ export class KvPool {
     this.rowsCap = rowsCap;
   }
 
-  /** Adds a row whose first `tokens` slots are copied from `src` (a [n, kvHeads, srcCap, D] block, row `srcRow`, slots from `srcStart`). */
-  addRow(
-    tokens: number,
-    src: { keys: Float32Array[]; values: Float32Array[]; capacity: number; row: number; start: number },
-  ): number {
+  /**
+   * Adds a row whose slots are copied from `src` (a [n, kvHeads, srcCap, D]
+   * block, row `srcRow`): each segment's `tokens` slots from its `start`, one
+   * after another (a KV prefix, then the prompt after the padding between them).
+   */
+  addRow(src: { keys: Float32Array[]; values: Float32Array[]; capacity: number; row: number; segments: readonly KvSegment[] }): number {
     const row = this.rows;
+    const tokens = src.segments.reduce((n, s) => n + s.tokens, 0);
     this.ensure(row + 1, tokens + 1);
     const { kvHeads, headDim, layers } = this.shape;
     const g = this.growth;
@@ -146,14 +162,36 @@ export class KvPool {
       if (g && t < g.done) targets.push([g.buffers[t]!, g.capacity]);
       for (const [to, capacity] of targets) {
         for (let h = 0; h < kvHeads; h++) {
-          const s = ((src.row * kvHeads + h) * src.capacity + src.start) * headDim;
-          const d = (row * kvHeads + h) * capacity * headDim;
-          to.set(from.subarray(s, s + tokens * headDim), d);
+          let d = (row * kvHeads + h) * capacity * headDim;
+          for (const seg of src.segments) {
+            const s = ((src.row * kvHeads + h) * src.capacity + seg.start) * headDim;
+            to.set(from.subarray(s, s + seg.tokens * headDim), d);
+            d += seg.tokens * headDim;
+          }
         }
       }
     }
     this.len.push(tokens);
     return row;
+  }
+
+  /** Writes a [layers, kvHeads, n, D] prefix's keys and values into row `row`'s slots from `at` (lengths unchanged). */
+  writePrefix(row: number, at: number, prefix: { tokens: number; keys: Float32Array; values: Float32Array }): void {
+    const { kvHeads, headDim, layers } = this.shape;
+    const n = prefix.tokens * headDim;
+    for (let l = 0; l < layers; l++) {
+      for (const [src, dst] of [[prefix.keys, this.keys[l]], [prefix.values, this.values[l]]]) {
+        for (let h = 0; h < kvHeads; h++) {
+          const s = (l * kvHeads + h) * n;
+          dst.set(src.subarray(s, s + n), ((row * kvHeads + h) * this.capacity + at) * headDim);
+        }
+      }
+    }
+  }
+
+  /** Counts `n` more slots as held by every row (slots written in place, as by writePrefix). */
+  advance(n: number): void {
+    for (let b = 0; b < this.rows; b++) this.len[b] += n;
   }
 
   removeRow(row: number): void {
@@ -187,7 +225,26 @@ export class KvPool {
     return buf.subarray(0, this.rows * this.rowFloats());
   }
 
-  /** Writes a step's new K/V ([rows, kvHeads, S, D] per layer) at each row's next S slots. */
+  /**
+   * The first `tokens` slots of every row, packed: [rows, kvHeads, tokens, D]. A copy, for a
+   * prefill chunk that would otherwise make capacity + chunk pass the model's context.
+   */
+  pastPacked(layer: number, kv: 'key' | 'value', tokens: number): Float32Array {
+    const { kvHeads, headDim } = this.shape;
+    const buf = kv === 'key' ? this.keys[layer] : this.values[layer];
+    const out = new Float32Array(this.rows * kvHeads * tokens * headDim);
+    for (let r = 0; r < this.rows * kvHeads; r++) {
+      const s = r * this.capacity * headDim;
+      out.set(buf.subarray(s, s + tokens * headDim), r * tokens * headDim);
+    }
+    return out;
+  }
+
+  /**
+   * Writes a step's new K/V ([rows, kvHeads, S, D] per layer) at each row's next S slots.
+   * A row already at the capped capacity is at the model's context: this step is its
+   * last (the engine finishes it by length), so its token has no slot and is not kept.
+   */
   append(newKeys: Float32Array[], newValues: Float32Array[], steps = 1): void {
     const { kvHeads, headDim, layers } = this.shape;
     const n = steps * headDim;
@@ -199,6 +256,7 @@ export class KvPool {
       if (g && t < g.done) targets.push([g.buffers[t]!, g.capacity]);
       for (const [dst, capacity] of targets) {
         for (let b = 0; b < this.rows; b++) {
+          if (this.len[b] + steps > capacity) continue;
           for (let h = 0; h < kvHeads; h++) {
             const s = (b * kvHeads + h) * n;
             const d = ((b * kvHeads + h) * capacity + this.len[b]) * headDim;
@@ -207,7 +265,7 @@ export class KvPool {
         }
       }
     }
-    for (let b = 0; b < this.rows; b++) this.len[b] += steps;
+    for (let b = 0; b < this.rows; b++) this.len[b] = Math.min(this.len[b] + steps, this.capacity);
   }
 
   /** Adds an empty row (a prefill group fills it chunk by chunk). */

@@ -16,7 +16,8 @@ export interface RowRequest {
   logprobs?: number;
 }
 
-export type EngineFinish = 'eos_token' | 'length' | 'cancelled';
+/** `non_finite`: the row's logits held NaN or Inf (its delta overflows), so it has no next token. */
+export type EngineFinish = 'eos_token' | 'length' | 'cancelled' | 'non_finite';
 
 export interface StepStats {
   /** Rows decoded this step. */

@@ -108,7 +108,25 @@ export class Scheduler implements Generator {
   }
 
   countTokens(text: string): number {
+    this.checkLength(text);
     return this.tokenizer.encode(text, { addSpecialTokens: true }).length;
+  }
+
+  /**
+   * Tokenizing runs on the main thread, in time that grows with the text: a
+   * 4 MB prompt would hold every other request (and /healthz) for seconds.
+   * No token covers more than maxTokenChars characters, so a text longer than
+   * maxPositions × maxTokenChars cannot fit the context whatever it says, and
+   * is refused without being tokenized. What is tokenized is therefore at most
+   * that long (gpt2: 1024 × 128 characters; the demo backbones: a few KB).
+   */
+  private checkLength(text: string): void {
+    const limit = this.opts.maxPositions * this.tokenizer.maxTokenChars;
+    if (text.length > limit) {
+      throw new ServeError(422, 'prompt_too_long',
+        `the prompt is ${text.length} characters: more than ${this.opts.maxPositions} tokens (the backbone's context) whatever it says, ` +
+        `since no token covers more than ${this.tokenizer.maxTokenChars} characters; shorten it to fewer than ${this.opts.maxPositions} tokens`);
+    }
   }
 
   get waiting(): number {
@@ -130,6 +148,7 @@ export class Scheduler implements Generator {
       throw new ServeError(404, 'task_not_found',
         `unknown task '${task}': register its delta with POST /v1/deltas, or list tasks with GET /v1/deltas`);
     }
+    this.checkLength(req.prompt);
     let promptIds = this.tokenizer.encode(req.prompt, { addSpecialTokens: true });
     if (promptIds.length === 0) {
       if (this.tokenizer.bosTokenId === null) throw new ServeError(400, 'bad_request', 'inputs is empty: give a prompt of at least one token');
@@ -211,6 +230,7 @@ export class Scheduler implements Generator {
         e.acquiring = false;
         if (e.settled) return lease.release();
         e.lease = lease;
+        this.countPrefix(e);
         this.pump();
       },
       (err) => {
@@ -221,6 +241,26 @@ export class Scheduler implements Generator {
         this.pump();
       },
     );
+  }
+
+  /**
+   * A prompt-learning task's virtual tokens hold KV slots and positions before
+   * the prompt: they count in the KV budget and the context, not in the
+   * prompt_tokens the user is told.
+   */
+  private countPrefix(e: Entry): void {
+    const virtual = e.lease?.delta.prefix?.tokens ?? 0;
+    if (!virtual) return;
+    const room = this.opts.maxPositions - virtual - e.promptIds.length;
+    if (room < 1) {
+      e.leaseError = new ServeError(422, 'prompt_too_long',
+        `the prompt is ${e.promptIds.length} tokens, task '${e.task}' puts ${virtual} virtual tokens before it, and the backbone's context is ${this.opts.maxPositions}: shorten the prompt to at most ${this.opts.maxPositions - virtual - 1} tokens`);
+      e.lease!.release();
+      e.lease = null;
+      return;
+    }
+    e.maxNewTokens = Math.min(e.maxNewTokens, room);
+    e.reserve = virtual + e.promptIds.length + e.maxNewTokens;
   }
 
   private admit(e: Entry): void {
@@ -255,7 +295,8 @@ export class Scheduler implements Generator {
         this.running.delete(rowId);
         this.reserved -= e.reserve;
         e.lease?.release();
-        if (!e.settled) this.settle(e, this.finishReason(e, reason));
+        if (reason === 'non_finite') this.fail(e, nonFinite(e), false);
+        else if (!e.settled) this.settle(e, this.finishReason(e, reason));
       }
     }
     this.metrics.observeBatch(r.stats.decodeRows + r.stats.prefillRows);
@@ -282,7 +323,7 @@ export class Scheduler implements Generator {
     return this.tokenizer.decode([id], { skipSpecial: false, cleanUpSpaces: false });
   }
 
-  private finishReason(e: Entry, reason: EngineFinish): FinishReason {
+  private finishReason(e: Entry, reason: Exclude<EngineFinish, 'non_finite'>): FinishReason {
     if (e.finishOverride) return e.finishOverride;
     return reason === 'cancelled' ? 'length' : reason;
   }
@@ -345,4 +386,14 @@ export class Scheduler implements Generator {
       new Set([...entries].map((e) => e.task).filter((t): t is string => t !== null));
     this.metrics.setLoraInfo(this.opts.maxLoras, tasks(this.running.values()), tasks(this.queue));
   }
+}
+
+/** The row's logits were not finite: its delta's weights overflow float32 in this backbone's forward pass. */
+function nonFinite(e: Entry): ServeError {
+  const at = `at generated token ${e.generated + 1}`;
+  return e.task === null
+    ? new ServeError(500, 'internal_error', `the backbone produced non-finite logits (NaN or Inf) ${at}; its weights or inputs overflow float32`)
+    : new ServeError(422, 'invalid_delta',
+      `the delta '${e.task}' produced non-finite logits (NaN or Inf) ${at}: its weights overflow float32 in this backbone's forward pass; ` +
+      'replace it (POST /v1/deltas?replace=true) with one whose weights are in a sane range');
 }

@@ -11,7 +11,10 @@ import { createHttpLogger, type Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { adminAuth, socketAddress, type RemoteAddress } from './auth.js';
 import type { ChatTemplate } from './chat-template.js';
+import { ServeError } from '../errors.js';
 import { errorHandler, notFoundHandler } from './errors.js';
+import { countGenerationResponses } from './generation.js';
+import { duplicateKey } from './json-keys.js';
 import type { Readiness } from './lifecycle.js';
 import { backboneRoutes } from './routes/backbone.js';
 import { consoleRoutes } from './routes/console.js';
@@ -22,6 +25,13 @@ import { metricsRoutes } from './routes/metrics.js';
 import { openaiRoutes } from './routes/openai.js';
 import { tgiRoutes } from './routes/tgi.js';
 
+/** JSON.parse keeps the last of two equal keys; a client that sent two meant something we cannot guess. */
+function refuseDuplicateKeys(_req: unknown, _res: unknown, buf: Buffer): void {
+  const key = duplicateKey(buf.toString('utf8'));
+  // body-parser keeps a thrown error's own status, so this reaches the client as this 400.
+  if (key !== null) throw new ServeError(400, 'bad_request', `"${key}" appears twice in one object of the request body; send each field once`);
+}
+
 /** At most this many files in one delta upload; real deltas have two or three. */
 const MAX_UPLOAD_FILES = 16;
 
@@ -30,7 +40,7 @@ export interface AppDeps {
   registry: DeltaRegistry;
   backbone: BackboneInfo;
   metrics: Metrics;
-  config: Pick<Config, 'adminToken' | 'importDir' | 'maxBodyBytes' | 'maxUploadBytes' | 'maxBatch' | 'maxQueue'>;
+  config: Pick<Config, 'adminToken' | 'importDir' | 'maxBodyBytes' | 'maxUploadBytes' | 'uploadTmpDir' | 'maxBatch' | 'maxQueue'>;
   readiness: Readiness;
   chatTemplate: ChatTemplate;
   logger: Logger;
@@ -44,7 +54,8 @@ export function createApp(deps: AppDeps): Express {
   app.disable('x-powered-by');
   app.set('etag', false);
   app.use(createHttpLogger(logger));
-  app.use(express.json({ limit: config.maxBodyBytes }));
+  app.use(countGenerationResponses(metrics));
+  app.use(express.json({ limit: config.maxBodyBytes, verify: refuseDuplicateKeys }));
 
   app.use(consoleRoutes());
   app.use(healthRoutes(readiness));
@@ -57,7 +68,7 @@ export function createApp(deps: AppDeps): Express {
     registry,
     backbone,
     importDir: config.importDir,
-    upload: { maxBytes: config.maxUploadBytes, maxFiles: MAX_UPLOAD_FILES },
+    upload: { maxBytes: config.maxUploadBytes, maxFiles: MAX_UPLOAD_FILES, tmpDir: config.uploadTmpDir },
     auth: adminAuth(config.adminToken, deps.remoteAddress ?? socketAddress),
   }));
 

@@ -27,27 +27,53 @@ export function fromZod(error: z.ZodError): ServeError {
 }
 
 interface HttpParserError {
-  type: string;
-  status?: number;
+  type?: string;
+  status: number;
   limit?: number;
+  /** The raw body, on a parse failure. */
+  body?: string;
+  /** zlib's code when a Content-Encoding did not decode (Z_DATA_ERROR …). */
+  code?: string;
+  message: string;
 }
 
-const isParserError = (err: unknown): err is HttpParserError =>
-  typeof err === 'object' && err !== null && typeof (err as { type?: unknown }).type === 'string' &&
-  typeof (err as { status?: unknown }).status === 'number';
+/** body-parser's and zlib's errors: a 4xx status, set because the client sent something unreadable. */
+const isClientBodyError = (err: unknown): err is HttpParserError =>
+  typeof err === 'object' && err !== null && typeof (err as { status?: unknown }).status === 'number' &&
+  (err as { status: number }).status >= 400 && (err as { status: number }).status < 500;
 
-/** Turns whatever was thrown into a ServeError; anything unexpected becomes a bare 500. */
-export function toServeError(err: unknown): ServeError {
+function jsonKind(body: string | undefined): string | null {
+  try {
+    const v: unknown = JSON.parse(body ?? '');
+    return v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v === 'string' ? 'a string' : typeof v === 'number' ? 'a number' : typeof v === 'boolean' ? 'a boolean' : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Turns whatever was thrown into a ServeError; anything unexpected becomes a bare 500.
+ * `encoding`: the request's Content-Encoding, to name it when the body did not decode.
+ */
+export function toServeError(err: unknown, encoding?: string): ServeError {
   if (err instanceof ServeError) return err;
   if (err instanceof z.ZodError) return fromZod(err);
-  if (isParserError(err)) {
+  if (isClientBodyError(err)) {
     if (err.type === 'entity.too.large') {
       return new ServeError(413, 'payload_too_large', `request body is larger than the limit of ${err.limit} bytes (DELTASERVE_MAX_BODY_BYTES)`);
     }
-    if (err.type === 'entity.parse.failed') return new ServeError(400, 'bad_request', 'request body is not valid JSON');
-    if (err.status !== undefined && err.status >= 400 && err.status < 500) {
-      return new ServeError(400, 'bad_request', `request body could not be read (${err.type})`);
+    if (err.type === 'entity.parse.failed') {
+      // Strict JSON parsing refuses valid JSON that is not an object or array; say which it was.
+      const kind = jsonKind(err.body);
+      return new ServeError(400, 'bad_request', kind ? `the request body must be a JSON object, got ${kind}` : 'request body is not valid JSON');
     }
+    if (err.code?.startsWith('Z_')) {
+      return new ServeError(400, 'bad_request',
+        `the body is not what its Content-Encoding: ${encoding ?? '?'} header says: it could not be decompressed (${err.message}); ` +
+        'send it uncompressed without that header, or compressed as declared');
+    }
+    if (err.type === 'encoding.unsupported') return new ServeError(415 as number, 'bad_request', err.message);
+    return new ServeError(400, 'bad_request', `request body could not be read (${err.type ?? err.message})`);
   }
   return new ServeError(500, 'internal_error', 'internal error; the server log has the details under this request id');
 }
@@ -87,7 +113,7 @@ export const notFoundHandler: RequestHandler = (req, _res, next) => {
 
 export function errorHandler(logger: Logger): ErrorRequestHandler {
   return (err, req, res, _next) => {
-    const e = toServeError(err);
+    const e = toServeError(err, req.headers['content-encoding']);
     if (e.status >= 500) (req.log ?? logger).error({ err }, 'request failed');
     if (res.headersSent) {
       // A stream already started: its route owns the framing, so just end it.

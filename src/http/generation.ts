@@ -115,6 +115,7 @@ export interface Run {
  * its batch row is freed; the rejection that follows is the caller's to drop.
  */
 export async function runGeneration(deps: GenerationDeps, res: Response, run: Run): Promise<GenerationResult> {
+  res.locals[OBSERVED] = true;
   const abort = new AbortController();
   const onClose = () => {
     if (!res.writableFinished) abort.abort();
@@ -140,6 +141,27 @@ export async function runGeneration(deps: GenerationDeps, res: Response, run: Ru
   } finally {
     res.off('close', onClose);
   }
+}
+
+/** Set on a response whose request runGeneration counts (with its task). */
+const OBSERVED = 'deltaserveRequestObserved';
+const GENERATION_ROUTES = new Set(['/v1/generate', '/v1/completions', '/v1/chat/completions', '/generate', '/generate_stream', '/']);
+
+/**
+ * Every answer of a generation route is in deltaserve_request_duration_seconds:
+ * those refused before a generation starts (400, 413, 401, 429, 503 …) are
+ * counted here, under task "other", when the response closes.
+ */
+export function countGenerationResponses(metrics: Metrics): RequestHandler {
+  return (req, res, next) => {
+    if (req.method === 'POST' && GENERATION_ROUTES.has(req.path)) {
+      const start = performance.now();
+      res.on('close', () => {
+        if (!res.locals[OBSERVED]) metrics.observeRequest(OTHER_TASK_LABEL, res.statusCode, (performance.now() - start) / 1000);
+      });
+    }
+    next();
+  };
 }
 
 function record(metrics: Metrics, task: string | null, status: number, start: number, firstToken: number | null, result: GenerationResult | null) {

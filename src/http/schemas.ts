@@ -90,7 +90,10 @@ const openaiCommon = {
 
 export const completionBody = z.object({
   ...openaiCommon,
-  prompt: z.union([z.string(), z.array(z.string()).length(1, 'deltaserve takes one prompt per request')]),
+  prompt: z.union([z.string(), z.array(z.string())], { error: 'expected a string or a list of one string' })
+    .refine((p) => typeof p === 'string' || p.length === 1, {
+      error: (issue) => `deltaserve takes one prompt per request: send a string or a list of one string (this list has ${(issue.input as string[]).length})`,
+    }),
   max_tokens: maxTokens.nullish(),
   /** The sampled token's logprob and this many alternatives per token (OpenAI's legacy completions: 0–5). */
   logprobs: topN.nullish(),
@@ -116,6 +119,10 @@ export const chatBody = z.object({
   logprobs: z.boolean().nullish(),
   top_logprobs: topN.nullish(),
   tools: z.array(z.unknown()).nullish(),
+  // "none" and "auto" ask for nothing deltaserve does not do; a forced tool call cannot be honoured.
+  tool_choice: z.unknown().refine((c) => c == null || c === 'none' || c === 'auto', {
+    error: (issue) => `${JSON.stringify(issue.input)} asks for a tool call, but deltaserve does not call tools; leave tool_choice out or send "none"`,
+  }).optional(),
   response_format: z.object({ type: z.string() }).nullish(),
 });
 export type ChatBody = z.infer<typeof chatBody>;
@@ -137,11 +144,27 @@ export const replaceQuery = z.object({
   replace: z.enum(['true', 'false', '1', '0'], { message: 'expected true or false' }).optional(),
 });
 
+// --- PATCH /v1/deltas/{id} and the listings' pages (added 2026-12) ----------
+
+export const patchDeltaBody = z.object({ pinned: z.boolean({ message: 'expected "pinned": true or false' }) });
+
+export const MAX_PAGE = 1000;
+
+/** OpenAI's list paging: `limit` items with ids after `after`; the answer says `has_more`. */
+const wholeFrom1 = `expected a whole number from 1 to ${MAX_PAGE}`;
+export const pageQuery = z.object({
+  limit: z.coerce.number({ message: wholeFrom1 }).int(wholeFrom1).min(1, wholeFrom1)
+    .max(MAX_PAGE, `at most ${MAX_PAGE} per page; follow has_more with after=<last_id> for the rest`)
+    .optional(),
+  after: taskId.optional(),
+});
+
 /** Validates a parsed JSON body; a missing body means the client did not send JSON at all. */
 export function parseBody<S extends z.ZodType>(schema: S, body: unknown): z.infer<S> {
   if (body === undefined) {
     throw new ServeError(400, 'bad_request', 'expected a JSON body with "Content-Type: application/json"');
   }
+  if (Array.isArray(body)) throw new ServeError(400, 'bad_request', 'the request body must be a JSON object, got an array');
   const parsed = schema.safeParse(body);
   if (!parsed.success) throw fromZod(parsed.error);
   return parsed.data;

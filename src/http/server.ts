@@ -33,7 +33,7 @@ export interface RunningServer {
 
 export async function serve(
   app: Express,
-  config: Pick<Config, 'host' | 'port' | 'drainSeconds'>,
+  config: Pick<Config, 'host' | 'port' | 'drainSeconds'> & Partial<Pick<Config, 'requestTimeoutSeconds'>>,
   opts: ServeOptions,
 ): Promise<RunningServer> {
   const { logger } = opts;
@@ -41,7 +41,11 @@ export async function serve(
   let active = 0;
   let draining = false;
   let wake: (() => void) | null = null;
-  const server = createServer((req, res) => {
+  // Slow-loris: a connection that dribbles its headers or body is closed once the request timeout passes.
+  // The timeout covers receiving the request only (Node clears it when the request is complete), so a
+  // long stream is not cut; connections are checked every second so the limit holds to about a second.
+  const requestTimeout = (config.requestTimeoutSeconds ?? 300) * 1000;
+  const server = createServer({ requestTimeout, headersTimeout: Math.min(requestTimeout, 60_000), connectionsCheckingInterval: 1000 }, (req, res) => {
     active++;
     // Keep-alive clients should reconnect (elsewhere) rather than reuse a socket that is going away.
     if (draining) res.setHeader('Connection', 'close');
@@ -51,8 +55,6 @@ export async function serve(
     });
     app(req, res);
   });
-  // Generation can wait in a queue for long; Node's 5-minute request timeout would cut streams.
-  server.requestTimeout = 0;
 
   server.listen(config.port, config.host);
   await once(server, 'listening');

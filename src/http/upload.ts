@@ -1,24 +1,43 @@
 /**
- * multipart/form-data delta uploads, streamed to a private temporary folder.
- * Each file part keeps its own filename (whatever its field is called), since
- * the delta formats are recognised by file names; names that could escape the
- * folder are refused, not rewritten, so a client learns its upload was wrong.
+ * multipart/form-data delta uploads, streamed to a private temporary folder
+ * with the size limit enforced while the bytes arrive (nothing is held in
+ * memory). Each file part keeps its own filename (whatever its field is
+ * called), since the delta formats are recognised by file names; names that
+ * could escape the folder are refused, not rewritten, so a client learns its
+ * upload was wrong.
+ *
+ * The temporary folder goes on every exit path: registered, refused, or the
+ * client gone mid-upload (every file stream is destroyed, so nothing waits on
+ * bytes that will never come). A process killed mid-upload cannot clean up, so
+ * its folders carry its pid and the next start sweeps them (sweepUploadTemps).
  */
 import { createWriteStream } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Transform } from 'node:stream';
+import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { Request } from 'express';
 import busboy from 'busboy';
 import type { DeltaFile } from '../deltas/types.js';
 import { ServeError } from '../errors.js';
+import { ownerTag, sweepLeftBehind } from '../temp-owner.js';
+
+const PREFIX = 'deltaserve-upload-';
+/** Upload folders of another host (a shared temp folder) or an older naming are swept only once this old. */
+const STALE_MS = 60 * 60_000;
 
 export interface UploadLimits {
   /** All files together. */
   maxBytes: number;
   maxFiles: number;
+  /** Where each upload's temporary folder is made; default the OS's temp folder. */
+  tmpDir?: string | null;
+}
+
+/** Removes upload folders left by processes that died mid-upload; run at startup. */
+export function sweepUploadTemps(tmpDir: string | null = null): Promise<number> {
+  return sweepLeftBehind(tmpDir ?? tmpdir(), PREFIX, STALE_MS);
 }
 
 export interface Upload {
@@ -48,7 +67,9 @@ export async function receiveUpload(req: Request, limits: UploadLimits): Promise
     req.resume();
     throw tooLarge(limits.maxBytes);
   }
-  const dir = await mkdtemp(join(tmpdir(), 'deltaserve-upload-'));
+  const parent = limits.tmpDir ?? tmpdir();
+  await mkdir(parent, { recursive: true });
+  const dir = await mkdtemp(join(parent, `${PREFIX}${ownerTag()}`));
   const cleanup = () => rm(dir, { recursive: true, force: true });
   try {
     const { fields, files } = await parse(req, dir, limits);
@@ -64,6 +85,7 @@ function parse(req: Request, dir: string, limits: UploadLimits): Promise<Omit<Up
     const fields: Record<string, string> = {};
     const files: DeltaFile[] = [];
     const writes: Promise<void>[] = [];
+    const streams: Readable[] = [];
     let total = 0;
     let failed: ServeError | null = null;
 
@@ -81,11 +103,13 @@ function parse(req: Request, dir: string, limits: UploadLimits): Promise<Omit<Up
     }
 
     // The first problem wins; the rest of the body is read and dropped so the client sees the answer, not a reset.
+    // Open file streams are destroyed: with busboy unpiped they would never end, and their writes never settle.
     const fail = (e: ServeError) => {
       if (failed) return;
       failed = e;
       req.unpipe(bb);
       req.resume();
+      for (const s of streams) s.destroy(e);
       Promise.allSettled(writes).then(() => reject(e));
     };
 
@@ -99,6 +123,7 @@ function parse(req: Request, dir: string, limits: UploadLimits): Promise<Omit<Up
       }
       const path = join(dir, name);
       files.push({ name, path });
+      streams.push(stream);
       const meter = new Transform({
         transform(chunk: Buffer, _enc, done) {
           total += chunk.length;
@@ -117,6 +142,7 @@ function parse(req: Request, dir: string, limits: UploadLimits): Promise<Omit<Up
 
     bb.on('field', (name, value, info) => {
       if (info.valueTruncated) fail(new ServeError(400, 'bad_request', `form field "${name}" is too long`));
+      else if (Object.hasOwn(fields, name)) fail(new ServeError(400, 'bad_request', `form field "${name}" appears twice; send it once`));
       else fields[name] = value;
     });
     bb.on('filesLimit', () => fail(new ServeError(413, 'payload_too_large', `an upload holds at most ${limits.maxFiles} files`)));
@@ -127,7 +153,10 @@ function parse(req: Request, dir: string, limits: UploadLimits): Promise<Omit<Up
         if (!failed) resolve({ fields, files });
       });
     });
-    req.on('aborted', () => fail(new ServeError(400, 'bad_request', 'the client aborted the upload')));
+    // 'close' before the body was complete: the client is gone (a reset, a timeout, a crash).
+    req.on('close', () => {
+      if (!req.complete) fail(new ServeError(400, 'bad_request', 'the client aborted the upload'));
+    });
     req.pipe(bb);
   });
 }

@@ -4,14 +4,17 @@
  * processes, and the in-process Engine as the reference for outputs. Nothing
  * here is a fake.
  */
+import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { Express } from 'express';
+import request from 'supertest';
 import type { Backbone } from '../../src/backbone/backbone.js';
 import { buildEngineGraph } from '../../src/backbone/rewrite/index.js';
 import { planSites } from '../../src/deltas/kinds/index.js';
@@ -316,4 +319,20 @@ export async function pollUntil(url: string, done: (status: number) => boolean, 
     if (Date.now() > until) throw new Error(`timed out polling ${url}; statuses seen: ${seen.join(',')}`);
     await new Promise((r) => setTimeout(r, 10));
   }
+}
+
+/** The token ids one greedy streamed /v1/generate returns (eos, when generated, is the last). */
+export async function streamedIds(app: Express, task: string | null, text: string, maxNewTokens: number): Promise<number[]> {
+  const res = await request(app).post('/v1/generate')
+    .send({ task, inputs: text, parameters: { max_new_tokens: maxNewTokens }, stream: true })
+    .buffer(true).parse((r, cb) => { let s = ''; r.on('data', (c: Buffer) => (s += c)); r.on('end', () => cb(null, s)); });
+  assert.equal(res.status, 200, String(res.body));
+  return sseData(res.body as string).map((d) => JSON.parse(d)).filter((e) => e.token).map((e) => e.token.id as number);
+}
+
+/** Registers the delta in `dir` (every file in it, as a multipart upload) under `id`. */
+export async function uploadFolder(app: Express, id: string, dir: string): Promise<request.Response> {
+  let req = request(app).post('/v1/deltas').field('id', id);
+  for (const name of await readdir(dir)) req = req.attach('files', await readFile(join(dir, name)), name);
+  return req;
 }

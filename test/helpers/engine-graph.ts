@@ -22,6 +22,7 @@ import { planSites } from '../../src/deltas/kinds/index.js';
 import { Registry } from '../../src/deltas/registry.js';
 import type { LoadedDelta } from '../../src/deltas/types.js';
 import { LOGPROBS_ON } from '../../src/backbone/rewrite/logprobs.js';
+import { noPromptEmbeds, PROMPT_EMBEDS } from '../../src/backbone/rewrite/prompt-embeds.js';
 import { DeltaBanks } from '../../src/engine/banks.js';
 import { writeDelta } from './deltas.js';
 import { deltaFiles, encodeTensors, referenceHooks, type TaskSpec } from './kind-cases.js';
@@ -105,9 +106,10 @@ function baseFeeds(step: Step): Record<string, ort.Tensor> {
   const P = step.past.len;
   const mask = step.mask ?? step.ids.map(() => Array(P + S).fill(1));
   const pos = step.pos ?? step.ids.map(() => Array.from({ length: S }, (_, i) => P + i));
-  // The engine graph's logprobs switch, off (the original graph ignores the extra feed).
+  // The engine graph's logprobs switch, off, and no virtual tokens (the original graph ignores the extra feeds).
   const f: Record<string, ort.Tensor> = {
     input_ids: i64(step.ids), attention_mask: i64(mask), position_ids: i64(pos), [LOGPROBS_ON]: new ort.Tensor('bool', [false], []),
+    [PROMPT_EMBEDS]: noPromptEmbeds(),
   };
   const { heads, dim } = step.past;
   step.past.layers.forEach((l, i) => {

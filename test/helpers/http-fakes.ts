@@ -9,7 +9,7 @@
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import type { BackboneInfo } from '../../src/backbone/types.js';
-import type { DeltaFile, DeltaRecord, DeltaRegistry } from '../../src/deltas/types.js';
+import type { DeltaFile, DeltaPage, DeltaRecord, DeltaRegistry } from '../../src/deltas/types.js';
 import type { GenerateRequest, GenerationResult, Generator, TokenEvent } from '../../src/engine/types.js';
 import { ServeError } from '../../src/errors.js';
 
@@ -58,6 +58,7 @@ export class MemoryRegistry implements DeltaRegistry {
       sha256: hash.digest('hex'),
       createdAt: new Date().toISOString(),
       sites: [{ module: 'model.layers.0.self_attn.q_proj', kind: 'lora', site: 'lora', shapes: [[16, 8], [8, 16]] }],
+      pinned: false,
     };
     this.records.set(id, record);
     this.received.set(id, stored);
@@ -66,6 +67,23 @@ export class MemoryRegistry implements DeltaRegistry {
 
   async list(): Promise<DeltaRecord[]> {
     return [...this.records.values()];
+  }
+
+  async page(opts: { limit: number; after?: string }): Promise<DeltaPage> {
+    const all = [...this.records.values()].sort((a, b) => (a.id < b.id ? -1 : 1)).filter((r) => opts.after === undefined || r.id > opts.after);
+    return { records: all.slice(0, opts.limit), hasMore: all.length > opts.limit };
+  }
+
+  count(): number {
+    return this.records.size;
+  }
+
+  async setPinned(id: string, pinned: boolean): Promise<DeltaRecord> {
+    const r = this.records.get(id);
+    if (!r) throw new ServeError(404, 'delta_not_found', `no delta "${id}"`);
+    const updated = { ...r, pinned };
+    this.records.set(id, updated);
+    return updated;
   }
 
   async get(id: string): Promise<DeltaRecord | null> {

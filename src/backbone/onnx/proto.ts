@@ -5,6 +5,7 @@
 import { closeSync, fstatSync, openSync, readFileSync, readSync } from 'node:fs';
 import { isAbsolute, join, relative, resolve } from 'node:path';
 import onnxProto from 'onnx-proto';
+import { halfBytesToFloats, halfToFloat } from './half-float.js';
 
 export const onnx = onnxProto.onnx;
 export type ModelProto = onnxProto.onnx.ModelProto;
@@ -87,7 +88,13 @@ export function floatData(t: TensorProto, baseDir = '.'): Float32Array {
     }
     return Float32Array.from(t.floatData ?? []);
   }
-  throw new Error(`tensor ${t.name} has data type ${t.dataType}; expected float32`);
+  if (t.dataType === DataType.FLOAT16) {
+    // A float16 export's values: raw bytes, or int32Data holding one half per entry.
+    const raw = isExternal(t) ? tensorBytes(t, baseDir) : t.rawData;
+    if (raw && raw.length) return halfBytesToFloats(raw);
+    return Float32Array.from(t.int32Data ?? [], halfToFloat);
+  }
+  throw new Error(`tensor ${t.name} has data type ${t.dataType}; expected float32 or float16`);
 }
 
 export function floatTensor(name: string, data: Float32Array, dims: number[]): TensorProto {

@@ -91,7 +91,12 @@ export function sliceDims(spec: BankSpec, features: SiteFeatures, rank: number):
 export const isRanked = (spec: BankSpec, features: SiteFeatures) => spec.dims(features).includes('rank');
 export const gateInput = (site: string) => `delta.${site}.on`;
 
-export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: ReadonlyMap<string, readonly GraphSite[]>): SiteLayout[] {
+/**
+ * `float16`: the graph computes in float16. Banks stay float32 (the engine builds every bank as a
+ * Float32Array, and a delta's small products keep their precision): x and y are cast to float32
+ * around the sites and the result back to float16.
+ */
+export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: ReadonlyMap<string, readonly GraphSite[]>, float16 = false): SiteLayout[] {
   const layouts: SiteLayout[] = [];
   const shapes = new Map<number, string>();
   // [batch, -1, features]: GPT-2's Gemm sees [batch*seq, features]; per-row banks need the rows back.
@@ -132,13 +137,18 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Rea
     const scope = `/deltaserve/${m}`;
 
     g.scope(scope, () => {
+      const toFloat = (t: string) => (float16 ? g.op('Cast', [t], { to: DataType.FLOAT }) : t);
+      const toGraph = (t: string) => (float16 ? g.op('Cast', [t], { to: DataType.FLOAT16 }) : t);
       const input = node.input![0];
-      const x = site.twoD ? g.op('Reshape', [input, shape3d(inF)]) : input;
+      // A 2-D view gets its rows back; an op that takes either rank (twoD null) is reshaped the same way,
+      // a no-op on a 3-D input, and everything goes back to the tensor's own shape at the end.
+      const flat = site.twoD !== false;
+      const x = toFloat(flat ? g.op('Reshape', [input, shape3d(inF)]) : input);
       let xIn = x;
       for (const s of sites) if (s.input) xIn = s.input({ g, x: xIn, bank });
-      if (xIn !== x) node.input![0] = site.twoD ? g.op('Reshape', [xIn, g.ints([-1, inF])]) : xIn;
+      if (xIn !== x) node.input![0] = toGraph(flat ? g.op('Reshape', [xIn, site.twoD ? g.ints([-1, inF]) : g.op('Shape', [input])]) : xIn);
 
-      let y = site.twoD ? g.op('Reshape', [base, shape3d(outF)]) : base;
+      let y = toFloat(flat ? g.op('Reshape', [base, shape3d(outF)]) : base);
       for (const s of sites) {
         if (!s.output) continue;
         const h = y;
@@ -153,7 +163,9 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Rea
         const branch = (name: string, graph: typeof thenBranch) => ({ name, type: GRAPH_ATTR, g: graph });
         y = g.op('If', [gateInput(s.name)], { then_branch: branch('then_branch', thenBranch), else_branch: branch('else_branch', elseBranch) });
       }
-      g.opNamed(site.twoD ? 'Reshape' : 'Identity', site.twoD ? [y, g.ints([-1, outF])] : [y], out);
+      y = toGraph(y);
+      if (!flat) g.opNamed('Identity', [y], out);
+      else g.opNamed('Reshape', [y, site.twoD ? g.ints([-1, outF]) : g.op('Shape', [base])], out);
     });
   }
   return layouts;

@@ -8,23 +8,36 @@
 import type { Backbone } from '../backbone.js';
 import { GraphEditor } from './editor.js';
 import { insertDeltaSites, type GraphSite, type SiteLayout } from './delta-sites.js';
-import { rewriteKvCache } from './kv-cache.js';
+import { rewriteKvCache, type LayerKvPath } from './kv-cache.js';
 import { rewriteLastLogits } from './last-logits.js';
 import { addLogprobs } from './logprobs.js';
+import { addFiniteCheck } from './finite-check.js';
+import { addPromptEmbeds } from './prompt-embeds.js';
 
 export interface EngineGraph {
   bytes: Uint8Array;
   sites: SiteLayout[];
   /** Layers whose attention reads past and new K/V without a Concat. */
   splitLayers: number;
+  /** Whether the graph takes `prompt_embeds` (prompt tuning's virtual tokens; see prompt-embeds.ts). */
+  promptEmbeds: boolean;
+  /** Per layer: which KV path applies and why (`inspect` prints it, the server logs the fallbacks). */
+  kvPaths: LayerKvPath[];
 }
 
-/** `plan`: the sites on each linear module, in chain order (`planSites`; an empty map builds a graph without sites). */
-export function buildEngineGraph(backbone: Backbone, plan: ReadonlyMap<string, readonly GraphSite[]>): EngineGraph {
+/**
+ * `plan`: the sites on each linear module, in chain order (`planSites`; an empty map builds a graph without sites).
+ * `splitAttention: false` keeps the Concat fallback on every layer (the benchmark's comparison).
+ */
+export function buildEngineGraph(
+  backbone: Backbone, plan: ReadonlyMap<string, readonly GraphSite[]>, opts: { splitAttention?: boolean } = {},
+): EngineGraph {
   const g = new GraphEditor(backbone.source.model);
-  const { splitLayers } = rewriteKvCache(g, backbone.io);
+  const { splitLayers, layers: kvPaths } = rewriteKvCache(g, backbone.io, { split: opts.splitAttention ?? true });
   rewriteLastLogits(g, backbone.io.vocabSize);
   addLogprobs(g, backbone.io.vocabSize);
-  const sites = insertDeltaSites(g, backbone.linear, plan);
-  return { bytes: g.encodeModel(), sites, splitLayers };
+  addFiniteCheck(g, backbone.io.vocabSize);
+  const sites = insertDeltaSites(g, backbone.linear, plan, backbone.io.float16);
+  const promptEmbeds = addPromptEmbeds(g, backbone.io.vocabSize);
+  return { bytes: g.encodeModel(), sites, splitLayers, kvPaths, promptEmbeds };
 }

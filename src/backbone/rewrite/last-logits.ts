@@ -16,6 +16,9 @@ const VALUE_PRESERVING = new Set(['Reshape', 'Flatten', 'Squeeze', 'Unsqueeze', 
 
 export const GREEDY_TOKEN = 'greedy_token';
 
+/** The vocabulary projections the rewrite knows: float, or quantized by `deltaserve quantize`. */
+const LM_HEAD_OPS = ['MatMul', 'Gemm', 'MatMulNBits'];
+
 export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
   const idx = g.index();
   // Walk back from `logits` through views to the vocabulary projection.
@@ -25,18 +28,19 @@ export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
     walked.push(`${node.opType} ${node.name}`);
     node = idx.producer.get(node.input![0]);
   }
-  if (!node || (node.opType !== 'MatMul' && node.opType !== 'Gemm')) {
+  if (!node || !LM_HEAD_OPS.includes(node.opType!)) {
     const at = node ? `${node.opType} node ${node.name}` : 'a graph input or initializer';
     throw new Error(
-      `cannot find the lm_head MatMul/Gemm that produces logits: walking back from logits` +
-      `${walked.length ? ` through ${walked.join(' ← ')}` : ''} reached ${at}; expected a MatMul or Gemm ` +
+      `cannot find the lm_head ${LM_HEAD_OPS.join('/')} that produces logits: walking back from logits` +
+      `${walked.length ? ` through ${walked.join(' ← ')}` : ''} reached ${at}; expected a ${LM_HEAD_OPS.join(', ')} ` +
       `with a weight initializer, reached only through ${[...VALUE_PRESERVING].join('/')}`,
     );
   }
   const weight = idx.initializers.get(node.input![1]);
   if (!weight) throw new Error(`lm_head ${node.name} has no weight initializer`);
   const transB = node.opType === 'Gemm' && attrInt(node, 'transB') === 1;
-  const hidden = transB ? dimsOf(weight)[1] : dimsOf(weight)[0];
+  // A quantized lm_head (MatMulNBits) says its input width in K.
+  const hidden = node.opType === 'MatMulNBits' ? attrInt(node, 'K')! : transB ? dimsOf(weight)[1] : dimsOf(weight)[0];
   // The 3-D hidden state [batch, seq, hidden], before any 2-D view for a Gemm.
   let h = node.input![0];
   const viewNode = idx.producer.get(h);
@@ -46,12 +50,18 @@ export function rewriteLastLogits(g: GraphEditor, vocabSize: number): void {
   g.scope('/deltaserve/lm_head', () => {
     const last = g.op('Slice', [h, g.ints([-1]), g.ints([Number.MAX_SAFE_INTEGER]), g.ints([1])]);
     const x2 = g.op('Reshape', [last, g.ints([-1, hidden])]);
-    const extra = node.opType === 'Gemm' ? (node.input!.slice(2)) : [];
+    // Gemm's bias and MatMulNBits' scales and zero points come along, with the op's attributes and domain.
+    const extra = node.opType === 'MatMul' ? [] : node.input!.slice(2);
     const attrs = Object.fromEntries((node.attribute ?? []).map((a) => [a.name!, a]));
-    const gemmAttrs = node.opType === 'Gemm' ? attrs : {};
+    const opAttrs = node.opType === 'MatMul' ? {} : attrs;
+    // MatMulNBits computes in its scales' type; the others in their weight's.
+    const computes = node.opType === 'MatMulNBits' ? idx.initializers.get(node.input![2])?.dataType : weight.dataType;
+    const inputs = [x2, node.input![1], ...extra];
     // A float16 lm_head's logits are upcast here, whether or not the export had its own Cast.
-    if (weight.dataType === DataType.FLOAT) g.opNamed(node.opType!, [x2, node.input![1], ...extra], 'logits', gemmAttrs);
-    else g.opNamed('Cast', [g.op(node.opType!, [x2, node.input![1], ...extra], gemmAttrs)], 'logits', { to: DataType.FLOAT });
+    if (computes === DataType.FLOAT) g.opNamed(node.opType!, inputs, 'logits', opAttrs);
+    else g.opNamed('Cast', [g.op(node.opType!, inputs, opAttrs)], 'logits', { to: DataType.FLOAT });
+    // A contrib op (MatMulNBits) keeps its domain.
+    if (node.domain) for (const n of g.nodes) if (n.opType === node.opType && n.name?.startsWith('/deltaserve/lm_head')) n.domain = node.domain;
   });
   g.outputs.push(valueInfo('logits', DataType.FLOAT, ['batch_size', vocabSize]));
   // A step whose rows are all greedy fetches only this: [batch] ids instead of [batch, vocab] floats.

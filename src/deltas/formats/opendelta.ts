@@ -7,7 +7,8 @@
  */
 import { z } from 'zod';
 import type { CandidateDelta, TargetEntry, Targets } from '../candidate.js';
-import { DELTA_KINDS } from '../kinds/index.js';
+import { ALL_KINDS } from '../kinds/index.js';
+import { isPrefixKind } from '../kinds/kind.js';
 import { compileRegex, endsWithSegments, segmentPrefixes } from '../names.js';
 import { readSchema, type Problems } from '../problems.js';
 import { OPENDELTA_CONFIG } from './files.js';
@@ -61,7 +62,7 @@ function buildTargets(cfg: OpenDeltaConfig, broadcastTargets: boolean, problems:
   };
 }
 
-const SERVED = DELTA_KINDS.flatMap((k) => (k.opendelta ? [k.opendelta.name] : []));
+const SERVED = ALL_KINDS.flatMap((k) => (k.opendelta ? [k.opendelta.name] : []));
 
 export function parseOpenDelta(
   files: Map<string, Uint8Array>,
@@ -73,14 +74,18 @@ export function parseOpenDelta(
   const parsed = readSchema(ConfigSchema, raw, OPENDELTA_CONFIG, problems);
   if (!parsed) problems.throwIfAny(subject);
   const cfg = parsed!;
-  const kind = DELTA_KINDS.find((k) => k.opendelta?.name === cfg.delta_type);
+  const kind = ALL_KINDS.find((k) => k.opendelta?.name === cfg.delta_type);
   if (!kind) {
     return problems.fail(subject, `OpenDelta delta_type '${cfg.delta_type}' is not supported; deltaserve serves ${SERVED.join(', ')}`, true);
   }
   const binding = kind.opendelta!;
   const settings = binding.settings(raw, problems);
   if (settings === null) problems.throwIfAny(subject);
-  const targets = buildTargets(cfg, !!binding.broadcastTargets, problems);
+  // A prefix's modified_modules name attention blocks, a soft prompt's the root: not linear modules, which
+  // is what targets select; the prefix kind checks its tensors' modules itself.
+  const targets = isPrefixKind(kind)
+    ? { field: 'modified_modules', entries: [], covers: () => false }
+    : buildTargets(cfg, !!binding.broadcastTargets, problems);
   const modules = groupTensors(files.get(weightsFile)!, weightsFile, binding, problems, subject, {
     what: `an OpenDelta ${cfg.delta_type} delta`,
     advice: 'deltaserve serves the delta\'s own parameters only, so save without unfrozen backbone modules',

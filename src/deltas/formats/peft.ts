@@ -7,7 +7,8 @@
  */
 import { z } from 'zod';
 import type { CandidateDelta, TargetEntry, Targets } from '../candidate.js';
-import { DELTA_KINDS } from '../kinds/index.js';
+import { ALL_KINDS } from '../kinds/index.js';
+import { isPrefixKind } from '../kinds/kind.js';
 import { compileRegex, endsWithSegments } from '../names.js';
 import { readSchema, type Problems } from '../problems.js';
 import { PEFT_CONFIG, PEFT_WEIGHTS } from './files.js';
@@ -90,7 +91,9 @@ function buildTargets(cfg: PeftConfig, problems: Problems): Targets {
   };
 }
 
-const SERVED = DELTA_KINDS.flatMap((k) => (k.peft ? [k.peft.name] : []));
+const NO_TARGETS: Targets = { field: 'target_modules', entries: [], covers: () => false };
+
+const SERVED = ALL_KINDS.flatMap((k) => (k.peft ? [k.peft.name] : []));
 
 export function parsePeft(files: Map<string, Uint8Array>, problems: Problems, subject: string): CandidateDelta {
   const raw = readConfig(files.get(PEFT_CONFIG)!, PEFT_CONFIG, problems, subject);
@@ -100,12 +103,13 @@ export function parsePeft(files: Map<string, Uint8Array>, problems: Problems, su
   // PEFT's own default peft_type is LORA.
   const peftType = common.peft_type ?? 'LORA';
   refuseUnsupported(common, problems);
-  const kind = DELTA_KINDS.find((k) => k.peft?.name === peftType);
+  const kind = ALL_KINDS.find((k) => k.peft?.name === peftType);
   if (!kind) return problems.fail(subject, `peft_type is ${peftType}; deltaserve serves PEFT adapters of peft_type ${SERVED.join(', ')}`, true);
   const binding = kind.peft!;
   const settings = binding.settings(raw, problems);
   if (settings === null) problems.throwIfAny(subject);
-  const targets = buildTargets(common, problems);
+  // Prompt learning adapts no module: its config has no target_modules.
+  const targets = isPrefixKind(kind) ? NO_TARGETS : buildTargets(common, problems);
   const modules = groupTensors(files.get(PEFT_WEIGHTS)!, PEFT_WEIGHTS, binding, problems, subject,
     { what: `a PEFT ${peftType} adapter`, advice: 'a classifier head or a module saved whole (modules_to_save) is not served, so remove it or retrain without it' },
     (name) => (name.startsWith(KEY_PREFIX) ? name.slice(KEY_PREFIX.length) : name));

@@ -8,10 +8,13 @@
  *
  * with n = hypercomplex_division and the bottleneck hidden / reduction_factor.
  * Served as the adapter it computes: H is multiplied out at registration.
- * Kept factored it would save the arithmetic of the bottleneck's two small
- * GEMMs, which measure ~1 % of a decode step (README, benchmarks), at the cost
- * of a kind-specific site; the bytes a row's bank slice takes are the same
- * as an adapter's of that bottleneck.
+ * Kept factored it would be cheaper (bench section "kinds": the branch on 24
+ * modules at batch 32 takes 0.49× the multiplied-out time, ~9 % of the step,
+ * and a row's banks 3 % of the bytes), but by the mixed-product rule
+ * ruleᵢ ⊗ (LᵢRᵢ) = (ruleᵢ ⊗ Lᵢ)(Iₙ ⊗ Rᵢ) each PHM layer is a product of rank
+ * n²·phm_rank, so a factored site needs two padded axes per row (that rank
+ * and the bottleneck), which the banks' one rank per site cannot hold; the
+ * README's known limitations say so.
  *
  * OpenDelta names it `<module>.compactor.{down_sampler,up_sampler}.{phm_rule |
  * phm_rule_left, phm_rule_right, W | W_left, W_right, b}`.

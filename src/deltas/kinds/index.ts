@@ -8,10 +8,12 @@ import { adapter } from './adapter.js';
 import { bitfit } from './bitfit.js';
 import { compacter } from './compacter.js';
 import { ia3 } from './ia3.js';
-import type { DeltaKind } from './kind.js';
+import type { AnyKind, DeltaKind, PrefixKind } from './kind.js';
 import { lora } from './lora.js';
 import { lowRankAdapter } from './low-rank-adapter.js';
 import { parallelAdapter } from './parallel-adapter.js';
+import { prefix } from './prefix.js';
+import { promptTuning, pTuning } from './prompt.js';
 
 export const DELTA_KINDS: readonly DeltaKind[] = [
   lora,
@@ -22,6 +24,12 @@ export const DELTA_KINDS: readonly DeltaKind[] = [
   lowRankAdapter,
   parallelAdapter,
 ];
+
+/** Prompt-learning kinds: served as a KV prefix per row, no graph site. */
+export const PREFIX_KINDS: readonly PrefixKind[] = [prefix, promptTuning, pTuning];
+
+/** Every kind, as the formats look them up by name. */
+export const ALL_KINDS: readonly AnyKind[] = [...DELTA_KINDS, ...PREFIX_KINDS];
 
 /** The graph sites the kinds are served through, in the order a module's chain applies them. */
 export const GRAPH_SITES: readonly GraphSite[] = [...new Set(DELTA_KINDS.map((k) => k.site))];

@@ -11,6 +11,7 @@ import type { GraphSite } from '../../backbone/rewrite/delta-sites.js';
 import type { BackboneInfo, LinearModule } from '../../backbone/types.js';
 import type { Tensor } from '../candidate.js';
 import type { Problems } from '../problems.js';
+import type { DeltaPrefix } from '../types.js';
 
 /** A tensor key split into the module it belongs to and which of the kind's parameters it is. */
 export type KeyMatch = { module: string; part: string } | { refused: string } | null;
@@ -63,6 +64,36 @@ export interface DeltaKind<S = unknown> {
 
 /** Registers a kind with its settings type checked, and erased for the list every other module iterates. */
 export const defineKind = <S>(kind: DeltaKind<S>): DeltaKind => kind as DeltaKind;
+
+export interface PrefixContext<S> {
+  settings: S;
+  backbone: BackboneInfo;
+  problems: Problems;
+}
+
+/**
+ * A prompt-learning kind (prefix tuning, prompt tuning, P-tuning; OpenDelta's
+ * prefix and soft prompt). It has no graph site: every row of its task starts
+ * with a KV prefix (src/deltas/types.ts, DeltaPrefix), placed by the engine's
+ * batch at admission.
+ */
+export interface PrefixKind<S = unknown> {
+  readonly type: string;
+  readonly peft?: FormatBinding<S>;
+  readonly opendelta?: FormatBinding<S>;
+  /**
+   * Checks the delta's tensors (by module as the files name them; '' for
+   * tensors of no module) against the backbone and lays out its prefix;
+   * reports every problem and returns null when they do not fit.
+   */
+  prefix(modules: ReadonlyMap<string, ReadonlyMap<string, Tensor>>, at: PrefixContext<S>): DeltaPrefix | null;
+}
+
+export type AnyKind = DeltaKind | PrefixKind;
+
+export const definePrefixKind = <S>(kind: PrefixKind<S>): PrefixKind => kind as PrefixKind;
+
+export const isPrefixKind = (kind: AnyKind): kind is PrefixKind => 'prefix' in kind;
 
 const fmt = (shape: readonly number[]) => `[${shape.join(', ')}]`;
 

@@ -7,13 +7,13 @@
  */
 import * as ort from 'onnxruntime-node';
 import { KvPool, type KvShape } from '../kv-pool.js';
-import { tensorBytes, type BankFeeder, type Device, type HostRows, type KvRowSource, type KvStore, type StampedFeed, type Transfer } from './device.js';
+import { tensorBytes, type BankFeeder, type Device, type HostRows, type KvPrefix, type KvRowSource, type KvStore, type StampedFeed, type Transfer } from './device.js';
 
 class HostKv implements KvStore {
   readonly pool: KvPool;
 
-  constructor(private readonly shape: KvShape, maxRows: number) {
-    this.pool = new KvPool(shape, maxRows);
+  constructor(private readonly shape: KvShape, maxRows: number, maxTokens?: number) {
+    this.pool = new KvPool(shape, maxRows, maxTokens);
   }
 
   get len() { return this.pool.len; }
@@ -32,7 +32,14 @@ class HostKv implements KvStore {
 
   addRow(from: KvRowSource): void {
     const src = (from.store as HostKv).pool;
-    this.pool.addRow(from.tokens, { keys: src.keys, values: src.values, capacity: src.capacity, row: from.row, start: from.start });
+    this.pool.addRow({ keys: src.keys, values: src.values, capacity: src.capacity, row: from.row, segments: from.segments });
+  }
+
+  placePrefixes(prefixes: readonly (KvPrefix | null)[], slots: number): void {
+    prefixes.forEach((p, b) => {
+      if (p) this.pool.writePrefix(b, slots - p.tokens, p);
+    });
+    this.pool.advance(slots);
   }
 
   addEmptyRow(): void {
@@ -48,18 +55,18 @@ class HostKv implements KvStore {
     this.pool.append(keys.map(data), values.map(data), steps);
   }
 
-  pastSlots(past: boolean): number {
-    return past ? this.pool.capacity : 0;
+  pastSlots(past: boolean, packed?: number): number {
+    return past ? packed ?? this.pool.capacity : 0;
   }
 
-  async pastFeeds(past: boolean): Promise<Record<string, ort.Tensor>> {
+  async pastFeeds(past: boolean, _transfer: Transfer, packed?: number): Promise<Record<string, ort.Tensor>> {
     const { layers, kvHeads, headDim } = this.shape;
     const rows = this.pool.rows;
-    const cap = past ? this.pool.capacity : 0;
+    const cap = this.pastSlots(past, packed);
     const f: Record<string, ort.Tensor> = {};
     for (let l = 0; l < layers; l++) {
       for (const t of ['key', 'value'] as const) {
-        const data = past ? this.pool.pastView(l, t) : new Float32Array(0);
+        const data = !past ? new Float32Array(0) : packed === undefined ? this.pool.pastView(l, t) : this.pool.pastPacked(l, t, packed);
         f[`past_key_values.${l}.${t}`] = new ort.Tensor('float32', data, [rows, kvHeads, cap, headDim]);
       }
     }
@@ -75,8 +82,8 @@ export class HostDevice implements Device {
   /** `cuda`: host-fed, so every feed and output crosses the bus and is counted. */
   constructor(readonly name: 'cpu' | 'cuda' = 'cpu') {}
 
-  kv(shape: KvShape, maxRows: number): KvStore {
-    return new HostKv(shape, maxRows);
+  kv(shape: KvShape, maxRows: number, maxTokens?: number): KvStore {
+    return new HostKv(shape, maxRows, maxTokens);
   }
 
   readonly logitsOnHost = true;
@@ -109,6 +116,10 @@ export class HostDevice implements Device {
       for (const t of Object.values(out)) transfer.toHost += tensorBytes(t);
     }
     return out;
+  }
+
+  async toHost(t: ort.Tensor): Promise<Float32Array> {
+    return t.data as Float32Array;
   }
 
   async hostRows(logits: ort.Tensor, _rows: number[], vocab: number): Promise<HostRows> {

@@ -7,7 +7,7 @@
  * A future CUDA binding with device tensors would be a third implementation.
  */
 import type * as ort from 'onnxruntime-node';
-import type { KvShape } from '../kv-pool.js';
+import type { KvSegment, KvShape } from '../kv-pool.js';
 
 /** Bytes that crossed between host and device, by direction. */
 export interface Transfer {
@@ -15,12 +15,18 @@ export interface Transfer {
   toHost: number;
 }
 
-/** Another batch's row as the source of a joining row's K/V: `tokens` slots of row `row`, from slot `start`. */
+/** Another batch's row as the source of a joining row's K/V: row `row`'s slots, segment after segment (its KV prefix, its prompt). */
 export interface KvRowSource {
   store: KvStore;
   row: number;
-  start: number;
+  segments: readonly KvSegment[];
+}
+
+/** A task's KV prefix, per layer [kvHeads, tokens, D] keys then values, layer after layer (DeltaPrefix's layout). */
+export interface KvPrefix {
   tokens: number;
+  keys: Float32Array;
+  values: Float32Array;
 }
 
 /**
@@ -41,14 +47,22 @@ export interface KvStore {
   growAhead(): void;
   addRow(from: KvRowSource): void;
   addEmptyRow(): void;
+  /**
+   * Puts row b's prefix (null: none) in its first `slots` slots, right-aligned, and counts
+   * `slots` more slots held by every row. On a fresh store after `ensure`, before any run.
+   */
+  placePrefixes(prefixes: readonly (KvPrefix | null)[], slots: number): void;
   /** Removes row `i`: the last row takes its place. */
   removeRow(i: number): void;
   /** Writes a run's new K/V ([rows, kvHeads, steps, D] per layer, as the session returned them) after each row's slots. */
   append(keys: ort.Tensor[], values: ort.Tensor[], steps: number): void;
-  /** The past feeds of a run over every row (capacity slots), once settled; without `past`, a first prefill chunk's past, empty or masked out. */
-  pastFeeds(past: boolean, transfer: Transfer): Promise<Record<string, ort.Tensor>>;
+  /**
+   * The past feeds of a run over every row (capacity slots), once settled; without `past`, a first prefill
+   * chunk's past, empty or masked out. `packed`: only each row's first `packed` slots (a copy).
+   */
+  pastFeeds(past: boolean, transfer: Transfer, packed?: number): Promise<Record<string, ort.Tensor>>;
   /** Past slots `pastFeeds` feeds (the attention mask's past columns): a first chunk's is 0, or 1 where zero-size tensors crash. */
-  pastSlots(past: boolean): number;
+  pastSlots(past: boolean, packed?: number): number;
   /** Waits for data moves still under way, adding the bytes they moved across to `transfer`. */
   settle(transfer?: Transfer): Promise<void>;
   /** Frees what the store holds (the batch is done with it). */
@@ -82,13 +96,15 @@ export interface Device {
    * rows read the in-graph argmax.
    */
   readonly logitsOnHost: boolean;
-  /** A KV store for one batch. */
-  kv(shape: KvShape, maxRows: number): KvStore;
+  /** A KV store for one batch; `maxTokens` caps its capacity (slots per row). */
+  kv(shape: KvShape, maxRows: number, maxTokens?: number): KvStore;
   banks(): BankFeeder;
   /** A decode step's attention mask [rows, capacity + 1]: row b sees its `lengths[b]` slots and the new token. */
   decodeMask(lengths: readonly number[], capacity: number, transfer: Transfer): Promise<ort.Tensor>;
   /** Runs the session, counting what crosses into `transfer`. */
   run(session: ort.InferenceSession, feeds: Record<string, ort.Tensor>, fetches: string[], transfer: Transfer): Promise<ort.InferenceSession.OnnxValueMapType>;
+  /** A float output of a run (as `run` returned it), whole on the host. */
+  toHost(t: ort.Tensor, transfer: Transfer): Promise<Float32Array>;
   /** Rows `rows` of a [batch, vocab] logits output, on the host (the rows that sample). */
   hostRows(logits: ort.Tensor, rows: number[], vocab: number, transfer: Transfer): Promise<HostRows>;
 }

@@ -1,4 +1,5 @@
 /** The device an execution provider's engine keeps its per-row memory on. */
+import { LOGITS_NONFINITE } from '../../backbone/rewrite/finite-check.js';
 import { GREEDY_TOKEN } from '../../backbone/rewrite/last-logits.js';
 import { LOGSUMEXP, TOP_LOGPROB_IDS, TOP_LOGPROBS } from '../../backbone/rewrite/logprobs.js';
 import type { ExecutionProvider } from '../../backbone/session.js';
@@ -24,4 +25,4 @@ export function outputLocations(ep: ExecutionProvider): 'gpu-buffer' | undefined
 }
 
 /** Outputs of the engine graph the engine reads on the host. */
-export const HOST_OUTPUTS = [GREEDY_TOKEN, TOP_LOGPROBS, TOP_LOGPROB_IDS, LOGSUMEXP];
+export const HOST_OUTPUTS = [GREEDY_TOKEN, LOGITS_NONFINITE, TOP_LOGPROBS, TOP_LOGPROB_IDS, LOGSUMEXP];

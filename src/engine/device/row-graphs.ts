@@ -36,26 +36,29 @@ export const gatherGraph = (n: number) =>
   build('gather', n, (g, i) => g.op('Gather', [T(i), 'order'], { axis: 0 }), (g) => g.input('order', DataType.INT64, ['rows_out']));
 
 /**
- * A row joining: row `row` of src (`src.i`), slots [start, end), padded with
- * `pads` to the batch's capacity, appended after t's rows (or alone, with no t).
+ * A row joining: row `row` of src (`src.i`), the slots listed in `slots`
+ * (int64 [k]: its segments' slots one after another), padded with `pads` to
+ * the batch's capacity, appended after t's rows (or alone, with no t).
  */
 export function joinGraph(n: number, first: boolean): Uint8Array {
   const g = new GraphBuilder();
   if (!first) for (let i = 0; i < n; i++) g.input(T(i), DataType.FLOAT, kvDims);
   for (let i = 0; i < n; i++) g.input(`src.${i}`, DataType.FLOAT, kvDims);
   g.input('row', DataType.INT64, [1]);
-  g.input('start', DataType.INT64, [1]);
-  g.input('end', DataType.INT64, [1]);
+  g.input('slots', DataType.INT64, ['k']);
   g.input('pads', DataType.INT64, [8]);
-  const axis = g.ints([2]);
   for (let i = 0; i < n; i++) {
     const picked = g.op('Gather', [`src.${i}`, 'row'], { axis: 0 });
-    const slots = g.op('Pad', [g.op('Slice', [picked, 'start', 'end', axis]), 'pads']);
+    const slots = g.op('Pad', [g.op('Gather', [picked, 'slots'], { axis: 2 }), 'pads']);
     g.opNamed(first ? 'Identity' : 'Concat', first ? [slots] : [T(i), slots], OUT(i), first ? {} : { axis: 0 });
     g.output(OUT(i), DataType.FLOAT, kvDims);
   }
   return g.encode(first ? 'join-first' : 'join');
 }
+
+/** out = t[:, :, :tokens]: every row's first `tokens` slots (`tokens` int64 [1]), a packed past. */
+export const packGraph = (n: number) =>
+  build('pack', n, (g, i) => g.op('Slice', [T(i), g.ints([0]), 'tokens', g.ints([2])]), (g) => g.input('tokens', DataType.INT64, [1]));
 
 /**
  * A decode step's new K/V ([rows, heads, 1, D]) written at each row's slot

@@ -18,9 +18,9 @@ import * as ort from 'onnxruntime-node';
 import { DataType } from '../../backbone/onnx/graph-builder.js';
 import { ensureRuntimeDir } from '../../backbone/session.js';
 import { capacityBucket, type KvShape } from '../kv-pool.js';
-import { tensorBytes, type BankFeeder, type Device, type HostRows, type KvRowSource, type KvStore, type StampedFeed, type Transfer } from './device.js';
+import { tensorBytes, type BankFeeder, type Device, type HostRows, type KvPrefix, type KvRowSource, type KvStore, type StampedFeed, type Transfer } from './device.js';
 import {
-  appendOneGraph, appendRunGraph, gatherGraph, joinGraph, maskGraph, padGraph, pickRowsGraph, rowGraphNames, uploadGraph, zerosGraph,
+  appendOneGraph, appendRunGraph, gatherGraph, joinGraph, maskGraph, packGraph, padGraph, pickRowsGraph, rowGraphNames, uploadGraph, zerosGraph,
 } from './row-graphs.js';
 
 const i64 = (values: readonly number[]) => new ort.Tensor('int64', BigInt64Array.from(values, (v) => BigInt(v)), [values.length]);
@@ -28,7 +28,7 @@ const f32 = (values: readonly number[]) => new ort.Tensor('float32', Float32Arra
 /** Pad amounts on the slot axis of [rows, heads, slots, D]. */
 const slotPads = (before: number, after: number) => i64([0, 0, before, 0, 0, 0, after, 0]);
 
-type Graph = 'zeros' | 'pad' | 'gather' | 'join' | 'joinFirst' | 'appendOne' | 'appendRun' | 'mask' | 'pickRows' | 'uploadFloat' | 'uploadBool' | 'downloadFloat' | 'downloadInt64';
+type Graph = 'zeros' | 'pad' | 'pack' | 'gather' | 'join' | 'joinFirst' | 'appendOne' | 'appendRun' | 'mask' | 'pickRows' | 'uploadFloat' | 'uploadBool' | 'downloadFloat' | 'downloadInt64';
 
 export class WebGpuDevice implements Device {
   readonly name = 'webgpu';
@@ -52,6 +52,7 @@ export class WebGpuDevice implements Device {
     switch (name) {
       case 'zeros': return zerosGraph();
       case 'pad': return padGraph(n);
+      case 'pack': return packGraph(n);
       case 'gather': return gatherGraph(n);
       case 'join': return joinGraph(n, false);
       case 'joinFirst': return joinGraph(n, true);
@@ -121,8 +122,15 @@ export class WebGpuDevice implements Device {
     return s;
   }
 
-  kv(shape: KvShape): KvStore {
-    return new DeviceKv(this, shape);
+  kv(shape: KvShape, _maxRows: number, maxTokens?: number): KvStore {
+    return new DeviceKv(this, shape, maxTokens);
+  }
+
+  async toHost(t: ort.Tensor, transfer: Transfer): Promise<Float32Array> {
+    if (t.location === 'cpu') return t.data as Float32Array;
+    const [host] = await this.runOwn('downloadFloat', { host: t }, transfer);
+    t.dispose();
+    return host.data as Float32Array;
   }
 
   banks(): BankFeeder {
@@ -161,12 +169,12 @@ class DeviceKv implements KvStore {
   /** Keys of every layer, then values; null while no slot is written. */
   private tensors: ort.Tensor[] | null = null;
   private work: Promise<void> = Promise.resolve();
-  /** The zeros fed as a first chunk's past, freed at the next append. */
-  private firstPast: ort.Tensor | null = null;
+  /** Past feeds made for one run (a first chunk's zeros, a packed copy), freed at the next append. */
+  private runPast: ort.Tensor[] = [];
   /** Bytes the queued work moved across (lengths, orders); taken by the next run's stats. */
   private readonly moved: Transfer = { toDevice: 0, toHost: 0 };
 
-  constructor(private readonly device: WebGpuDevice, private readonly shape: KvShape) {}
+  constructor(private readonly device: WebGpuDevice, private readonly shape: KvShape, private readonly maxTokens = Infinity) {}
 
   get rows(): number { return this.len.length; }
   get tokensHeld(): number { return this.len.reduce((a, b) => a + b, 0); }
@@ -208,7 +216,7 @@ class DeviceKv implements KvStore {
   }
 
   ensure(_rows: number, tokens: number): void {
-    const next = Math.max(this.capacity, capacityBucket(tokens));
+    const next = Math.max(this.capacity, capacityBucket(tokens, this.maxTokens));
     if (next === this.capacity) return;
     const from = this.capacity;
     this.capacity = next;
@@ -224,15 +232,17 @@ class DeviceKv implements KvStore {
 
   addRow(from: KvRowSource): void {
     const src = from.store as DeviceKv;
-    this.ensure(this.rows + 1, from.tokens + 1);
+    // The slots of the row's segments, one after another (its KV prefix, then its prompt).
+    const slots = from.segments.flatMap((s) => Array.from({ length: s.tokens }, (_, i) => s.start + i));
+    this.ensure(this.rows + 1, slots.length + 1);
     const capacity = this.capacity;
-    this.len.push(from.tokens);
+    this.len.push(slots.length);
     this.queue(async () => {
       await src.settle();
       if (!src.tensors) throw new Error('a joining row\'s K/V are not on the device');
       const feeds: Record<string, ort.Tensor> = {
         ...this.feedsOf((i) => `src.${i}`, src.tensors),
-        row: i64([from.row]), start: i64([from.start]), end: i64([from.start + from.tokens]), pads: slotPads(0, capacity - from.tokens),
+        row: i64([from.row]), slots: i64(slots), pads: slotPads(0, capacity - slots.length),
       };
       const out = this.tensors
         ? await this.device.runOwn('join', { ...feeds, ...this.feedsOf(rowGraphNames.input, this.tensors) }, this.moved)
@@ -243,6 +253,33 @@ class DeviceKv implements KvStore {
 
   addEmptyRow(): void {
     this.len.push(0);
+  }
+
+  /** The prefixes are written into host blocks of the whole cache, uploaded once (rows · capacity slots per layer-tensor). */
+  placePrefixes(prefixes: readonly (KvPrefix | null)[], slots: number): void {
+    const { layers, kvHeads, headDim } = this.shape;
+    const rows = this.rows;
+    const capacity = this.capacity;
+    for (let b = 0; b < rows; b++) this.len[b] += slots;
+    this.queue(async () => {
+      if (this.tensors) throw new Error('prefixes go into a fresh KV store, before its first run');
+      const blocks: ort.Tensor[] = [];
+      for (const kind of ['keys', 'values'] as const) {
+        for (let l = 0; l < layers; l++) {
+          const block = new Float32Array(rows * kvHeads * capacity * headDim);
+          prefixes.forEach((p, b) => {
+            if (!p) return;
+            const n = p.tokens * headDim;
+            for (let h = 0; h < kvHeads; h++) {
+              const s = (l * kvHeads + h) * n;
+              block.set(p[kind].subarray(s, s + n), ((b * kvHeads + h) * capacity + slots - p.tokens) * headDim);
+            }
+          });
+          blocks.push(await this.device.upload(new ort.Tensor('float32', block, [rows, kvHeads, capacity, headDim]), this.moved));
+        }
+      }
+      this.swap(blocks);
+    });
   }
 
   removeRow(i: number): void {
@@ -259,7 +296,9 @@ class DeviceKv implements KvStore {
     const fresh = [...keys, ...values];
     const lengths = this.len.slice();
     const capacity = this.capacity;
-    for (let b = 0; b < this.rows; b++) this.len[b] += steps;
+    // A row at the capped capacity is at the model's context: this step is its last, and its token is not kept (no slot matches it).
+    for (let b = 0; b < this.rows; b++) this.len[b] = Math.min(this.len[b] + steps, capacity);
+    if (steps > 1 && lengths[0] + steps > capacity) throw new Error(`a prefill run of ${steps} slots after ${lengths[0]} passes the KV capacity ${capacity}`);
     const uniform = lengths.every((l) => l === lengths[0]);
     if (!uniform && steps !== 1) throw new Error('rows of different lengths append one slot at a time');
     this.queue(async () => {
@@ -280,26 +319,35 @@ class DeviceKv implements KvStore {
       }
       this.swap(out);
       for (const t of fresh) t.dispose();
-      this.firstPast?.dispose();
-      this.firstPast = null;
+      for (const t of this.runPast) t.dispose();
+      this.runPast = [];
     });
   }
 
-  pastSlots(past: boolean): number {
-    return past ? this.capacity : 1;
+  pastSlots(past: boolean, packed?: number): number {
+    return past ? packed ?? this.capacity : 1;
   }
 
-  async pastFeeds(past: boolean, transfer: Transfer): Promise<Record<string, ort.Tensor>> {
+  async pastFeeds(past: boolean, transfer: Transfer, packed?: number): Promise<Record<string, ort.Tensor>> {
     const { layers, kvHeads, headDim } = this.shape;
     if (past && !this.tensors) throw new Error('no K/V on the device to feed as past');
-    // A first chunk's past: one zero slot made on the device, which the mask hides.
-    const zeros = past ? null : (await this.device.runOwn('zeros', { shape: i64([this.rows, kvHeads, 1, headDim]) }, transfer))[0];
+    let fed: ort.Tensor[];
+    if (!past) {
+      // A first chunk's past: one zero slot made on the device, which the mask hides.
+      const [zeros] = await this.device.runOwn('zeros', { shape: i64([this.rows, kvHeads, 1, headDim]) }, transfer);
+      fed = new Array<ort.Tensor>(2 * layers).fill(zeros);
+      this.runPast = [zeros];
+    } else if (packed !== undefined) {
+      fed = await this.device.runOwn('pack', { ...this.feedsOf(rowGraphNames.input, this.tensors!), tokens: i64([packed]) }, transfer);
+      this.runPast = fed;
+    } else {
+      fed = this.tensors!;
+    }
     const f: Record<string, ort.Tensor> = {};
     for (let l = 0; l < layers; l++) {
-      f[`past_key_values.${l}.key`] = zeros ?? this.tensors![l];
-      f[`past_key_values.${l}.value`] = zeros ?? this.tensors![layers + l];
+      f[`past_key_values.${l}.key`] = fed[l];
+      f[`past_key_values.${l}.value`] = fed[layers + l];
     }
-    this.firstPast = zeros;
     return f;
   }
 
@@ -321,7 +369,11 @@ class DeviceKv implements KvStore {
   }
 
   release(): void {
-    this.queue(async () => this.swap(null));
+    this.queue(async () => {
+      this.swap(null);
+      for (const t of this.runPast) t.dispose();
+      this.runPast = [];
+    });
     void this.settle().catch(() => {});
   }
 }

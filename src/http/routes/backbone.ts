@@ -8,7 +8,11 @@ export function backboneRoutes(backbone: BackboneInfo, chatTemplate: Pick<ChatTe
     name: backbone.name,
     family: backbone.family,
     fingerprint: backbone.fingerprint,
-    modules: backbone.modules.map((m) => ({ name: m.name, kind: m.kind, in_features: m.inFeatures, out_features: m.outFeatures })),
+    // Added to the contract: `quantization` on a quantized module ({format, bits, block_size}); float modules have none.
+    modules: backbone.modules.map((m) => ({
+      name: m.name, kind: m.kind, in_features: m.inFeatures, out_features: m.outFeatures,
+      ...(m.quantization ? { quantization: { format: m.quantization.format, bits: m.quantization.bits, block_size: m.quantization.blockSize } } : {}),
+    })),
     default_targets: backbone.defaultTargets,
     // Added to the contract: true when the tokenizer ships a chat_template (chat routes fall back to ChatML otherwise).
     chat_template: chatTemplate.fromModel,

@@ -2,12 +2,13 @@
  * Delta admin: register (upload or import by path), list, inspect, delete,
  * and vLLM's load/unload aliases. Every route here is behind admin auth.
  */
+import { stat } from 'node:fs/promises';
 import { Router, type Request, type RequestHandler } from 'express';
 import type { BackboneInfo } from '../../backbone/types.js';
 import type { DeltaFile, DeltaRecord, DeltaRegistry } from '../../deltas/types.js';
 import { ServeError } from '../../errors.js';
 import { resolveImport } from '../import-path.js';
-import { importBody, loadLoraBody, parseBody, replaceQuery, TASK_ID, TASK_ID_RULE, unloadLoraBody } from '../schemas.js';
+import { importBody, loadLoraBody, pageQuery, parseBody, patchDeltaBody, replaceQuery, TASK_ID, TASK_ID_RULE, unloadLoraBody } from '../schemas.js';
 import { isMultipart, receiveUpload, type UploadLimits } from '../upload.js';
 
 export interface DeltaRouteDeps {
@@ -23,8 +24,11 @@ const summary = (r: DeltaRecord) => ({
 });
 
 const listing = (r: DeltaRecord, cached: boolean) => ({
-  id: r.id, type: r.type, format: r.format, rank: r.rank, bytes: r.bytes, cached, created_at: r.createdAt,
+  id: r.id, type: r.type, format: r.format, rank: r.rank, bytes: r.bytes, cached, created_at: r.createdAt, pinned: r.pinned,
 });
+
+/** Deltas per page of GET /v1/deltas when the client names no limit. */
+export const DEFAULT_DELTA_PAGE = 100;
 
 function checkId(id: unknown, backbone: BackboneInfo, field = 'id'): string {
   if (typeof id !== 'string' || !TASK_ID.test(id)) {
@@ -36,6 +40,20 @@ function checkId(id: unknown, backbone: BackboneInfo, field = 'id'): string {
   return id;
 }
 
+/**
+ * One size limit for every way a delta comes in: an upload is cut off while it
+ * arrives (upload.ts); files imported by path are measured before a byte of
+ * them is read.
+ */
+async function checkSize(files: DeltaFile[], maxBytes: number): Promise<void> {
+  let total = 0;
+  for (const f of files) total += (await stat(f.path)).size;
+  if (total > maxBytes) {
+    throw new ServeError(413, 'payload_too_large',
+      `the delta's files are ${total} bytes, over the limit of ${maxBytes} bytes (DELTASERVE_MAX_UPLOAD_BYTES), which applies to uploads and imports by path alike`);
+  }
+}
+
 const notFound = (id: string) => new ServeError(404, 'delta_not_found', `no delta "${id}"; GET /v1/deltas lists them`);
 
 export function deltaRoutes(deps: DeltaRouteDeps): Router {
@@ -43,7 +61,9 @@ export function deltaRoutes(deps: DeltaRouteDeps): Router {
   const { registry, backbone, auth } = deps;
 
   async function register(id: string, files: DeltaFile[], replace: boolean): Promise<DeltaRecord> {
-    return registry.register(checkId(id, backbone), files, { replace });
+    checkId(id, backbone);
+    await checkSize(files, deps.upload.maxBytes);
+    return registry.register(id, files, { replace });
   }
 
   /** Asks first, so a missing delta is a 404 whatever the registry's remove does with it. */
@@ -76,9 +96,11 @@ export function deltaRoutes(deps: DeltaRouteDeps): Router {
     res.status(201).json(summary(await registerFromRequest(req)));
   });
 
-  router.get('/v1/deltas', auth, async (_req, res) => {
-    const records = await registry.list();
-    res.json({ data: records.map((r) => listing(r, registry.isCached(r.id))) });
+  router.get('/v1/deltas', auth, async (req, res) => {
+    const q = parseBody(pageQuery, req.query);
+    const page = await registry.page({ limit: q.limit ?? DEFAULT_DELTA_PAGE, after: q.after });
+    const data = page.records.map((r) => listing(r, registry.isCached(r.id)));
+    res.json({ object: 'list', data, first_id: data[0]?.id ?? null, last_id: data.at(-1)?.id ?? null, has_more: page.hasMore });
   });
 
   router.get('/v1/deltas/:id', auth, async (req, res) => {
@@ -90,6 +112,13 @@ export function deltaRoutes(deps: DeltaRouteDeps): Router {
       sha256: r.sha256,
       sites: r.sites.map((s) => ({ module: s.module, kind: s.kind, site: s.site, shapes: s.shapes })),
     });
+  });
+
+  router.patch('/v1/deltas/:id', auth, async (req, res) => {
+    const id = checkId(req.params.id, backbone);
+    const b = parseBody(patchDeltaBody, req.body);
+    const r = await registry.setPinned(id, b.pinned);
+    res.json(listing(r, registry.isCached(r.id)));
   });
 
   router.delete('/v1/deltas/:id', auth, async (req, res) => {

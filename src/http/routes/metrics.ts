@@ -6,15 +6,11 @@ import type { Readiness } from '../lifecycle.js';
 
 export function metricsRoutes(metrics: Metrics, registry: DeltaRegistry, readiness: Readiness): Router {
   const router = Router();
-  router.get('/metrics', async (req, res) => {
+  router.get('/metrics', async (_req, res) => {
     // Read at scrape time, so an alert sees a drain that never ends (the process stuck past its deadline).
     metrics.setDraining(readiness.draining());
-    // The store is the truth and replicas share it, so count it at scrape time.
-    try {
-      metrics.setDeltasRegistered((await registry.list()).length);
-    } catch (err) {
-      req.log.warn({ err }, 'could not count the deltas in the store');
-    }
+    // From the registry's index: a scrape costs the same at 10 or 10,000 deltas (other replicas' changes arrive within a second).
+    metrics.setDeltasRegistered(registry.count());
     res.type(metrics.contentType).send(await metrics.render());
   });
   return router;

@@ -14,7 +14,7 @@ import { errorBody, toServeError } from '../errors.js';
 import { admit, runGeneration, samplingParams, selectTask, type GenerationDeps, type Run } from '../generation.js';
 import type { Readiness } from '../lifecycle.js';
 import { chatLogprobs, completionLogprobs, textLength } from '../openai-logprobs.js';
-import { chatBody, completionBody, parseBody, TASK_ID, type ChatBody, type CompletionBody } from '../schemas.js';
+import { chatBody, completionBody, MAX_PAGE, pageQuery, parseBody, TASK_ID, type ChatBody, type CompletionBody } from '../schemas.js';
 import { SseStream } from '../sse.js';
 
 /** OpenAI's documented default for the legacy completions endpoint. */
@@ -209,9 +209,21 @@ export function openaiRoutes(deps: OpenAIRouteDeps): Router {
     max_model_len: deps.backbone.maxPositions,
   });
 
-  router.get('/v1/models', async (_req, res) => {
-    const deltas = await deps.registry.list();
-    res.json({ object: 'list', data: [backboneCard(), ...deltas.map(deltaCard)] });
+  // OpenAI's own list is one page, and its clients read it whole: without `limit` every model is
+  // listed (from the registry's index, so no manifest is read); with it, pages as /v1/deltas does.
+  router.get('/v1/models', async (req, res) => {
+    // The backbone's name (first on the first page) may be a page's last_id without being a task id.
+    const afterBackbone = req.query.after === deps.backbone.name;
+    const q = parseBody(pageQuery, afterBackbone ? { ...req.query, after: undefined } : req.query);
+    if (q.limit === undefined && q.after === undefined && !afterBackbone) {
+      const deltas = await deps.registry.list();
+      return void res.json({ object: 'list', data: [backboneCard(), ...deltas.map(deltaCard)] });
+    }
+    // The backbone comes first and takes one place on the first page.
+    const first = q.after === undefined && !afterBackbone;
+    const page = await deps.registry.page({ limit: (q.limit ?? MAX_PAGE) - (first ? 1 : 0), after: q.after });
+    const data = [...(first ? [backboneCard()] : []), ...page.records.map(deltaCard)];
+    res.json({ object: 'list', data, first_id: data[0]?.id ?? null, last_id: data.at(-1)?.id ?? null, has_more: page.hasMore });
   });
 
   router.get('/v1/models/*id', async (req, res) => {
