@@ -199,14 +199,20 @@ export class Engine {
     // Rows of one group are left-padded to its longest prompt: a row joins only while
     // padding stays under half the real tokens, so one long prompt cannot make every
     // short one pay for its length (it gets a group of its own, next).
+    // Nor while the longest prefix and the longest prompt together would pass the KV capacity (the
+    // context less one): each fits alone (the scheduler's check), not necessarily beside the other.
     let take = 1;
     let longest = this.pending[0].req.promptIds.length;
+    let prefix = prefixTokens(this.pending[0]);
     let real = longest;
     while (take < Math.min(room, this.pending.length)) {
-      const len = this.pending[take].req.promptIds.length;
+      const next = this.pending[take];
+      const len = next.req.promptIds.length;
       const nextLongest = Math.max(longest, len);
-      if (nextLongest * (take + 1) > PADDING_LIMIT * (real + len)) break;
+      const nextPrefix = Math.max(prefix, prefixTokens(next));
+      if (nextLongest * (take + 1) > PADDING_LIMIT * (real + len) || nextPrefix + nextLongest > this.opts.maxPositions - 1) break;
       longest = nextLongest;
+      prefix = nextPrefix;
       real += len;
       take++;
     }
