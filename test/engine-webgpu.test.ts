@@ -9,13 +9,16 @@
  * moves only O(batch) bytes, counted by the device. Prompt learning's KV
  * prefixes (prefix tuning uploaded, prompt tuning's computed on the device),
  * chunked prefills after them, and rows at the context's end (capped
- * capacity, packed past) agree too. Runs on any Vulkan
+ * capacity, packed past) agree too, and so does a 4-bit quantized backbone. Runs on any Vulkan
  * driver (lavapipe in CI); skips loudly where WebGPU has no adapter.
  */
 import assert from 'node:assert/strict';
+import { mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
-import type { Backbone } from '../src/backbone/backbone.js';
+import { loadBackbone, resolveModelDir, type Backbone } from '../src/backbone/backbone.js';
+import { quantizeModelDir } from '../src/backbone/quant/quantize-model.js';
 import type { SiteLayout } from '../src/backbone/rewrite/delta-sites.js';
 import { createSession } from '../src/backbone/session.js';
 import { Registry } from '../src/deltas/registry.js';
@@ -178,6 +181,22 @@ for (const model of FAMILIES) {
           assert.ok(got.tokens.every((t) => t.length > 0 && t.length < 10), `the long rows end at the context: ${got.tokens.map((t) => t.length)}`);
         }
       }
+    });
+
+    test('a 4-bit quantized backbone (MatMulNBits): the same greedy tokens, bare and LoRA rows mixed', async () => {
+      const out = await mkdtemp(join(tmpdir(), 'ds-webgpu-quant-'));
+      await quantizeModelDir((await resolveModelDir({ model, cacheDir: testCacheDir() })).dir, out, { bits: 4, blockSize: 32 });
+      const qbb = await loadBackbone({ model: out });
+      assert.ok(qbb.info.modules.some((m) => m.quantization), 'the backbone is quantized');
+      const g = defaultGraph(qbb);
+      const opts = { maxBatch: 16, prefillChunkTokens: 64, eosTokenIds: [], maxPositions: qbb.info.maxPositions };
+      const cpuEngine = new Engine(await createSession(g.bytes), qbb.io, g.sites, opts);
+      const gpuEngine = new Engine(await createSession(g.bytes, { ep: 'webgpu', outputLocations: outputLocations('webgpu') }), qbb.io, g.sites,
+        { ...opts, zeroSizeTensors: false, device: deviceFor('webgpu', qbb.io.layers) });
+      const plan: Planned[] = Array.from({ length: 4 }, (_, i) => ({ delta: i % 2 ? cases[0].delta : null, promptIds: prompt(i, 4 + i), maxNewTokens: 5, at: 0 }));
+      const want = await serve(cpuEngine, plan);
+      const got = await serve(gpuEngine, plan);
+      assert.deepEqual(got.tokens, want.tokens, 'WebGPU tokens differ from the CPU path\'s on the quantized backbone');
     });
 
     test('a decode step moves O(batch) bytes: ids, positions, lengths in, argmax ids and finite checks out; the CPU provider counts none', async () => {
