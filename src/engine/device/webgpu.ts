@@ -308,6 +308,9 @@ class DeviceKv implements KvStore {
       if (!this.tensors) {
         // The first run of a prefill group: its slots are the cache, padded to the capacity.
         out = await this.device.runOwn('pad', { ...this.feedsOf(rowGraphNames.input, fresh), pads: slotPads(lengths[0] ?? 0, capacity - steps - (lengths[0] ?? 0)) }, this.moved);
+      } else if (uniform && lengths[0] + steps > capacity) {
+        // Every row at the capped capacity: no slot to write (the rows end this step).
+        out = this.tensors;
       } else if (uniform) {
         const first = lengths[0];
         out = await this.device.runOwn('appendRun', {
