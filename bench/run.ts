@@ -41,9 +41,10 @@ import { section as rewrite } from './sections/rewrite.js';
 import { section as scale } from './sections/scale.js';
 import { section as throughput } from './sections/throughput.js';
 import { section as torchKv } from './sections/torch-kv.js';
+import { section as device } from './sections/device.js';
 
 /** In the order they run: the in-process sections share one backbone, then the serving stacks, then real server processes. */
-const SECTIONS: BenchSection[] = [rewrite, kv, kinds, logprobs, prefix, hardware, torchKv, throughput, naive, http, peer, hotswap, scale, quantized];
+const SECTIONS: BenchSection[] = [rewrite, kv, kinds, logprobs, prefix, hardware, torchKv, throughput, naive, http, peer, hotswap, scale, quantized, device];
 
 const argv = process.argv.slice(2);
 const KNOWN = new Set(['quick', 'sections', 'reps', 'contexts', 'naive', 'sequential', 'max-new', 'prompt', 'scale', 'out', 'no-write', 'help']);

@@ -105,7 +105,7 @@ export const CONFIG_OPTIONS = {
   maxQueue: spec({ env: 'DELTASERVE_MAX_QUEUE', flag: '--max-queue <n>', help: 'max waiting requests before 429', defaultText: '1024', schema: int(0), fallback: 1024 }),
   ep: spec({
     env: 'DELTASERVE_EP', flag: '--ep <provider>', help: 'execution provider', defaultText: 'cpu',
-    schema: z.enum(['cpu', 'cuda']), fallback: 'cpu' as 'cpu' | 'cuda', choices: ['cpu', 'cuda'],
+    schema: z.enum(['cpu', 'cuda', 'webgpu']), fallback: 'cpu' as 'cpu' | 'cuda' | 'webgpu', choices: ['cpu', 'cuda', 'webgpu'],
   }),
   logLevel: spec({
     env: 'LOG_LEVEL', flag: '--log-level <level>', help: 'pino log level', defaultText: 'info',

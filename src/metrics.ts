@@ -140,8 +140,12 @@ export class Metrics {
     buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
     registers: [this.registry],
   });
-  private readonly transferBytes = this.counter('deltaserve_engine_transfer_bytes_total',
-    'Bytes of feeds given to and outputs taken from the ORT session (KV, banks, ids, logits): what crosses the bus on a GPU.');
+  private readonly transferBytes = new Counter({
+    name: 'deltaserve_engine_transfer_bytes_total',
+    help: 'Bytes that really crossed between host and device (0 on the CPU provider; every feed and output on host-fed CUDA; ids, lengths, argmax and changed banks on WebGPU).',
+    labelNames: ['direction'] as const,
+    registers: [this.registry],
+  });
   private readonly kvBytes = this.gauge('deltaserve_kv_cache_bytes', 'Bytes of KV cache buffers the engine holds.');
   private readonly bankBytes = this.gauge('deltaserve_delta_bank_bytes', 'Bytes held by the engine\'s delta banks.');
   private readonly bankBudget = this.gauge('deltaserve_delta_bank_budget_bytes',
@@ -193,11 +197,12 @@ export class Metrics {
   }
 
   observeEngineStep(stats: {
-    prefillMs: number; decodeMs: number; prefillRows: number; decodeRows: number; transferBytes: number; kvBytes: number; bankBytes: number;
+    prefillMs: number; decodeMs: number; prefillRows: number; decodeRows: number; transfer: { toDevice: number; toHost: number }; kvBytes: number; bankBytes: number;
   }): void {
     if (stats.prefillRows) this.engineStep.observe({ phase: 'prefill' }, stats.prefillMs / 1000);
     if (stats.decodeRows) this.engineStep.observe({ phase: 'decode' }, stats.decodeMs / 1000);
-    this.transferBytes.inc(stats.transferBytes);
+    this.transferBytes.inc({ direction: 'to_device' }, stats.transfer.toDevice);
+    this.transferBytes.inc({ direction: 'to_host' }, stats.transfer.toHost);
     this.kvBytes.set(stats.kvBytes);
     this.bankBytes.set(stats.bankBytes);
   }

@@ -1,12 +1,17 @@
 /** ORT sessions on the configured execution provider. */
 import * as ort from 'onnxruntime-node';
 
-export type ExecutionProvider = 'cpu' | 'cuda';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+export type ExecutionProvider = 'cpu' | 'cuda' | 'webgpu';
 
 /**
  * Whether a provider takes zero-size input tensors. Only the CPU provider is
- * known to: WebGPU crashes on them, and the CUDA path is not verified on a GPU
- * yet, so it gets the rank-1 form of an unused delta site too.
+ * known to: WebGPU crashes on zero-size delta banks (onnxruntime-node 1.30),
+ * and the CUDA path is not verified on a GPU yet, so both get the rank-1 form
+ * of an unused delta site.
  */
 export const takesZeroSizeTensors = (ep: ExecutionProvider) => ep === 'cpu';
 
@@ -14,7 +19,18 @@ export interface SessionOptions {
   ep?: ExecutionProvider;
   /** Intra-op threads; default lets ORT use every core. */
   threads?: number;
+  /** On WebGPU: where outputs go (`gpu-buffer` stays on the device). */
+  outputLocations?: 'cpu' | 'gpu-buffer';
 }
+
+/** Dawn (the WebGPU provider) wants XDG_RUNTIME_DIR; a service often has none. */
+export function ensureRuntimeDir(): void {
+  process.env.XDG_RUNTIME_DIR ??= mkdtempSync(join(tmpdir(), 'deltaserve-xdg-'));
+}
+
+const WEBGPU_HINT =
+  'the WebGPU execution provider found no adapter: it needs a Vulkan driver (a GPU\'s, or Mesa\'s lavapipe: ' +
+  '`mesa-vulkan-drivers` 25 from bookworm-backports and `libvulkan1`, see scripts/ci-setup.sh); set DELTASERVE_EP=cpu to run on the CPU';
 
 export class ProviderUnavailableError extends Error {
   override name = 'ProviderUnavailableError';
@@ -27,11 +43,13 @@ const CUDA_HINT =
 
 export async function createSession(model: Uint8Array | string, opts: SessionOptions = {}): Promise<ort.InferenceSession> {
   const ep = opts.ep ?? 'cpu';
+  if (ep === 'webgpu') ensureRuntimeDir();
   const options: ort.InferenceSession.SessionOptions = {
-    executionProviders: ep === 'cuda' ? ['cuda'] : ['cpu'],
+    executionProviders: [ep],
     graphOptimizationLevel: 'all',
     logSeverityLevel: 3,
     ...(opts.threads ? { intraOpNumThreads: opts.threads } : {}),
+    ...(ep === 'webgpu' && opts.outputLocations ? { preferredOutputLocation: opts.outputLocations } : {}),
   };
   try {
     return typeof model === 'string'
@@ -41,6 +59,9 @@ export async function createSession(model: Uint8Array | string, opts: SessionOpt
     const msg = String((e as Error).message ?? e);
     if (ep === 'cuda' && /cuda|provider|libonnxruntime_providers|cudnn|cublas/i.test(msg)) {
       throw new ProviderUnavailableError(`${CUDA_HINT} (onnxruntime said: ${msg.split('\n')[0]})`);
+    }
+    if (ep === 'webgpu' && /webgpu|adapter|dawn|vulkan/i.test(msg)) {
+      throw new ProviderUnavailableError(`${WEBGPU_HINT} (onnxruntime said: ${msg.split('\n')[0]})`);
     }
     throw e;
   }

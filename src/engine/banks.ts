@@ -15,13 +15,16 @@
  * writes holds no memory. Feeds are views over the buffers: on the CPU
  * provider ORT reads them in place.
  *
- * This class and the KV pool are the only writers of per-row engine memory:
- * the seam where a device (WebGPU buffers) would replace typed arrays.
+ * This class and the KV store are the only writers of per-row engine memory.
+ * The banks stay host arrays on every device (they are small); each feed
+ * carries a stamp that changes with its contents, by which a device
+ * (device/webgpu.ts) keeps a copy and uploads again only what changed.
  */
 import * as ort from 'onnxruntime-node';
 import { bankInput, gateInput, isRanked, sliceDims, type BankSpec, type GraphSite, type SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import { graphSite } from '../deltas/kinds/index.js';
 import type { DeltaSite, LoadedDelta } from '../deltas/types.js';
+import type { StampedFeed } from './device/device.js';
 
 export interface BankOptions {
   /** Rows the batch can hold: row capacity never grows past it. */
@@ -36,6 +39,9 @@ export interface BankOptions {
 
 const tensor = (data: Float32Array, dims: number[]) => new ort.Tensor('float32', data, dims);
 
+/** Stamps of bank contents: every change takes a fresh one, so a device re-uploads a bank only when it changed. */
+let lastStamp = 0;
+
 /** One graph input of one module: [rowsCap, a, b] floats at the site's rank. */
 class Bank {
   private buf = new Float32Array(0);
@@ -43,6 +49,8 @@ class Bank {
   private rank = 0;
   /** Rows whose delta writes this bank; at 0 it holds no memory and is fed idle. */
   writers = 0;
+  /** Changes with every write to the buffer. */
+  stamp = ++lastStamp;
 
   constructor(readonly spec: BankSpec, private readonly layout: SiteLayout) {}
 
@@ -66,10 +74,12 @@ class Bank {
     if (this.spec.neutral !== 0) next.fill(this.spec.neutral);
     if (this.allocated) for (let r = 0; r < rows; r++) this.copySlice(this.buf, r, this.rank, next, r, rank);
     [this.buf, this.rowsCap, this.rank] = [next, rowsCap, rank];
+    this.stamp = ++lastStamp;
   }
 
   free(): void {
     [this.buf, this.rowsCap, this.rank] = [new Float32Array(0), 0, 0];
+    this.stamp = ++lastStamp;
   }
 
   /** Copies row `sr` of `src` at rank `sRank` into row `dr` of `dst` at `dRank`, up to the smaller rank. */
@@ -88,22 +98,25 @@ class Bank {
   /** Writes a row's slice, given at `rank` (≤ the bank's), into row `row`. */
   write(row: number, data: Float32Array, rank: number): void {
     this.copySlice(data, 0, rank, this.buf, row, this.rank);
+    this.stamp = ++lastStamp;
   }
 
   /** Row `row` back to the neutral value. */
   clear(row: number): void {
     const n = this.floats();
     this.buf.fill(this.spec.neutral, row * n, (row + 1) * n);
+    this.stamp = ++lastStamp;
   }
 
   move(from: number, to: number): void {
     const n = this.floats();
     this.buf.copyWithin(to * n, from * n, (from + 1) * n);
+    this.stamp = ++lastStamp;
   }
 
   /** The first `rows` rows as a feed: [rows, a, b]. */
-  feed(rows: number): ort.Tensor {
-    return tensor(this.buf.subarray(0, rows * this.floats()), [rows, ...sliceDims(this.spec, this.layout, this.rank)]);
+  feed(rows: number): StampedFeed {
+    return { stamp: `bank:${this.stamp}:${rows}`, tensor: tensor(this.buf.subarray(0, rows * this.floats()), [rows, ...sliceDims(this.spec, this.layout, this.rank)]) };
   }
 }
 
@@ -231,14 +244,14 @@ export class DeltaBanks {
     if (i < this.rows.length) this.rows[i] = last;
   }
 
-  private constantFeed(key: string, dims: number[], value: number): ort.Tensor {
+  private constantFeed(key: string, dims: number[], value: number): StampedFeed {
     const id = `${key}:${dims.join('x')}`;
     let t = this.constant.get(id);
     if (!t) {
       t = tensor(new Float32Array(dims.reduce((a, b) => a * b, 1)).fill(value), dims);
       this.constant.set(id, t);
     }
-    return t;
+    return { stamp: `const:${id}`, tensor: t };
   }
 
   /**
@@ -246,15 +259,20 @@ export class DeltaBanks {
    * value, broadcast over the batch; a rank axis is 1, or 0 where `empty`
    * allows (the site is unused and the provider takes zero-size tensors).
    */
-  private idleFeed(spec: BankSpec, layout: SiteLayout, empty: boolean): ort.Tensor {
+  private idleFeed(spec: BankSpec, layout: SiteLayout, empty: boolean): StampedFeed {
     const rank = empty && isRanked(spec, layout) ? 0 : 1;
     return this.constantFeed(`${spec.neutral}`, [1, ...sliceDims(spec, layout, rank)], spec.neutral);
   }
 
   /** The delta feeds for a step over every row. */
   feeds(): Record<string, ort.Tensor> {
+    return Object.fromEntries(Object.entries(this.stampedFeeds()).map(([name, f]) => [name, f.tensor]));
+  }
+
+  /** The delta feeds, each with a stamp that changes whenever its contents do (what a device uploads by). */
+  stampedFeeds(): Record<string, StampedFeed> {
     const batch = this.rows.length;
-    const f: Record<string, ort.Tensor> = {};
+    const f: Record<string, StampedFeed> = {};
     // When every row carries the same delta, one slice broadcast over the batch is one GEMM instead of a batched product.
     // (Compared by id and version: each row's delta reaches the worker as its own copy.)
     const first = this.rows[0];
@@ -268,7 +286,7 @@ export class DeltaBanks {
           : b.feed(uniform ? 1 : batch);
       }
     }
-    for (const name of this.gated) f[gateInput(name)] = new ort.Tensor('bool', [on.has(name)], []);
+    for (const name of this.gated) f[gateInput(name)] = { stamp: `const:gate:${on.has(name)}`, tensor: new ort.Tensor('bool', [on.has(name)], []) };
     return f;
   }
 }

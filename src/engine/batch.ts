@@ -5,14 +5,16 @@
  * rows, the KV pool and every bank alike), as vLLM's punica wrapper rebuilds
  * a batch's adapter mapping from its rows in `update_metadata`. The engine
  * runs two kinds of batch: the decode batch, and a prefill group whose rows
- * move into it once their prompt is done.
+ * move into it once their prompt is done. Where the memory lives (host
+ * arrays or device tensors) is the Device's business (device/).
  */
 import * as ort from 'onnxruntime-node';
 import type { DecoderIO } from '../backbone/decoder-io.js';
 import type { SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import type { LoadedDelta } from '../deltas/types.js';
 import { DeltaBanks, type BankOptions } from './banks.js';
-import { KvPool, type KvSegment } from './kv-pool.js';
+import type { BankFeeder, Device, KvStore, Transfer } from './device/device.js';
+import type { KvSegment } from './kv-pool.js';
 
 export interface BatchRow {
   readonly req: { readonly delta: LoadedDelta | null };
@@ -27,13 +29,15 @@ export interface KvSource {
 
 export class Batch<R extends BatchRow> {
   readonly rows: R[] = [];
-  private readonly kv: KvPool;
+  private readonly kv: KvStore;
   private readonly banks: DeltaBanks;
+  private readonly bankFeeds: BankFeeder;
 
   /** `maxTokens`: the most KV slots a row may hold (the model's context less one). */
-  constructor(private readonly io: DecoderIO, layouts: readonly SiteLayout[], opts: BankOptions & { maxTokens?: number }) {
-    this.kv = new KvPool(io, opts.maxRows, opts.maxTokens);
+  constructor(device: Device, io: DecoderIO, layouts: readonly SiteLayout[], opts: BankOptions & { maxTokens?: number }) {
+    this.kv = device.kv(io, opts.maxRows, opts.maxTokens);
     this.banks = new DeltaBanks(layouts, opts);
+    this.bankFeeds = device.banks();
   }
 
   get size(): number {
@@ -43,8 +47,7 @@ export class Batch<R extends BatchRow> {
   /** Adds a row, its K/V copied from `from` or empty (a prefill group fills it chunk by chunk). */
   add(row: R, from?: KvSource): void {
     if (from) {
-      const src = from.batch.kv;
-      this.kv.addRow({ keys: src.keys, values: src.values, capacity: src.capacity, row: from.index, segments: from.segments });
+      this.kv.addRow({ store: from.batch.kv, row: from.index, segments: from.segments });
     } else {
       this.kv.addEmptyRow();
     }
@@ -100,11 +103,7 @@ export class Batch<R extends BatchRow> {
    * after `reserve`.
    */
   placePrefixes(slots: number): void {
-    this.rows.forEach((r, b) => {
-      const p = r.req.delta?.prefix;
-      if (p) this.kv.writePrefix(b, slots - p.tokens, p);
-    });
-    this.kv.advance(slots);
+    this.kv.placePrefixes(this.rows.map((r) => r.req.delta?.prefix ?? null), slots);
   }
 
   /** Before a decode step: room for one more token per row, the next capacity bucket filled ahead of need. */
@@ -113,8 +112,8 @@ export class Batch<R extends BatchRow> {
     this.kv.ensure(this.rows.length, Math.max(...this.kv.len) + 1);
   }
 
-  /** Writes a run's new K/V ([rows, kvHeads, steps, D] per layer) after each row's slots. */
-  append(keys: Float32Array[], values: Float32Array[], steps = 1): void {
+  /** Writes a run's new K/V ([rows, kvHeads, steps, D] per layer, as the session returned them) after each row's slots. */
+  append(keys: ort.Tensor[], values: ort.Tensor[], steps = 1): void {
     this.kv.append(keys, values, steps);
   }
 
@@ -122,17 +121,24 @@ export class Batch<R extends BatchRow> {
    * The delta feeds and the past K/V for a run over every row; without `past`, a first prefill
    * chunk's empty past. `packed`: feed only each row's first `packed` slots (a copy), not the whole capacity.
    */
-  feeds(past: boolean, packed?: number): Record<string, ort.Tensor> {
-    const { layers, kvHeads, headDim } = this.io;
-    const rows = this.rows.length;
-    const cap = past ? packed ?? this.kv.capacity : 0;
-    const f = this.banks.feeds();
-    for (let l = 0; l < layers; l++) {
-      for (const t of ['key', 'value'] as const) {
-        const data = !past ? new Float32Array(0) : packed === undefined ? this.kv.pastView(l, t) : this.kv.pastPacked(l, t, packed);
-        f[`past_key_values.${l}.${t}`] = new ort.Tensor('float32', data, [rows, kvHeads, cap, headDim]);
-      }
-    }
-    return f;
+  async feeds(past: boolean, transfer: Transfer, packed?: number): Promise<Record<string, ort.Tensor>> {
+    await this.kv.settle(transfer);
+    return { ...(await this.bankFeeds.feeds(this.banks.stampedFeeds(), transfer)), ...(await this.kv.pastFeeds(past, transfer, packed)) };
+  }
+
+  /** Past slots a run's feeds hold (the attention mask's past columns). */
+  pastSlots(past: boolean, packed?: number): number {
+    return this.kv.pastSlots(past, packed);
+  }
+
+  /** Waits for the device's row moves, adding what crossed to `transfer`. */
+  settle(transfer: Transfer): Promise<void> {
+    return this.kv.settle(transfer);
+  }
+
+  /** Frees the batch's device memory (its rows have moved on). */
+  release(): void {
+    this.kv.release();
+    this.bankFeeds.release();
   }
 }

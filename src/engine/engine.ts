@@ -6,6 +6,7 @@
  *
  * Rows, their KV cache and their delta banks' slices live together in a
  * Batch (batch.ts): the decode batch, and the prefill group being prefilled.
+ * Where they live, host arrays or device tensors, is the Device's (device/).
  */
 import * as ort from 'onnxruntime-node';
 import type { DecoderIO } from '../backbone/decoder-io.js';
@@ -17,6 +18,8 @@ import { LOGPROBS_ON, LOGSUMEXP, TOP_LOGPROB_IDS, TOP_LOGPROBS } from '../backbo
 import { noPromptEmbeds, PROMPT_EMBEDS } from '../backbone/rewrite/prompt-embeds.js';
 import type { DeltaPrefix } from '../deltas/types.js';
 import { Batch, type BatchRow } from './batch.js';
+import { HostDevice } from './device/cpu.js';
+import type { Device, HostRows, Transfer } from './device/device.js';
 import { tokenLogprobs, type TokenLogprobs } from './logprobs.js';
 import type { EngineFinish, RowRequest, StepResult } from './protocol.js';
 import { RowSampler } from './sampler.js';
@@ -30,6 +33,8 @@ export interface EngineOptions {
   maxPositions: number;
   /** Whether the provider takes zero-size tensors (an unused LoRA site is then free); see BankOptions. */
   zeroSizeTensors?: boolean;
+  /** Where the KV cache and banks live; the host (CPU provider) by default. */
+  device?: Device;
 }
 
 interface Row {
@@ -82,6 +87,7 @@ export class Engine {
    */
   private readonly kvOutputs: string[];
   private readonly fetches: Record<'greedy' | 'logits', [plain: string[], withLogprobs: string[]]>;
+  private readonly device: Device;
   /** The graph's `prompt_embeds` input, fed one zero (no virtual tokens) on every step; null when the graph has none. */
   private readonly noPromptEmbeds: ort.Tensor | null;
 
@@ -91,17 +97,19 @@ export class Engine {
     private readonly sites: SiteLayout[],
     private readonly opts: EngineOptions,
   ) {
+    this.device = opts.device ?? new HostDevice();
     this.decoding = this.newBatch(opts.maxBatch);
     this.eos = new Set(opts.eosTokenIds);
     this.kvOutputs = Array.from({ length: io.layers }, (_, l) => [newKvName(l, 'key'), newKvName(l, 'value')]).flat();
-    const fetch = (pick: string) =>
-      [[pick, LOGITS_NONFINITE, ...this.kvOutputs], [pick, LOGITS_NONFINITE, ...LOGPROB_OUTPUTS, ...this.kvOutputs]] as [string[], string[]];
-    this.fetches = { greedy: fetch(GREEDY_TOKEN), logits: fetch('logits') };
+    const fetch = (...pick: string[]) =>
+      [[...pick, LOGITS_NONFINITE, ...this.kvOutputs], [...pick, LOGITS_NONFINITE, ...LOGPROB_OUTPUTS, ...this.kvOutputs]] as [string[], string[]];
+    // Where the logits stay on a device, greedy rows of a sampling step read the argmax, and only sampling rows' logits come back.
+    this.fetches = { greedy: fetch(GREEDY_TOKEN), logits: this.device.logitsOnHost ? fetch('logits') : fetch(GREEDY_TOKEN, 'logits') };
     this.noPromptEmbeds = session.inputNames.includes(PROMPT_EMBEDS) ? noPromptEmbeds() : null;
   }
 
   private newBatch(maxRows: number): Batch<Row> {
-    return new Batch(this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true, maxTokens: this.opts.maxPositions - 1 });
+    return new Batch(this.device, this.io, this.sites, { maxRows, zeroSize: this.opts.zeroSizeTensors ?? true, maxTokens: this.opts.maxPositions - 1 });
   }
 
   add(req: RowRequest): void {
@@ -145,11 +153,11 @@ export class Engine {
       tokens: [], finished: [], rows: [],
       stats: {
         decodeRows: 0, prefillRows: 0, prefillTokens: 0, decodeMs: 0, prefillMs: 0,
-        kvTokens: 0, kvBytes: 0, bankBytes: 0, transferBytes: 0, runningDeltas: [],
+        kvTokens: 0, kvBytes: 0, bankBytes: 0, transfer: { toDevice: 0, toHost: 0 }, runningDeltas: [],
       },
     };
     this.applyCancellations(result);
-    if (!this.group) await this.formGroup();
+    if (!this.group) await this.formGroup(result.stats.transfer);
     if (this.group) await this.prefillChunk(this.group, result);
     if (this.decoding.size) await this.decode(result);
     result.rows = this.rowIds();
@@ -174,7 +182,10 @@ export class Engine {
         done(g.batch.remove(i));
         moveLastInto(g.pads, i);
       }
-      if (g.batch.size === 0) this.group = null;
+      if (g.batch.size === 0) {
+        g.batch.release();
+        this.group = null;
+      }
     }
     for (let i = this.decoding.size - 1; i >= 0; i--) {
       if (this.cancelled.has(this.decoding.rows[i].req.rowId)) done(this.decoding.remove(i));
@@ -182,25 +193,31 @@ export class Engine {
     this.cancelled.clear();
   }
 
-  private async formGroup(): Promise<void> {
+  private async formGroup(transfer: Transfer): Promise<void> {
     const room = this.opts.maxBatch - this.decoding.size;
     if (room <= 0 || !this.pending.length) return;
     // Rows of one group are left-padded to its longest prompt: a row joins only while
     // padding stays under half the real tokens, so one long prompt cannot make every
     // short one pay for its length (it gets a group of its own, next).
+    // Nor while the longest prefix and the longest prompt together would pass the KV capacity (the
+    // context less one): each fits alone (the scheduler's check), not necessarily beside the other.
     let take = 1;
     let longest = this.pending[0].req.promptIds.length;
+    let prefix = prefixTokens(this.pending[0]);
     let real = longest;
     while (take < Math.min(room, this.pending.length)) {
-      const len = this.pending[take].req.promptIds.length;
+      const next = this.pending[take];
+      const len = next.req.promptIds.length;
       const nextLongest = Math.max(longest, len);
-      if (nextLongest * (take + 1) > PADDING_LIMIT * (real + len)) break;
+      const nextPrefix = Math.max(prefix, prefixTokens(next));
+      if (nextLongest * (take + 1) > PADDING_LIMIT * (real + len) || nextPrefix + nextLongest > this.opts.maxPositions - 1) break;
       longest = nextLongest;
+      prefix = nextPrefix;
       real += len;
       take++;
     }
     // Before the rows leave `pending`: if this fails, the step's error handler still finds them there.
-    for (const r of this.pending.slice(0, take)) if (r.req.delta?.prefix) await this.computePrefix(r.req.delta.prefix);
+    for (const r of this.pending.slice(0, take)) if (r.req.delta?.prefix) await this.computePrefix(r.req.delta.prefix, transfer);
     const rows = this.pending.splice(0, take);
     const batch = this.newBatch(rows.length);
     for (const r of rows) batch.add(r);
@@ -218,26 +235,32 @@ export class Engine {
    * prompt. Written into the delta's shared buffers, so later requests that
    * carry the same loaded delta find it ready.
    */
-  private async computePrefix(prefix: DeltaPrefix): Promise<void> {
+  private async computePrefix(prefix: DeltaPrefix, transfer: Transfer): Promise<void> {
     if (Atomics.load(prefix.ready, 0) === 1 || !prefix.embeds) return;
     if (!this.noPromptEmbeds) throw new Error('this backbone graph has no prompt_embeds input (no embedding Gather of input_ids was found), so prompt-tuned tasks cannot run on it');
     const P = prefix.tokens;
-    const bare = new Batch<BatchRow>(this.io, this.sites, { maxRows: 1, zeroSize: this.opts.zeroSizeTensors ?? true });
+    const bare = new Batch<BatchRow>(this.device, this.io, this.sites, { maxRows: 1, zeroSize: this.opts.zeroSizeTensors ?? true });
     bare.add({ req: { delta: null } });
+    // A device that takes no empty past feeds a masked-out slot.
+    const pastLen = bare.pastSlots(false);
     const feeds: Record<string, ort.Tensor> = {
       input_ids: i64(Array.from({ length: P }, (_, i) => this.io.vocabSize + i), [1, P]),
-      attention_mask: i64(new Array<number>(P).fill(1), [1, P]),
-      ...bare.feeds(false),
+      attention_mask: i64([...new Array<number>(pastLen).fill(0), ...new Array<number>(P).fill(1)], [1, pastLen + P]),
+      ...(await bare.feeds(false, transfer)),
       [LOGPROBS_ON]: LOGPROBS_NO,
       // slice(): onnxruntime-node refuses a tensor over shared memory.
       [PROMPT_EMBEDS]: new ort.Tensor('float32', prefix.embeds.slice(), [P, prefix.embeds.length / P]),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(Array.from({ length: P }, (_, i) => i), [1, P]);
-    const out = await this.session.run(feeds, this.kvOutputs);
-    const n = this.io.kvHeads * P * this.io.headDim;
-    for (let l = 0; l < this.io.layers; l++) {
-      prefix.keys.set(out[this.kvOutputs[2 * l]].data as Float32Array, l * n);
-      prefix.values.set(out[this.kvOutputs[2 * l + 1]].data as Float32Array, l * n);
+    try {
+      const out = await this.device.run(this.session, feeds, this.kvOutputs, transfer);
+      const n = this.io.kvHeads * P * this.io.headDim;
+      for (let l = 0; l < this.io.layers; l++) {
+        prefix.keys.set(await this.device.toHost(out[this.kvOutputs[2 * l]], transfer), l * n);
+        prefix.values.set(await this.device.toHost(out[this.kvOutputs[2 * l + 1]], transfer), l * n);
+      }
+    } finally {
+      bare.release();
     }
     Atomics.store(prefix.ready, 0, 1);
   }
@@ -253,12 +276,13 @@ export class Engine {
     feeds[LOGPROBS_ON] = logprobs ? LOGPROBS_YES : LOGPROBS_NO;
     if (this.noPromptEmbeds) feeds[PROMPT_EMBEDS] = this.noPromptEmbeds;
     const { layers, vocabSize } = this.io;
-    const out = await this.session.run(feeds, this.fetches[greedy ? 'greedy' : 'logits'][logprobs ? 1 : 0]);
-    for (const t of [...Object.values(feeds), ...Object.values(out)]) {
-      stats.transferBytes += (t.data as ArrayBufferView).byteLength;
-    }
+    const out = await this.device.run(this.session, feeds, this.fetches[greedy ? 'greedy' : 'logits'][logprobs ? 1 : 0], stats.transfer);
     const data = (name: string) => out[name].data as Float32Array;
-    const logits = greedy ? null : { data: data('logits'), vocab: vocabSize };
+    const sampling = rows.flatMap((r, b) => (r.sampler.greedy ? [] : [b]));
+    const logits: (HostRows & { vocab: number }) | null = greedy
+      ? null
+      : { ...(await this.device.hostRows(out.logits, this.device.logitsOnHost ? [] : sampling, vocabSize, stats.transfer)), vocab: vocabSize };
+    const argmax = (b: number) => Number((out[GREEDY_TOKEN].data as BigInt64Array)[b]);
     const step = logprobs
       ? { top: data(TOP_LOGPROBS), ids: out[TOP_LOGPROB_IDS].data as BigInt64Array, logsumexp: data(LOGSUMEXP), k: out[TOP_LOGPROBS].dims[1] }
       : null;
@@ -268,15 +292,16 @@ export class Engine {
       nonFinite: (b: number) => Number.isNaN(check[b]),
       /** Row b's next token: the graph's argmax, or sampled from row b's logits. */
       next: logits
-        ? (b: number) => rows[b].sampler.sample(logits.data, b * vocabSize, vocabSize)
-        : (b: number) => Number((out[GREEDY_TOKEN].data as BigInt64Array)[b]),
+        ? (b: number) => (this.device.logitsOnHost || !rows[b].sampler.greedy ? rows[b].sampler.sample(logits.data, logits.offset(b), vocabSize) : argmax(b))
+        : argmax,
       /** Row b's logprobs for the token it picked, when it asked for them. */
       logprobs: (b: number, token: number): TokenLogprobs | undefined => {
         const n = rows[b].req.logprobs;
-        return step && n !== undefined ? tokenLogprobs(step, b, token, n, logits) : undefined;
+        const ownLogits = logits && (this.device.logitsOnHost || !rows[b].sampler.greedy) ? logits : null;
+        return step && n !== undefined ? tokenLogprobs(step, b, token, n, ownLogits) : undefined;
       },
-      keys: Array.from({ length: layers }, (_, l) => data(this.kvOutputs[2 * l])),
-      values: Array.from({ length: layers }, (_, l) => data(this.kvOutputs[2 * l + 1])),
+      keys: Array.from({ length: layers }, (_, l) => out[this.kvOutputs[2 * l]]),
+      values: Array.from({ length: layers }, (_, l) => out[this.kvOutputs[2 * l + 1]]),
     };
   }
 
@@ -305,7 +330,7 @@ export class Engine {
     const hasPast = start > 0 || slots > 0;
     const pack = start === 0 || g.batch.kvCapacity + chunk > this.opts.maxPositions;
     const packed = hasPast && pack ? slots + start : undefined;
-    const pastLen = hasPast ? packed ?? g.batch.kvCapacity : 0;
+    const pastLen = g.batch.pastSlots(hasPast, packed);
     const mask = new Array<number>(n * (pastLen + chunk));
     for (let b = 0; b < n; b++) {
       const row = b * (pastLen + chunk);
@@ -319,7 +344,7 @@ export class Engine {
     const feeds: Record<string, ort.Tensor> = {
       input_ids: i64(ids, [n, chunk]),
       attention_mask: i64(mask, [n, pastLen + chunk]),
-      ...g.batch.feeds(hasPast, packed),
+      ...(await g.batch.feeds(hasPast, result.stats.transfer, packed)),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(pos, [n, chunk]);
     const t0 = performance.now();
@@ -352,6 +377,9 @@ export class Engine {
       const segments = [{ start: g.prefixSlots - virtual, tokens: virtual }, { start: g.prefixSlots + g.pads[b], tokens: promptLen }];
       this.decoding.add(row, { batch: g.batch, index: b, segments: segments.filter((s) => s.tokens > 0) });
     }
+    // The rows' K/V are copied out (on a device, by queued runs): then the group's memory goes.
+    await this.decoding.settle(result.stats.transfer);
+    g.batch.release();
   }
 
   /** Row b of the step picks its token (with its logprobs, when asked). */
@@ -376,15 +404,11 @@ export class Engine {
     batch.reserveNextToken();
     const C = batch.kvCapacity;
     const len = batch.lengths;
-    const mask = new BigInt64Array(B * (C + 1));
-    for (let b = 0; b < B; b++) {
-      mask.fill(1n, b * (C + 1), b * (C + 1) + len[b]);
-      mask[b * (C + 1) + C] = 1n;
-    }
+    const transfer: Transfer = result.stats.transfer;
     const feeds: Record<string, ort.Tensor> = {
+      ...(await batch.feeds(true, transfer)),
       input_ids: i64(batch.rows.map((r) => r.lastToken), [B, 1]),
-      attention_mask: new ort.Tensor('int64', mask, [B, C + 1]),
-      ...batch.feeds(true),
+      attention_mask: await this.device.decodeMask(len, C, transfer),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(len, [B, 1]);
     const t0 = performance.now();

@@ -27,7 +27,7 @@ interface StepLogprobs {
  * which a step that samples has fetched anyway.
  */
 export function tokenLogprobs(
-  step: StepLogprobs, b: number, token: number, n: number, logits: { data: Float32Array; vocab: number } | null,
+  step: StepLogprobs, b: number, token: number, n: number, logits: { data: Float32Array; offset(b: number): number } | null,
 ): TokenLogprobs {
   const top: TokenLogprobs['top'] = [];
   let logprob: number | null = null;
@@ -39,6 +39,6 @@ export function tokenLogprobs(
   }
   // Only a sampled token can miss the top k (the argmax is the top's first, ties included), and sampling
   // fetched the logits. A greedy token missing it means the row's values are not finite (NaN): no number to give.
-  logprob ??= logits ? logits.data[b * logits.vocab + token] - step.logsumexp[b] : Number.NaN;
+  logprob ??= logits ? logits.data[logits.offset(b) + token] - step.logsumexp[b] : Number.NaN;
   return { logprob, top };
 }

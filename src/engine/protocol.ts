@@ -31,8 +31,8 @@ export interface StepStats {
   kvBytes: number;
   /** Bytes the delta banks hold (decode batch and prefill group). */
   bankBytes: number;
-  /** Bytes of feeds given to and outputs taken from the session: what crosses the bus on a GPU. */
-  transferBytes: number;
+  /** Bytes that crossed between host and device this step (none on the CPU provider: ORT reads host arrays in place). */
+  transfer: { toDevice: number; toHost: number };
   /** Delta ids (task ids) of the rows now running. */
   runningDeltas: string[];
 }

@@ -5,6 +5,7 @@
  */
 import { parentPort } from 'node:worker_threads';
 import { createSession, takesZeroSizeTensors } from '../backbone/session.js';
+import { deviceFor, outputLocations } from './device/index.js';
 import { Engine } from './engine.js';
 import type { EngineInit, FromEngine, ToEngine } from './protocol.js';
 
@@ -16,13 +17,14 @@ let wake: (() => void) | null = null;
 let running = false;
 
 async function init(init: EngineInit): Promise<void> {
-  const session = await createSession(init.model, { ep: init.ep, threads: init.threads });
+  const session = await createSession(init.model, { ep: init.ep, threads: init.threads, outputLocations: outputLocations(init.ep) });
   engine = new Engine(session, init.io, init.sites, {
     maxBatch: init.maxBatch,
     prefillChunkTokens: init.prefillChunkTokens,
     eosTokenIds: init.eosTokenIds,
     maxPositions: init.maxPositions,
     zeroSizeTensors: takesZeroSizeTensors(init.ep),
+    device: deviceFor(init.ep, init.io.layers),
   });
   post({ type: 'ready' });
 }
