@@ -286,7 +286,7 @@ export class DeltaStore {
 
   /**
    * Sets the manifest's `pinned` flag in place: the new manifest is written
-   * beside the old one and renamed over it, so readers see one or the other.
+   * to a temp file and renamed over the old one, so readers see one or the other.
    * Null when there is no such delta.
    */
   async setPinned(id: string, pinned: boolean): Promise<StoredDelta | null> {
@@ -295,7 +295,8 @@ export class DeltaStore {
     const manifest: Manifest = { ...stored.manifest, pinned };
     const bytes = manifestBytesOf(manifest);
     const folder = join(this.dir, id);
-    const temp = join(folder, `${TMP}${MANIFEST}.${randomBytes(8).toString('hex')}`);
+    // Among the store's other temps (owner-named): a writer killed before the rename leaves nothing the startup sweep misses.
+    const temp = join(this.dir, `${TMP}${ownerTag()}${randomBytes(8).toString('hex')}`);
     try {
       await writeDurably(temp, bytes);
       await rename(temp, join(folder, MANIFEST));
