@@ -7,7 +7,7 @@ import { join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { loadBackbone, resolveModelDir } from './backbone/backbone.js';
 import type { Bits } from './backbone/quant/matmul-nbits.js';
-import { quantizeModelDir } from './backbone/quant/quantize-model.js';
+import { INTEGER_DEFAULTS, quantizeModelDir } from './backbone/quant/quantize-model.js';
 import { writeDemoDir } from './backbone/demo/materialize.js';
 import { demoSpec } from './backbone/demo/spec.js';
 import { engineModelSource } from './backbone/engine-model.js';
@@ -113,20 +113,29 @@ program.command('export')
   });
 
 program.command('quantize')
-  .description('write a quantized copy of a float model directory: every linear but lm_head as onnxruntime\'s MatMulNBits (round-to-nearest per block); embeddings stay float')
+  .description('write a quantized copy of a float model directory: every linear but lm_head as onnxruntime\'s MatMulNBits (round-to-nearest per block), ' +
+    'or with --format integer as MatMulInteger behind DynamicQuantizeLinear (onnxruntime quantize_dynamic\'s layout); embeddings stay float')
   .addOption(new Option('--bits <n>', 'bits per weight').choices(['4', '8']).makeOptionMandatory())
-  .addOption(new Option('--block <n>', 'weights per block along the input features (one scale and zero point each)').choices(['32', '64', '128']).default('32'))
+  .addOption(new Option('--format <f>', 'nbits: MatMulNBits, float activations; integer: 8-bit MatMulInteger, activations quantized at run time').choices(['nbits', 'integer']).default('nbits'))
+  .addOption(new Option('--block <n>', 'nbits: weights per block along the input features (one scale and zero point each)').choices(['32', '64', '128']).default('32'))
   .requiredOption('--model <dir|demo:family>', 'the float model directory (Optimum layout), or an embedded backbone')
   .requiredOption('--out <dir>', 'output directory (the same layout: serve it with DELTASERVE_MODEL)')
   .option('--include-lm-head', 'quantize lm_head too')
-  .addOption(new Option('--accuracy-level <n>', 'MatMulNBits accuracy_level: 0 float32 compute, 4 int8 activations').choices(['0', '1', '2', '3', '4']).default('0'))
+  .addOption(new Option('--accuracy-level <n>', 'nbits: MatMulNBits accuracy_level: 0 float32 compute, 4 int8 activations').choices(['0', '1', '2', '3', '4']).default('0'))
+  .addOption(new Option('--weight-type <t>', 'integer: int8 (symmetric) or uint8 weights').choices(['int8', 'uint8']).default(INTEGER_DEFAULTS.weightType))
+  .option('--per-tensor', 'integer: one scale per weight instead of one per output feature')
+  .option('--full-range', 'integer: all 8 bits (onnxruntime\'s reduce_range off; on by default, as onnx-community converts)')
   .action(async (o) => {
     const { dir } = await resolveModelDir({ model: o.model });
+    const integer = o.format === 'integer';
+    if (integer && o.bits !== '8') throw new Error(`--format integer is 8-bit only (MatMulInteger): use --bits 8, or --format nbits for ${o.bits}-bit`);
     const report = await quantizeModelDir(dir, resolve(o.out), {
-      bits: Number(o.bits) as Bits, blockSize: Number(o.block), includeLmHead: !!o.includeLmHead, accuracyLevel: Number(o.accuracyLevel),
+      format: o.format, bits: Number(o.bits) as Bits, blockSize: Number(o.block), includeLmHead: !!o.includeLmHead, accuracyLevel: Number(o.accuracyLevel),
+      integer: { weightType: o.weightType, perChannel: !o.perTensor, reduceRange: !o.fullRange },
     });
     const mb = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
-    console.log(`quantized ${report.quantized.length} linear modules to ${o.bits}-bit blocks of ${o.block}: ${mb(report.floatBytes)} of float32 weights -> ${mb(report.quantizedBytes)}`);
+    const as = integer ? `8-bit MatMulInteger (${o.weightType} weights ${o.perTensor ? 'per tensor' : 'per channel'}, dynamic activations)` : `${o.bits}-bit blocks of ${o.block}`;
+    console.log(`quantized ${report.quantized.length} linear modules to ${as}: ${mb(report.floatBytes)} of float32 weights -> ${mb(report.quantizedBytes)}`);
     for (const s of report.skipped) console.log(`  left float: ${s.module} (${s.reason})`);
     console.log(`wrote ${resolve(o.out)}: ${(await readdir(o.out)).join(', ')}`);
   });

@@ -3,11 +3,17 @@
  * it carries, or what a delta puts there): what OpenDelta's `delta.log()`
  * shows, for a whole ONNX model.
  */
-import type { BackboneInfo } from './types.js';
+import type { BackboneInfo, Quantization } from './types.js';
 
 interface TreeNode {
   children: Map<string, TreeNode>;
   label?: string;
+}
+
+/** `MatMulNBits 4-bit, block 32`; `MatMulInteger 8-bit, dynamic activations, int8 weights per channel`. */
+export function describeQuantization(q: Quantization): string {
+  if (q.format === 'MatMulNBits') return `MatMulNBits ${q.bits}-bit, block ${q.blockSize}`;
+  return `MatMulInteger ${q.bits}-bit, dynamic activations, ${q.weightType} weights ${q.perChannel ? 'per channel' : 'per tensor'}`;
 }
 
 export function renderModuleTree(info: BackboneInfo, notes: ReadonlyMap<string, string>, title = ''): string {
@@ -25,7 +31,7 @@ export function renderModuleTree(info: BackboneInfo, notes: ReadonlyMap<string, 
       node = node.children.get(p)!;
     }
     const note = notes.get(m.name);
-    const q = m.quantization ? ` ${m.quantization.format} ${m.quantization.bits}-bit, block ${m.quantization.blockSize}` : '';
+    const q = m.quantization ? ` ${describeQuantization(m.quantization)}` : '';
     node.label = `Linear ${m.inFeatures}→${m.outFeatures}${q}${note ? `  [${note}]` : ''}`;
   }
   const quantized = info.modules.filter((m) => m.quantization).length;

@@ -5,12 +5,16 @@
  */
 import { createHash } from 'node:crypto';
 import { GraphIndex, modulePathOf } from './onnx/graph-index.js';
-import { attrInt, dimsOf, floatData, type GraphProto, type NodeProto } from './onnx/proto.js';
+import { attrInt, DataType, dimsOf, floatData, type GraphProto, type NodeProto } from './onnx/proto.js';
 import type { LinearModule, Quantization } from './types.js';
 
 export interface LinearSite extends LinearModule {
-  /** The MatMul or Gemm computing `x · W`. */
+  /** The MatMul, Gemm, MatMulNBits or MatMulInteger computing `x · W`. */
   node: NodeProto;
+  /** The float tensor the module reads: the op's input, or what a DynamicQuantizeLinear quantizes for it. */
+  input: string;
+  /** A MatMulInteger's activation quantization: the DynamicQuantizeLinear and the Mul taking its scale. */
+  dynamic?: { quantize: NodeProto; scalesMul: NodeProto };
   /** The tensor carrying the module's full output (after its bias Add when the bias is a separate node). */
   output: string;
   /**
@@ -26,19 +30,22 @@ function layerOf(path: string): number | null {
   return m ? Number(m[1]) : null;
 }
 
-/** Finds every MatMul/Gemm against a 2-D weight initializer, and every MatMulNBits, and names it by its scope. */
+/**
+ * Finds every MatMul/Gemm against a 2-D weight initializer, every MatMulNBits,
+ * and every MatMulInteger in quantize_dynamic's layout, and names it by its scope.
+ */
 export function findLinearModules(graph: GraphProto): LinearSite[] {
   const index = new GraphIndex(graph);
   const found: LinearSite[] = [];
   const seen = new Set<string>();
   for (const node of graph.node ?? []) {
-    const shape = node.opType === 'MatMulNBits' ? nbitsShape(node, index) : floatShape(node, index);
+    const shape = node.opType === 'MatMulNBits' ? nbitsShape(node, index) : node.opType === 'MatMulInteger' ? integerShape(node, index) : floatShape(node, index);
     if (!shape) continue;
     const name = modulePathOf(node.name ?? '');
     if (!name || seen.has(name)) continue;
-    const { inFeatures, outFeatures, quantization } = shape;
+    const { inFeatures, outFeatures, quantization, dynamic } = shape;
     let biasInitializer: string | null = null;
-    let output = node.output![0];
+    let output = shape.output ?? node.output![0];
     // Gemm's C, or MatMulNBits' optional bias (input 5).
     const biasInput = node.opType === 'Gemm' ? node.input?.[2] : node.opType === 'MatMulNBits' ? node.input?.[5] : undefined;
     if (biasInput && index.initializers.has(biasInput)) {
@@ -59,7 +66,9 @@ export function findLinearModules(graph: GraphProto): LinearSite[] {
     found.push({
       name, kind: 'linear', inFeatures, outFeatures, layer: layerOf(name), biasInitializer,
       node, output, twoD: quantization ? null : node.opType === 'Gemm',
+      input: dynamic ? dynamic.quantize.input![0] : node.input![0],
       ...(quantization ? { quantization } : {}),
+      ...(dynamic ? { dynamic } : {}),
     });
   }
   return found;
@@ -69,6 +78,9 @@ interface LinearShape {
   inFeatures: number;
   outFeatures: number;
   quantization?: Quantization;
+  /** Where the product leaves the op's chain, when that is not the op's own output. */
+  output?: string;
+  dynamic?: LinearSite['dynamic'];
 }
 
 /** A MatMul/Gemm against a 2-D float weight initializer. */
@@ -89,6 +101,35 @@ function nbitsShape(node: NodeProto, index: GraphIndex): LinearShape | null {
   const blockSize = attrInt(node, 'block_size');
   if (!K || !N || !blockSize) return null;
   return { inFeatures: K, outFeatures: N, quantization: { format: 'MatMulNBits', bits: attrInt(node, 'bits') ?? 4, blockSize } };
+}
+
+/**
+ * ONNX MatMulInteger as onnxruntime's quantize_dynamic writes it (operators/matmul.py):
+ * DynamicQuantizeLinear(x) → MatMulInteger(x_q, W_q [K, N] int8/uint8 initializer, x_zp, W_zp)
+ * → Cast(float) → Mul by Mul(x_scale, W_scale). Anything else is not taken for a linear.
+ */
+function integerShape(node: NodeProto, index: GraphIndex): LinearShape | null {
+  const weight = index.initializers.get(node.input?.[1] ?? '');
+  if (!weight || dimsOf(weight).length !== 2 || (weight.dataType !== DataType.INT8 && weight.dataType !== DataType.UINT8)) return null;
+  const quantize = index.producer.get(node.input![0]);
+  if (quantize?.opType !== 'DynamicQuantizeLinear' || node.input?.[2] !== quantize.output?.[2]) return null;
+  const only = (tensor: string, opType: string) => {
+    const next = index.consumersOf(tensor);
+    return next.length === 1 && next[0].opType === opType ? next[0] : null;
+  };
+  const cast = only(node.output![0], 'Cast');
+  const mul = cast && only(cast.output![0], 'Mul');
+  const scalesMul = mul && index.producer.get(mul.input!.find((i) => i !== cast.output![0])!);
+  if (!mul || scalesMul?.opType !== 'Mul' || !scalesMul.input!.includes(quantize.output![1])) return null;
+  const weightScale = index.initializers.get(scalesMul.input!.find((i) => i !== quantize.output![1])!);
+  const [K, N] = dimsOf(weight);
+  return {
+    inFeatures: K, outFeatures: N, output: mul.output![0], dynamic: { quantize, scalesMul },
+    quantization: {
+      format: 'MatMulInteger', bits: 8, weightType: weight.dataType === DataType.INT8 ? 'int8' : 'uint8',
+      perChannel: !!weightScale && dimsOf(weightScale).some((d) => d > 1), activations: 'dynamic',
+    },
+  };
 }
 
 export function fingerprintOf(modules: LinearModule[]): string {

@@ -18,11 +18,29 @@ export interface LinearModule {
   quantization?: Quantization;
 }
 
-/** A quantized linear's storage: onnxruntime's MatMulNBits (bits, block size along the input features). */
-export interface Quantization {
+/** A quantized linear's storage: onnxruntime's MatMulNBits (bits, block size along the input features), or MatMulInteger. */
+export type Quantization = NBitsQuantization | IntegerQuantization;
+
+export interface NBitsQuantization {
   format: 'MatMulNBits';
   bits: number;
   blockSize: number;
+}
+
+/**
+ * ONNX MatMulInteger on 8-bit weights behind a DynamicQuantizeLinear of its
+ * input, as onnxruntime's `quantize_dynamic` writes it (onnx-community's
+ * `model_quantized.onnx`): the activations are quantized to uint8 at run time,
+ * over the whole tensor, with one scale and zero point per step.
+ */
+export interface IntegerQuantization {
+  format: 'MatMulInteger';
+  bits: 8;
+  /** The weight's type: int8 (symmetric) or uint8. */
+  weightType: 'int8' | 'uint8';
+  /** One scale and zero point per output feature, or one for the whole weight. */
+  perChannel: boolean;
+  activations: 'dynamic';
 }
 
 export interface BackboneInfo {

@@ -1,9 +1,13 @@
 /**
  * `deltaserve quantize`: a quantized copy of a float export. Every linear
- * module's MatMul/Gemm becomes onnxruntime's MatMulNBits over its weight
- * quantized block-wise (matmul-nbits.ts), in the same node scope, so module
- * names, delta sites and PEFT targets stay what they were. Embeddings (Gather)
- * are not linears and stay float; `lm_head` stays float unless asked.
+ * module's MatMul/Gemm becomes, in the same node scope (so module names, delta
+ * sites and PEFT targets stay what they were), either onnxruntime's
+ * MatMulNBits over its weight quantized block-wise (matmul-nbits.ts), or — the
+ * `integer` format — the layout onnxruntime's `quantize_dynamic` writes
+ * (onnx-community's `model_quantized.onnx`): DynamicQuantizeLinear on the
+ * input, MatMulInteger on 8-bit weights (matmul-integer.ts), Cast, and a Mul by
+ * the product of the two scales. Embeddings (Gather) are not linears and stay
+ * float; `lm_head` stays float unless asked.
  */
 import { copyFile, mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
@@ -14,13 +18,22 @@ import {
   attribute, DataType, dimsOf, encodeModel, floatData, floatTensor, onnx, tensorBytes, attrInt,
   type ModelProto, type NodeProto, type TensorProto,
 } from '../onnx/proto.js';
+import { quantizeInteger, type IntegerWeightOptions } from './matmul-integer.js';
 import { blobSize, blocksPerRow, quantizeBlockwise, quantizedBytes, type Bits } from './matmul-nbits.js';
 
 export const MS_DOMAIN = 'com.microsoft';
 const PROTOBUF_LIMIT = 2 ** 31 - 2 ** 24;
 
+export type QuantizeFormat = 'nbits' | 'integer';
+
+/** onnxruntime's defaults as onnx-community's conversion script calls quantize_dynamic: int8 weights, per channel, reduce_range. */
+export const INTEGER_DEFAULTS: IntegerWeightOptions = { weightType: 'int8', perChannel: true, reduceRange: true };
+
 export interface QuantizeOptions {
+  /** MatMulNBits (the default), or MatMulInteger behind DynamicQuantizeLinear (8-bit only). */
+  format?: QuantizeFormat;
   bits: Bits;
+  /** MatMulNBits only. */
   blockSize: number;
   /** Quantize lm_head too (off by default: the logits are the most sensitive product of the model). */
   includeLmHead?: boolean;
@@ -30,6 +43,8 @@ export interface QuantizeOptions {
    * (faster on CPUs with int8 dot products, less exact).
    */
   accuracyLevel?: number;
+  /** The integer format's weights (INTEGER_DEFAULTS unless given). */
+  integer?: IntegerWeightOptions;
 }
 
 export interface QuantizeReport {
@@ -55,9 +70,85 @@ function unsupported(site: LinearSite, weight: TensorProto): string | null {
   return null;
 }
 
+interface LinearParts {
+  scope: string;
+  /** The float input the linear reads. */
+  input: string;
+  /** The tensor its product goes to (before any bias Add). */
+  output: string;
+  K: number;
+  N: number;
+  /** W[n, k]: output feature n, input feature k. */
+  weightAt: (n: number, k: number) => number;
+}
+
+/** MatMulNBits over the weight quantized block-wise, named `<scope>/MatMulNBits`. */
+function nbitsLinear(g: GraphEditor, p: LinearParts & { site: LinearSite; opts: QuantizeOptions }): { nodes: NodeProto[]; bytes: number } {
+  const { K, N, opts } = p;
+  const q = quantizeBlockwise(p.weightAt, N, K, opts.bits, opts.blockSize);
+  const prefix = `${p.site.name}.weight_q${opts.bits}`;
+  const u8 = (name: string, bytes: Uint8Array, dims: number[]): TensorProto => ({ name, dataType: DataType.UINT8, dims, rawData: bytes });
+  g.initializer(u8(prefix, q.packed, [N, blocksPerRow(K, opts.blockSize), blobSize(opts.blockSize, opts.bits)]));
+  g.initializer(floatTensor(`${prefix}.scales`, q.scales, [q.scales.length]));
+  g.initializer(u8(`${prefix}.zero_points`, q.zeroPoints, [q.zeroPoints.length]));
+  const node: NodeProto = {
+    name: `${p.scope}/MatMulNBits`, opType: 'MatMulNBits', domain: MS_DOMAIN,
+    input: [p.input, prefix, `${prefix}.scales`, `${prefix}.zero_points`],
+    output: [p.output],
+    attribute: [
+      attribute('K', K), attribute('N', N), attribute('bits', opts.bits), attribute('block_size', opts.blockSize),
+      attribute('accuracy_level', opts.accuracyLevel ?? 0),
+    ],
+  };
+  return { nodes: [node], bytes: quantizedBytes(q) };
+}
+
+/**
+ * onnxruntime's QOpMatMul/MatMulInteger layout (operators/matmul.py), names
+ * and all: the linear is a MatMul `<scope>/MatMul` (a Gemm becomes MatMul + Add),
+ * quantized as `<scope>/MatMul_quant` reading `<input>_quantized`,
+ * `<weight>_quantized`, `<input>_zero_point`, `<weight>_zero_point`, writing
+ * `<output>_output_quantized`, cast to float by `<output>_output_quantized_cast`,
+ * times the scales' product `<scope>/MatMul_quant_scales_mul:0`.
+ */
+function integerLinear(
+  g: GraphEditor,
+  p: LinearParts & { weight: string; dqlOf: Map<string, string[]>; opts: IntegerWeightOptions },
+): { nodes: NodeProto[]; bytes: number } {
+  const { K, N } = p;
+  const q = quantizeInteger((k, n) => p.weightAt(n, k), K, N, p.opts);
+  const type = p.opts.weightType === 'int8' ? DataType.INT8 : DataType.UINT8;
+  const bytesOf = (a: Int8Array | Uint8Array) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+  g.initializer({ name: `${p.weight}_quantized`, dataType: type, dims: [K, N], rawData: bytesOf(q.codes) });
+  // Per-tensor parameters are scalars, per-channel ones [N] (base_quantizer.quantize_weight_per_channel_impl).
+  const paramDims = p.opts.perChannel ? [N] : [];
+  g.initializer({ ...floatTensor(`${p.weight}_scale`, q.scales, paramDims), dims: paramDims });
+  g.initializer({ name: `${p.weight}_zero_point`, dataType: type, dims: paramDims, rawData: bytesOf(q.zeroPoints) });
+  const nodes: NodeProto[] = [];
+  let dq = p.dqlOf.get(p.input);
+  if (!dq) {
+    dq = [`${p.input}_quantized`, `${p.input}_scale`, `${p.input}_zero_point`];
+    p.dqlOf.set(p.input, dq);
+    nodes.push({ name: `${p.input}_QuantizeLinear`, opType: 'DynamicQuantizeLinear', input: [p.input], output: dq });
+  }
+  const name = `${p.scope}/MatMul_quant`;
+  const product = `${p.output}_output_quantized`;
+  nodes.push(
+    { name, opType: 'MatMulInteger', input: [dq[0], `${p.weight}_quantized`, dq[2], `${p.weight}_zero_point`], output: [product] },
+    { name: `${product}_cast`, opType: 'Cast', input: [product], output: [`${product}_cast_output`], attribute: [attribute('to', DataType.FLOAT)] },
+    { name: `${name}_scales_mul`, opType: 'Mul', input: [dq[1], `${p.weight}_scale`], output: [`${name}_scales_mul:0`] },
+    { name: `${name}_output_scale_mul`, opType: 'Mul', input: [`${product}_cast_output`, `${name}_scales_mul:0`], output: [p.output] },
+  );
+  return { nodes, bytes: q.codes.byteLength + q.scales.byteLength + q.zeroPoints.byteLength };
+}
+
 /** Rewrites `model` (its external data under `baseDir`) with quantized linears; returns the new model, self-contained. */
 export function quantizeModel(model: ModelProto, baseDir: string, opts: QuantizeOptions): { model: ModelProto; report: QuantizeReport } {
   const g = new GraphEditor(model);
+  const integer = opts.format === 'integer' ? (opts.integer ?? INTEGER_DEFAULTS) : null;
+  if (integer && opts.bits !== 8) throw new Error(`the integer format (MatMulInteger) is 8-bit only, not ${opts.bits}-bit: use --bits 8, or --format nbits for ${opts.bits}-bit`);
+  // quantize_dynamic quantizes a tensor read by several linears (q, k and v) once: one DynamicQuantizeLinear each.
+  const dqlOf = new Map<string, string[]>();
   const report: QuantizeReport = { quantized: [], skipped: [], floatBytes: 0, quantizedBytes: 0 };
   const weights = new Map((model.graph!.initializer ?? []).map((t) => [t.name!, t]));
   for (const site of findLinearModules(model.graph!)) {
@@ -82,31 +173,21 @@ export function quantizeModel(model: ModelProto, baseDir: string, opts: Quantize
     const N = site.outFeatures;
     // MatMul and Gemm keep W as [in, out]; Gemm with transB as [out, in] (a tied lm_head reading the embedding).
     const transB = src.opType === 'Gemm' && attrInt(src, 'transB') === 1;
-    const q = quantizeBlockwise(transB ? (n, k) => data[n * d1 + k] : (n, k) => data[k * d1 + n], N, K, opts.bits, opts.blockSize);
-    const prefix = `${site.name}.weight_q${opts.bits}`;
-    const u8 = (name: string, bytes: Uint8Array, dims: number[]): TensorProto => ({ name, dataType: DataType.UINT8, dims, rawData: bytes });
-    g.initializer(u8(prefix, q.packed, [N, blocksPerRow(K, opts.blockSize), blobSize(opts.blockSize, opts.bits)]));
-    g.initializer(floatTensor(`${prefix}.scales`, q.scales, [q.scales.length]));
-    g.initializer(u8(`${prefix}.zero_points`, q.zeroPoints, [q.zeroPoints.length]));
+    const weightAt = transB ? (n: number, k: number) => data[n * d1 + k] : (n: number, k: number) => data[k * d1 + n];
     const scope = src.name!.slice(0, src.name!.lastIndexOf('/'));
     const bias = src.opType === 'Gemm' ? src.input?.[2] : undefined;
     const out = src.output![0];
-    const nbits: NodeProto = {
-      name: `${scope}/MatMulNBits`, opType: 'MatMulNBits', domain: MS_DOMAIN,
-      input: [src.input![0], prefix, `${prefix}.scales`, `${prefix}.zero_points`],
-      output: [bias ? `${scope}/MatMulNBits_output_0` : out],
-      attribute: [
-        attribute('K', K), attribute('N', N), attribute('bits', opts.bits), attribute('block_size', opts.blockSize),
-        attribute('accuracy_level', opts.accuracyLevel ?? 0),
-      ],
-    };
-    const at = g.nodes.findIndex((n) => n.output?.[0] === out);
     // A Gemm's bias becomes its own Add, as an ORT-optimised Linear has it: BitFit reads the bias there.
-    const replacement = bias ? [nbits, { name: `${scope}/Add`, opType: 'Add', input: [nbits.output![0], bias], output: [out] }] : [nbits];
+    const linearOut = bias ? `${scope}/${integer ? 'MatMul' : 'MatMulNBits'}_output_0` : out;
+    const { nodes, bytes } = integer
+      ? integerLinear(g, { scope, input: src.input![0], weight: transB ? `${w.name}_transposed` : w.name!, output: linearOut, K, N, weightAt, dqlOf, opts: integer })
+      : nbitsLinear(g, { site, scope, input: src.input![0], output: linearOut, K, N, weightAt, opts });
+    const at = g.nodes.findIndex((n) => n.output?.[0] === out);
+    const replacement = bias ? [...nodes, { name: `${scope}/Add`, opType: 'Add', input: [linearOut, bias], output: [out] }] : nodes;
     g.nodes.splice(at, 1, ...replacement);
     report.quantized.push(site.name);
     report.floatBytes += N * K * 4;
-    report.quantizedBytes += quantizedBytes(q);
+    report.quantizedBytes += bytes;
   }
   g.pruneDead();
   g.sortTopologically();
@@ -115,10 +196,16 @@ export function quantizeModel(model: ModelProto, baseDir: string, opts: Quantize
     t.dataLocation === onnx.TensorProto.DataLocation.EXTERNAL
       ? { ...t, rawData: tensorBytes(t, baseDir), dataLocation: onnx.TensorProto.DataLocation.DEFAULT, externalData: [] }
       : t);
-  const opsetImport = [...(model.opsetImport ?? []).filter((o) => o.domain !== MS_DOMAIN), { domain: MS_DOMAIN, version: 1 }];
+  // MatMulInteger and DynamicQuantizeLinear are standard ONNX ops (opset 10 and 11); only MatMulNBits needs the contrib domain.
+  const opsetImport = integer ? model.opsetImport ?? [] : [...(model.opsetImport ?? []).filter((o) => o.domain !== MS_DOMAIN), { domain: MS_DOMAIN, version: 1 }];
   const metadataProps = [
     ...(model.metadataProps ?? []).filter((p) => p.key !== 'deltaserve.quantization'),
-    { key: 'deltaserve.quantization', value: JSON.stringify({ format: 'MatMulNBits', bits: opts.bits, block_size: opts.blockSize, method: 'round-to-nearest, asymmetric, per block' }) },
+    {
+      key: 'deltaserve.quantization',
+      value: JSON.stringify(integer
+        ? { format: 'MatMulInteger', bits: 8, weight_type: integer.weightType, per_channel: integer.perChannel, reduce_range: integer.reduceRange, activations: 'DynamicQuantizeLinear', method: "onnxruntime quantize_dynamic's" }
+        : { format: 'MatMulNBits', bits: opts.bits, block_size: opts.blockSize, method: 'round-to-nearest, asymmetric, per block' }),
+    },
   ];
   const graph = { ...g.graph(model.graph?.name ?? 'main'), initializer };
   return { model: onnx.ModelProto.create({ ...model, opsetImport, metadataProps, graph }), report };

@@ -18,7 +18,7 @@
  * values; a gated site sits in an If that skips it whole.
  */
 import { DataType, type GraphBuilder } from '../onnx/graph-builder.js';
-import { onnx } from '../onnx/proto.js';
+import { onnx, type NodeProto } from '../onnx/proto.js';
 import type { LinearSite } from '../modules.js';
 import type { BackboneInfo } from '../types.js';
 import type { GraphEditor } from './editor.js';
@@ -92,6 +92,21 @@ export const isRanked = (spec: BankSpec, features: SiteFeatures) => spec.dims(fe
 export const gateInput = (site: string) => `delta.${site}.on`;
 
 /**
+ * A MatMulInteger whose input a site replaced (IA³ scaling a feed-forward
+ * input) quantizes the new input with a DynamicQuantizeLinear of its own: the
+ * original one may be shared with other modules (q, k and v read one).
+ */
+function requantize(g: GraphEditor, node: NodeProto, scalesMul: NodeProto, input: string): void {
+  const shared = g.nodes.find((n) => n.opType === 'DynamicQuantizeLinear' && n.output?.[0] === node.input![0])!;
+  // The editor's copy of the scales' Mul (scalesMul belongs to the backbone's own graph).
+  const mul = g.nodes.find((n) => n.output?.[0] === scalesMul.output![0])!;
+  const [q, scale, zeroPoint] = g.nodeN('DynamicQuantizeLinear', [input], 3);
+  mul.input = mul.input!.map((i) => (i === shared.output![1] ? scale : i));
+  node.input![0] = q;
+  node.input![2] = zeroPoint;
+}
+
+/**
  * `float16`: the graph computes in float16. Banks stay float32 (the engine builds every bank as a
  * Float32Array, and a delta's small products keep their precision): x and y are cast to float32
  * around the sites and the result back to float16.
@@ -139,14 +154,19 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Rea
     g.scope(scope, () => {
       const toFloat = (t: string) => (float16 ? g.op('Cast', [t], { to: DataType.FLOAT }) : t);
       const toGraph = (t: string) => (float16 ? g.op('Cast', [t], { to: DataType.FLOAT16 }) : t);
-      const input = node.input![0];
+      // The float input: a MatMulInteger's sites read it before its DynamicQuantizeLinear.
+      const input = site.input;
       // A 2-D view gets its rows back; an op that takes either rank (twoD null) is reshaped the same way,
       // a no-op on a 3-D input, and everything goes back to the tensor's own shape at the end.
       const flat = site.twoD !== false;
       const x = toFloat(flat ? g.op('Reshape', [input, shape3d(inF)]) : input);
       let xIn = x;
       for (const s of sites) if (s.input) xIn = s.input({ g, x: xIn, bank });
-      if (xIn !== x) node.input![0] = toGraph(flat ? g.op('Reshape', [xIn, site.twoD ? g.ints([-1, inF]) : g.op('Shape', [input])]) : xIn);
+      if (xIn !== x) {
+        const replaced = toGraph(flat ? g.op('Reshape', [xIn, site.twoD ? g.ints([-1, inF]) : g.op('Shape', [input])]) : xIn);
+        if (site.dynamic) requantize(g, node, site.dynamic.scalesMul, replaced);
+        else node.input![0] = replaced;
+      }
 
       let y = toFloat(flat ? g.op('Reshape', [base, shape3d(outF)]) : base);
       for (const s of sites) {
