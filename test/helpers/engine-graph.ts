@@ -100,7 +100,7 @@ export interface Step {
 const i64 = (rows: number[][]) =>
   new ort.Tensor('int64', BigInt64Array.from(rows.flat().map((v) => BigInt(v))), [rows.length, rows[0].length]);
 
-function baseFeeds(step: Step): Record<string, ort.Tensor> {
+export function baseFeeds(step: Step): Record<string, ort.Tensor> {
   const B = step.ids.length;
   const S = step.ids[0].length;
   const P = step.past.len;
@@ -262,4 +262,23 @@ export function logSoftmax(logits: Float32Array): Float64Array {
 /** The n most likely ids of a log-softmax row, best first (ties: lower id first). */
 export function topIds(logprobs: Float64Array, n: number): number[] {
   return Array.from(logprobs.keys()).sort((a, b) => logprobs[b] - logprobs[a] || a - b).slice(0, n);
+}
+
+/**
+ * Greedy decoding through the original graph and its KV cache: the prompt in
+ * one step, then one token a step — the shapes a request alone in the engine
+ * runs (what an op whose result depends on the whole tensor, like
+ * DynamicQuantizeLinear's scale, needs to be compared on).
+ */
+export async function incrementalGreedy(sess: Session, io: DecoderIO, prompt: number[], n: number): Promise<number[]> {
+  const argmax = (l: Float32Array) => l.reduce((best, v, i) => (v > l[best] ? i : best), 0);
+  let step = await runOriginal(sess, io, { ids: [prompt], past: emptyCache(io, 1) });
+  let S = prompt.length;
+  const out: number[] = [];
+  for (;;) {
+    out.push(argmax(at(step.logits, S, io.vocabSize, 0, S - 1)));
+    if (out.length === n) return out;
+    step = await runOriginal(sess, io, { ids: [[out.at(-1)!]], past: step.present });
+    S = 1;
+  }
 }

@@ -140,3 +140,79 @@ export function peftLoraFactors(dir: string): LoraFactors {
   }
   return out;
 }
+
+// ------------------------------------------------- MatMulInteger (quantize_dynamic's layout)
+
+/** An 8-bit weight as ONNX DequantizeLinear reads it: W[k, n] = (q[k, n] − zp[n]) · scale[n] (or one zp and scale for all). */
+export function dequantizeIntegerPlain(codes: TensorProto, scale: TensorProto, zeroPoint: TensorProto | undefined): Float32Array {
+  const [K, N] = codes.dims!.map(Number);
+  const raw = bytesOf(codes);
+  const signed = codes.dataType === DataType.INT8;
+  const code = (bytes: Uint8Array, i: number) => (signed ? (bytes[i] << 24) >> 24 : bytes[i]);
+  const s = floatData(scale);
+  const zp = zeroPoint ? bytesOf(zeroPoint) : new Uint8Array(s.length);
+  const out = new Float32Array(K * N);
+  for (let k = 0; k < K; k++) {
+    for (let n = 0; n < N; n++) {
+      const c = s.length === 1 ? 0 : n;
+      out[k * N + n] = (code(raw, k * N + n) - code(zp, c)) * s[c];
+    }
+  }
+  return out;
+}
+
+/**
+ * The reference for a MatMulInteger model: each `MatMulInteger → Cast → Mul`
+ * becomes a float MatMul of the dequantized activations (the model's own
+ * DynamicQuantizeLinear, then the standard DequantizeLinear) and the plainly
+ * dequantized weight. A LoRA, where given, is merged as a dense
+ * ΔW = scale·(B·A)ᵀ applied to the float input x — the layer's activations
+ * are quantized for its integer product only, never for a delta beside it.
+ */
+export function dequantizedIntegerModel(model: ModelProto, lora: LoraFactors = new Map()): Uint8Array {
+  const graph = model.graph!;
+  const inits = new Map((graph.initializer ?? []).map((t) => [t.name!, t]));
+  const producer = new Map((graph.node ?? []).flatMap((n) => (n.output ?? []).map((o) => [o, n] as const)));
+  const consumer = (t: string) => (graph.node ?? []).find((n) => n.input?.includes(t))!;
+  const added: TensorProto[] = [];
+  const replaced = new Set<NodeProto>();
+  const extrasAt = new Map<NodeProto, NodeProto[]>();
+  for (const mm of (graph.node ?? []).filter((n) => n.opType === 'MatMulInteger')) {
+    const dql = producer.get(mm.input![0])!;
+    const cast = consumer(mm.output![0]);
+    const mul = consumer(cast.output![0]);
+    const [xq, xScale, xZp] = dql.output!;
+    const scalesMul = producer.get(mul.input!.find((i) => i !== cast.output![0])!)!;
+    const wScale = inits.get(scalesMul.input!.find((i) => i !== xScale)!)!;
+    const W = dequantizeIntegerPlain(inits.get(mm.input![1])!, wScale, mm.input![3] ? inits.get(mm.input![3]) : undefined);
+    const [K, N] = inits.get(mm.input![1])!.dims!.map(Number);
+    const base = mm.name!;
+    added.push(floatTensor(`${base}/W_dequantized`, W, [K, N]));
+    replaced.add(mm).add(cast).add(mul);
+    const extra: NodeProto[] = [];
+    extrasAt.set(mm, extra);
+    extra.push(
+      { name: `${base}/x_dequantize`, opType: 'DequantizeLinear', input: [xq, xScale, xZp], output: [`${base}/x_dequantized`] },
+      { name: `${base}/as_MatMul`, opType: 'MatMul', input: [`${base}/x_dequantized`, `${base}/W_dequantized`], output: [lora.has(moduleOf(base)) ? `${base}/y` : mul.output![0]] },
+    );
+    const f = lora.get(moduleOf(base));
+    if (f) {
+      const dW = new Float32Array(K * N);
+      for (let k = 0; k < K; k++) {
+        for (let o = 0; o < N; o++) {
+          let s = 0;
+          for (let j = 0; j < f.r; j++) s += f.B[o * f.r + j] * f.A[j * K + k];
+          dW[k * N + o] = f.scale * s;
+        }
+      }
+      added.push(floatTensor(`${base}/delta_W`, dW, [K, N]));
+      extra.push(
+        { name: `${base}/delta`, opType: 'MatMul', input: [dql.input![0], `${base}/delta_W`], output: [`${base}/delta_y`] },
+        { name: `${base}/plus_delta`, opType: 'Add', input: [`${base}/y`, `${base}/delta_y`], output: [mul.output![0]] },
+      );
+    }
+  }
+  // In the MatMulInteger's place: everything they read is produced before it.
+  const nodes = (graph.node ?? []).flatMap((n) => extrasAt.get(n) ?? (replaced.has(n) ? [] : [n]));
+  return encodeModel(onnx.ModelProto.create({ ...model, graph: { ...graph, node: nodes, initializer: [...(graph.initializer ?? []), ...added] } }));
+}
