@@ -22,7 +22,7 @@ import { after, before, describe, test } from 'node:test';
 import * as ort from 'onnxruntime-node';
 import request from 'supertest';
 import { resolveModelDir } from '../src/backbone/backbone.js';
-import { DataType, decodeModel, encodeModel, onnx, readModel, valueInfo } from '../src/backbone/onnx/proto.js';
+import { DataType, decodeModel, encodeModel, onnx, readModel } from '../src/backbone/onnx/proto.js';
 import { quantizeInteger, type IntegerWeightOptions } from '../src/backbone/quant/matmul-integer.js';
 import { createSession } from '../src/backbone/session.js';
 import { baseFeeds, emptyCache, incrementalGreedy, maxAbsDiff, testCacheDir } from './helpers/engine-graph.js';
@@ -198,7 +198,7 @@ for (const { model, args, lmHead, weightType, perChannel } of CASES) {
       assert.ok(firstLayer.length >= 4, firstLayer.join());
       const withOutputs = (bytes: Uint8Array) => {
         const m = decodeModel(bytes);
-        return encodeModel({ ...m, graph: { ...m.graph!, output: [...m.graph!.output!, ...firstLayer.map((t) => valueInfo(t, DataType.FLOAT, []))] } });
+        return encodeModel({ ...m, graph: { ...m.graph!, output: [...m.graph!.output!, ...firstLayer.map((name) => ({ name, type: { tensorType: { elemType: DataType.FLOAT } } }))] } });
       };
       const step = { ids: [backbone.tokenizer.encode(prompt(12, 4), { addSpecialTokens: true })], past: emptyCache(backbone.io, 1) };
       const outputs = async (bytes: Uint8Array) => (await createSession(bytes)).run(baseFeeds(step));

@@ -2,7 +2,10 @@
  * Quantized backbones (issue 17): the engine graph's decode step on
  * demo:gpt2-small in float32 and quantized by `deltaserve quantize` (8-bit and
  * 4-bit in blocks of 32, lm_head float or 4-bit too, activations float32 or
- * int8 — MatMulNBits' accuracy_level 0 or 4), bare and
+ * int8 — MatMulNBits' accuracy_level 0 or 4 — and 8-bit MatMulInteger behind
+ * DynamicQuantizeLinear, onnx-community's model_quantized.onnx layout), and on
+ * the full-size torch-exported GPT-2 (bench/lib/torch-kv.ts) in float32,
+ * 8-bit MatMulInteger and 4-bit, bare and
  * with 32 distinct r16 LoRAs on c_attn, at batch 1, 8 and 32; and the
  * resident memory of a process serving each (its own child process:
  * memory is not given back to the OS between backbones in one process).
@@ -26,6 +29,7 @@ import { planSites } from '../../src/deltas/kinds/index.js';
 import { DeltaBanks } from '../../src/engine/banks.js';
 import { fmt, mdTable, median, minimum, syntheticCAttnLora } from './common.js';
 import { stepFeeds } from './rewrite-step.js';
+import { torchGpt2Small } from './torch-kv.js';
 
 export interface QuantBenchOptions {
   rounds: number;
@@ -35,17 +39,26 @@ export interface QuantBenchOptions {
   log: (msg: string) => void;
 }
 
-/** The backbones compared; `quantize` null is the float32 export itself. */
-export const VARIANTS: { label: string; quantize: QuantizeOptions | null }[] = [
-  { label: 'float32', quantize: null },
-  { label: '8-bit', quantize: { bits: 8, blockSize: 32 } },
-  { label: '8-bit, int8 activations', quantize: { bits: 8, blockSize: 32, accuracyLevel: 4 } },
-  { label: '4-bit', quantize: { bits: 4, blockSize: 32 } },
-  { label: '4-bit + lm_head', quantize: { bits: 4, blockSize: 32, includeLmHead: true } },
-  { label: '4-bit + lm_head, int8 activations', quantize: { bits: 4, blockSize: 32, includeLmHead: true, accuracyLevel: 4 } },
+/** The float export a variant quantizes: demo:gpt2-small, or the full-size torch export of GPT-2 small. */
+export type QuantSource = 'demo' | 'torch';
+
+/** The backbones compared; `quantize` null is the float32 export itself, each source's "× float" reference. */
+export const VARIANTS: { source: QuantSource; label: string; quantize: QuantizeOptions | null }[] = [
+  { source: 'demo', label: 'float32', quantize: null },
+  { source: 'demo', label: '8-bit', quantize: { bits: 8, blockSize: 32 } },
+  { source: 'demo', label: '8-bit, int8 activations', quantize: { bits: 8, blockSize: 32, accuracyLevel: 4 } },
+  { source: 'demo', label: '8-bit MatMulInteger + lm_head', quantize: { format: 'integer', bits: 8, blockSize: 32, includeLmHead: true } },
+  { source: 'demo', label: '4-bit', quantize: { bits: 4, blockSize: 32 } },
+  { source: 'demo', label: '4-bit + lm_head', quantize: { bits: 4, blockSize: 32, includeLmHead: true } },
+  { source: 'demo', label: '4-bit + lm_head, int8 activations', quantize: { bits: 4, blockSize: 32, includeLmHead: true, accuracyLevel: 4 } },
+  { source: 'torch', label: 'torch float32', quantize: null },
+  { source: 'torch', label: 'torch 8-bit MatMulInteger + lm_head', quantize: { format: 'integer', bits: 8, blockSize: 32, includeLmHead: true } },
+  { source: 'torch', label: 'torch 4-bit', quantize: { bits: 4, blockSize: 32 } },
+  { source: 'torch', label: 'torch 4-bit + lm_head, int8 activations', quantize: { bits: 4, blockSize: 32, includeLmHead: true, accuracyLevel: 4 } },
 ];
 
 export interface QuantVariantResult {
+  source: QuantSource;
   label: string;
   /** Bytes of model.onnx on disk. */
   modelBytes: number;
@@ -57,16 +70,26 @@ export interface QuantVariantResult {
 export interface QuantBenchResult {
   opts: QuantBenchOptions;
   variants: QuantVariantResult[];
+  /** Why the torch export's rows are missing, when they are. */
+  torchSkipped: string | null;
   seconds: number;
 }
 
-const dirName = (q: QuantizeOptions) => `quant-gpt2-small-q${q.bits}-b${q.blockSize}${q.includeLmHead ? '-lmhead' : ''}${q.accuracyLevel ? `-acc${q.accuracyLevel}` : ''}`;
+const dirName = (source: QuantSource, q: QuantizeOptions) =>
+  `quant-${source === 'torch' ? 'torch-' : ''}gpt2-small-${q.format === 'integer' ? 'int8' : `q${q.bits}-b${q.blockSize}`}${q.includeLmHead ? '-lmhead' : ''}${q.accuracyLevel ? `-acc${q.accuracyLevel}` : ''}`;
+
+async function sourceDir(cacheDir: string, source: QuantSource): Promise<string> {
+  if (source === 'demo') return (await resolveModelDir({ model: 'demo:gpt2-small', cacheDir })).dir;
+  const found = torchGpt2Small(cacheDir);
+  if ('skipped' in found) throw new Error(found.skipped);
+  return found.dir;
+}
 
 /** The model folder of a variant, quantized into the cache on first use. */
-export async function variantDir(cacheDir: string, q: QuantizeOptions | null): Promise<string> {
-  const { dir } = await resolveModelDir({ model: 'demo:gpt2-small', cacheDir });
+export async function variantDir(cacheDir: string, source: QuantSource, q: QuantizeOptions | null): Promise<string> {
+  const dir = await sourceDir(cacheDir, source);
   if (!q) return dir;
-  const out = join(cacheDir, dirName(q));
+  const out = join(cacheDir, dirName(source, q));
   if (!existsSync(join(out, 'model.onnx'))) {
     const tmp = `${out}.tmp-${process.pid}`;
     await quantizeModelDir(dir, tmp, q);
@@ -89,18 +112,23 @@ export async function measureQuantized(cacheDir: string, opts: QuantBenchOptions
   const t0 = Date.now();
   interface Entry { variant: QuantVariantResult; bb: Backbone; session: ort.InferenceSession; sites: ReturnType<typeof buildEngineGraph>['sites'] }
   const entries: Entry[] = [];
-  for (const v of VARIANTS) {
+  const torch = torchGpt2Small(cacheDir);
+  const torchSkipped = 'skipped' in torch ? torch.skipped : null;
+  const variants = VARIANTS.filter((v) => v.source === 'demo' || !torchSkipped);
+  if (torchSkipped) opts.log(`  quantized: torch export rows skipped: ${torchSkipped}`);
+  for (const v of variants) {
     const t = Date.now();
-    const dir = await variantDir(cacheDir, v.quantize);
+    const dir = await variantDir(cacheDir, v.source, v.quantize);
     const bb = await loadBackbone({ model: dir, cacheDir });
     const g = buildEngineGraph(bb, planSites(bb));
     const session = await createSession(g.bytes);
     entries.push({
-      variant: { label: v.label, modelBytes: statSync(join(dir, 'model.onnx')).size, bare: { median: new Map(), min: new Map() }, loras: { median: new Map(), min: new Map() }, rss: null },
+      variant: { source: v.source, label: v.label, modelBytes: statSync(join(dir, 'model.onnx')).size, bare: { median: new Map(), min: new Map() }, loras: { median: new Map(), min: new Map() }, rss: null },
       bb, session, sites: g.sites,
     });
     opts.log(`  quantized: ${v.label} ready in ${((Date.now() - t) / 1000).toFixed(0)} s`);
   }
+  // The same factors on both sources (GPT-2 small's module names and shapes).
   const loras = Array.from({ length: 32 }, (_, k) => syntheticCAttnLora(entries[0].bb, k, 16));
   for (const B of opts.batches) {
     const configs = entries.flatMap((e) => [false, true].map((withLoras) => {
@@ -124,21 +152,23 @@ export async function measureQuantized(cacheDir: string, opts: QuantBenchOptions
     }
     opts.log(`  quantized: batch ${B} done (${((Date.now() - t0) / 1000).toFixed(0)} s)`);
   }
-  const variants = entries.map((e) => e.variant);
+  const results = entries.map((e) => e.variant);
   for (const e of entries) await e.session.release();
   entries.length = 0;
-  for (const [i, v] of VARIANTS.entries()) {
-    variants[i].rss = await measureRss(await variantDir(cacheDir, v.quantize), cacheDir);
-    opts.log(`  quantized: RSS of ${v.label} ${fmt(variants[i].rss!.maxRss / 2 ** 20, 0)} MiB`);
+  for (const [i, v] of variants.entries()) {
+    results[i].rss = await measureRss(await variantDir(cacheDir, v.source, v.quantize), cacheDir);
+    opts.log(`  quantized: RSS of ${v.label} ${fmt(results[i].rss!.maxRss / 2 ** 20, 0)} MiB`);
   }
-  return { opts, variants, seconds: (Date.now() - t0) / 1000 };
+  return { opts, variants: results, torchSkipped, seconds: (Date.now() - t0) / 1000 };
 }
+
+/** The float32 row a variant's "× float" is taken against: its own source's. */
+const floatOf = (res: QuantBenchResult, v: QuantVariantResult) => res.variants.find((f) => f.source === v.source && f.label.endsWith('float32'))!;
 
 const speedup = (float: Map<number, number>, v: Map<number, number>, B: number) => float.get(B)! / v.get(B)!;
 
 export function quantizedTables(res: QuantBenchResult): string {
   const { batches, context, rounds, perBlock } = res.opts;
-  const float = res.variants[0];
   const mib = (n: number) => fmt(n / 2 ** 20, 0);
   const table = (what: string, pick: 'median' | 'min') => [
     `${what}: decode step (session.run of the engine graph, default site plan), context ${context}, ${rounds * perBlock} steps per configuration (${rounds} rounds × ${perBlock}, each block after 1 warm-up step). ` +
@@ -147,7 +177,7 @@ export function quantizedTables(res: QuantBenchResult): string {
     mdTable(
       ['backbone', ...batches.flatMap((B) => [`B=${B} bare ms`, `× float`, `B=${B} LoRAs ms`, `bare/LoRAs`])],
       res.variants.map((v) => [v.label, ...batches.flatMap((B) => [
-        fmt(v.bare[pick].get(B)!, 1), fmt(speedup(float.bare[pick], v.bare[pick], B), 2),
+        fmt(v.bare[pick].get(B)!, 1), fmt(speedup(floatOf(res, v).bare[pick], v.bare[pick], B), 2),
         fmt(v.loras[pick].get(B)!, 1), fmt(v.bare[pick].get(B)! / v.loras[pick].get(B)!, 2),
       ])]),
     ),
@@ -157,6 +187,7 @@ export function quantizedTables(res: QuantBenchResult): string {
     res.variants.map((v) => [v.label, mib(v.modelBytes), v.rss ? mib(v.rss.maxRss) : '–', v.rss ? mib(v.rss.rss) : '–']),
   );
   return [
+    ...(res.torchSkipped ? [`The torch export's rows are missing: ${res.torchSkipped}.`, ''] : []),
     table('Medians', 'median'), '', table('Minima (the least disturbed step)', 'min'), '',
     'Memory: a separate process per backbone (bench/lib/quantized-rss.ts) loads it as the server does (the parsed model stays in the JS heap), ' +
     'creates the engine session and runs 3 decode steps at batch 32 with 32 r16 LoRAs; peak RSS is its VmHWM (Linux).',
@@ -166,22 +197,24 @@ export function quantizedTables(res: QuantBenchResult): string {
 
 /** The issue's goals, each judged on medians (minima beside them). */
 export function quantizedGoals(res: QuantBenchResult): { what: string; measured: string; met: string }[] {
-  const [float, ...quantized] = res.variants;
+  const quantized = res.variants.filter((v) => floatOf(res, v) !== v);
+  const up = (v: QuantVariantResult, B: number, pick: 'median' | 'min' = 'median') => speedup(floatOf(res, v).bare[pick], v.bare[pick], B);
   const B1 = Math.min(...res.opts.batches);
   const Bmax = Math.max(...res.opts.batches);
   const yes = (ok: boolean) => (ok ? 'yes' : '**no**');
-  const fourBit = quantized.filter((v) => v.label.startsWith('4-bit'));
-  const best = fourBit.reduce((a, v) => (speedup(float.bare.median, v.bare.median, B1) > speedup(float.bare.median, a.bare.median, B1) ? v : a));
+  const fourBit = quantized.filter((v) => v.label.includes('4-bit'));
+  const best = (source: QuantSource) => fourBit.filter((v) => v.source === source).reduce<QuantVariantResult | null>((a, v) => (!a || up(v, B1) > up(a, B1) ? v : a), null);
+  const bests = (['demo', 'torch'] as const).map(best).filter((v): v is QuantVariantResult => !!v);
   return [
     {
       what: `Quantized: 4-bit decode step at B=${B1} ≥ 3× faster than float32 (issue 17)`,
-      measured: fourBit.map((v) => `${v.label}: ${fmt(speedup(float.bare.median, v.bare.median, B1), 2)} median, ${fmt(speedup(float.bare.min, v.bare.min, B1), 2)} min`).join('; '),
-      met: `${yes(speedup(float.bare.median, best.bare.median, B1) >= 3)} (best: ${best.label})`,
+      measured: fourBit.map((v) => `${v.label}: ${fmt(up(v, B1), 2)} median, ${fmt(up(v, B1, 'min'), 2)} min`).join('; '),
+      met: bests.map((v) => `${yes(up(v, B1) >= 3)} (best${v.source === 'torch' ? ' torch' : ''}: ${v.label})`).join('; '),
     },
     {
       what: `Quantized: B=${Bmax} not slower than float32 (issue 17)`,
-      measured: quantized.map((v) => `${v.label}: ×${fmt(speedup(float.bare.median, v.bare.median, Bmax), 2)}`).join('; '),
-      met: quantized.map((v) => `${v.label} ${yes(speedup(float.bare.median, v.bare.median, Bmax) >= 1)}`).join('; '),
+      measured: quantized.map((v) => `${v.label}: ×${fmt(up(v, Bmax), 2)}`).join('; '),
+      met: quantized.map((v) => `${v.label} ${yes(up(v, Bmax) >= 1)}`).join('; '),
     },
     {
       what: 'Quantized: with 32 distinct r16 LoRAs ≥ 0.9× the bare step\'s throughput on the quantized backbones (issue 17)',

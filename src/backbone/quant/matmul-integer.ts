@@ -80,12 +80,12 @@ export function quantizeInteger(weight: (k: number, n: number) => number, K: num
   const zeroPoints = opts.weightType === 'int8' ? new Int8Array(groups) : new Uint8Array(groups);
   const W = new Float32Array(K * N);
   for (let k = 0; k < K; k++) for (let n = 0; n < N; n++) W[k * N + n] = weight(k, n);
+  // A group is one column (per channel) or the whole weight: its elements are (k, n) for n in [n0, n1).
   for (let g = 0; g < groups; g++) {
-    const inGroup = (n: number) => !opts.perChannel || n === g;
+    const [n0, n1] = opts.perChannel ? [g, g + 1] : [0, N];
     let rmin = Infinity;
     let rmax = -Infinity;
-    for (let k = 0; k < K; k++) for (let n = 0; n < N; n++) {
-      if (!inGroup(n)) continue;
+    for (let k = 0; k < K; k++) for (let n = n0; n < n1; n++) {
       const w = W[k * N + n];
       if (w < rmin) rmin = w;
       if (w > rmax) rmax = w;
@@ -93,8 +93,7 @@ export function quantizeInteger(weight: (k: number, n: number) => number, K: num
     const { scale, zeroPoint } = scaleAndZeroPoint(rmin, rmax, qmin, qmax, symmetric);
     scales[g] = scale;
     zeroPoints[g] = zeroPoint;
-    for (let k = 0; k < K; k++) for (let n = 0; n < N; n++) {
-      if (!inGroup(n)) continue;
+    for (let k = 0; k < K; k++) for (let n = n0; n < n1; n++) {
       const q = roundHalfEven(Math.fround(W[k * N + n] / scale)) + zeroPoint;
       codes[k * N + n] = Math.min(cmax, Math.max(cmin, q));
     }
