@@ -60,7 +60,7 @@ for (const f of torchFixtures().filter((x) => x.name !== 'gpt2-fp16')) {
         }
       });
 
-      test('greedy ids, alone and in one mixed batch, equal the dequantized reference with the PEFT LoRA merged', async () => {
+      test(`greedy ids ${integer ? 'of each request alone' : 'alone and in one mixed batch'} equal the dequantized reference with the PEFT LoRA merged`, async () => {
         const { backbone } = stack.services;
         const qmodel = readModel(join(out, 'model.onnx'));
         const reference = integer ? dequantizedIntegerModel : dequantizedModel;
