@@ -108,14 +108,31 @@ async function measureRss(dir: string, cacheDir: string): Promise<{ rss: number;
   return JSON.parse(stdout.trim().split('\n').at(-1)!);
 }
 
+/**
+ * One pass per export: its variants' sessions are held together (their steps
+ * interleaved round by round) and released before the next export's load, so
+ * the process holds at most one export's copies at a time.
+ */
 export async function measureQuantized(cacheDir: string, opts: QuantBenchOptions): Promise<QuantBenchResult> {
   const t0 = Date.now();
-  interface Entry { variant: QuantVariantResult; bb: Backbone; session: ort.InferenceSession; sites: ReturnType<typeof buildEngineGraph>['sites'] }
-  const entries: Entry[] = [];
   const torch = torchGpt2Small(cacheDir);
   const torchSkipped = 'skipped' in torch ? torch.skipped : null;
-  const variants = VARIANTS.filter((v) => v.source === 'demo' || !torchSkipped);
   if (torchSkipped) opts.log(`  quantized: torch export rows skipped: ${torchSkipped}`);
+  const results: QuantVariantResult[] = [];
+  for (const source of torchSkipped ? ['demo' as const] : (['demo', 'torch'] as const)) {
+    results.push(...(await measurePass(cacheDir, VARIANTS.filter((v) => v.source === source), opts, t0)));
+  }
+  for (const r of results) {
+    const v = VARIANTS.find((x) => x.label === r.label)!;
+    r.rss = await measureRss(await variantDir(cacheDir, v.source, v.quantize), cacheDir);
+    opts.log(`  quantized: RSS of ${v.label} ${fmt(r.rss.maxRss / 2 ** 20, 0)} MiB`);
+  }
+  return { opts, variants: results, torchSkipped, seconds: (Date.now() - t0) / 1000 };
+}
+
+async function measurePass(cacheDir: string, variants: typeof VARIANTS, opts: QuantBenchOptions, t0: number): Promise<QuantVariantResult[]> {
+  interface Entry { variant: QuantVariantResult; bb: Backbone; session: ort.InferenceSession; sites: ReturnType<typeof buildEngineGraph>['sites'] }
+  const entries: Entry[] = [];
   for (const v of variants) {
     const t = Date.now();
     const dir = await variantDir(cacheDir, v.source, v.quantize);
@@ -128,7 +145,6 @@ export async function measureQuantized(cacheDir: string, opts: QuantBenchOptions
     });
     opts.log(`  quantized: ${v.label} ready in ${((Date.now() - t) / 1000).toFixed(0)} s`);
   }
-  // The same factors on both sources (GPT-2 small's module names and shapes).
   const loras = Array.from({ length: 32 }, (_, k) => syntheticCAttnLora(entries[0].bb, k, 16));
   for (const B of opts.batches) {
     const configs = entries.flatMap((e) => [false, true].map((withLoras) => {
@@ -150,16 +166,10 @@ export async function measureQuantized(cacheDir: string, opts: QuantBenchOptions
       into.median.set(B, median(c.times));
       into.min.set(B, minimum(c.times));
     }
-    opts.log(`  quantized: batch ${B} done (${((Date.now() - t0) / 1000).toFixed(0)} s)`);
+    opts.log(`  quantized: ${variants[0].source} batch ${B} done (${((Date.now() - t0) / 1000).toFixed(0)} s)`);
   }
-  const results = entries.map((e) => e.variant);
   for (const e of entries) await e.session.release();
-  entries.length = 0;
-  for (const [i, v] of variants.entries()) {
-    results[i].rss = await measureRss(await variantDir(cacheDir, v.source, v.quantize), cacheDir);
-    opts.log(`  quantized: RSS of ${v.label} ${fmt(results[i].rss!.maxRss / 2 ** 20, 0)} MiB`);
-  }
-  return { opts, variants: results, torchSkipped, seconds: (Date.now() - t0) / 1000 };
+  return entries.map((e) => e.variant);
 }
 
 /** The float32 row a variant's "× float" is taken against: its own source's. */
