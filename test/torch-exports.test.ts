@@ -42,7 +42,7 @@ test('a graph that cannot be served is refused naming the node and what was expe
   cast.output = ['logits/before-relu'];
   graph.node!.push({ name: '/test/Relu', opType: 'Relu', input: ['logits/before-relu'], output: ['logits'] });
   assert.throws(() => buildEngineGraph(bb, planSites(bb)),
-    /walking back from logits reached Relu node \/test\/Relu; expected a MatMul, Gemm, MatMulNBits with a weight initializer, reached only through .*Cast/);
+    /walking back from logits reached Relu node \/test\/Relu; expected a MatMul, Gemm, MatMulNBits with a weight initializer \(or a MatMulInteger behind DynamicQuantizeLinear\), reached only through .*Cast/);
   // present.0.key made by something other than Concat(past, new).
   const bb2 = await loadBackbone({ model: torchFixture('gpt2').dir });
   const concat = bb2.source.model.graph!.node!.find((n) => n.output!.includes('present.0.key'))!;
