@@ -192,7 +192,9 @@ export async function fuzzRequests(t: Target, cases: number, seed: number, concu
       try {
         let status: number;
         let body: string;
-        if (c) ({ status, body } = await send(t.url, c, 60_000));
+        // A hang is no answer within 3 minutes: TGI's routes default max_new_tokens to the whole context (1024
+        // tokens here), which on a 2-core machine at load 17 took over a minute (14 of 1000 cases passed 60 s).
+        if (c) ({ status, body } = await send(t.url, c, 180_000));
         else {
           const name = rng.pick(NAMES);
           const form = new FormData();
