@@ -13,8 +13,8 @@ const seconds = Number(process.argv[2] ?? 10);
 const dir = await mkdtemp(join(tmpdir(), 'deltaserve-health-'));
 const t = await startTarget(dir, { DELTASERVE_MAX_BATCH: '8', DELTASERVE_MAX_QUEUE: '8' });
 try {
-  const { lat, loopP99, generated } = await healthUnderLoad(t, seconds);
-  console.log(JSON.stringify({ probes: lat.length, healthP50: percentile(lat, 50), healthP99: percentile(lat, 99), healthMax: percentile(lat, 100), loopP99, generated, load: loadavg()[0] }));
+  const { lat, failed, loopP99, generated } = await healthUnderLoad(t, seconds);
+  console.log(JSON.stringify({ probes: lat.length, healthP50: percentile(lat, 50), healthP99: percentile(lat, 99), healthMax: percentile(lat, 100), loopP99, generated, failed: failed.length, firstFailure: failed[0], load: loadavg()[0] }));
 } finally {
   await t.close();
   await rm(dir, { recursive: true, force: true });

@@ -47,13 +47,14 @@ export interface SuiteReport {
 }
 
 /** /healthz at concurrency 200 (from a worker thread) while 16 clients (another worker thread) generate. */
-export async function healthUnderLoad(t: Target, seconds: number): Promise<{ lat: number[]; loopP99: number; generated: number }> {
+export async function healthUnderLoad(t: Target, seconds: number): Promise<{ lat: number[]; failed: string[]; loopP99: number; generated: number }> {
   // The server's own event-loop delay: blocking work shows here; a starved CPU shows in the probes' latency too.
   const loop = monitorEventLoopDelay({ resolution: 10 });
   loop.enable();
-  const [lat, generated] = await Promise.all([probeHealth(t.url, 200, seconds * 1000), generateLoad(t.url, 16, seconds * 1000)]);
+  const failed: string[] = [];
+  const [lat, generated] = await Promise.all([probeHealth(t.url, 200, seconds * 1000, failed), generateLoad(t.url, 16, seconds * 1000)]);
   loop.disable();
-  return { lat, loopP99: loop.percentile(99) / 1e6, generated };
+  return { lat, failed, loopP99: loop.percentile(99) / 1e6, generated };
 }
 
 export async function runSuite(opts: SuiteOptions, log: (line: string) => void = () => {}, onResult: (r: CategoryResult) => void = () => {}): Promise<SuiteReport> {
@@ -66,6 +67,7 @@ export async function runSuite(opts: SuiteOptions, log: (line: string) => void =
   };
   let info: BackboneInfo | null = null;
   let loadLat: number[] = [];
+  let loadFailed: string[] = [];
   let loopP99 = NaN;
   try {
     log(`uploads: ${opts.uploadCases} cases`);
@@ -79,7 +81,7 @@ export async function runSuite(opts: SuiteOptions, log: (line: string) => void =
       log(`requests: ${opts.requestCases} cases`);
       results.push(await fuzzRequests(t, opts.requestCases, opts.seed));
       log('health under load');
-      ({ lat: loadLat, loopP99 } = await healthUnderLoad(t, opts.healthSeconds));
+      ({ lat: loadLat, failed: loadFailed, loopP99 } = await healthUnderLoad(t, opts.healthSeconds));
       log('overload');
       results.push(await overload(t, opts.overloadRounds));
       log('slow clients');
@@ -106,10 +108,10 @@ export async function runSuite(opts: SuiteOptions, log: (line: string) => void =
   const rssGrowthPct = soakResult.figures.rssGrowthPct;
   const bad = results.some((r) => r.failures.length || r.crashes || r.fiveXX || r.dataLost || r.tempLeft);
   const ok = !bad && healthUnderLoadP99 <= 50 && rssGrowthPct <= 5;
-  return { results, healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, table: table(results, { healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, loadProbes: loadLat.length, loopP99 }), ok };
+  return { results, healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, table: table(results, { healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, loadProbes: loadLat.length, loadFailed, loopP99 }), ok };
 }
 
-function table(results: CategoryResult[], f: { healthUnderLoadP99: number; healthUnderOverloadP99: number; rssGrowthPct: number; loadProbes: number; loopP99: number }): string {
+function table(results: CategoryResult[], f: { healthUnderLoadP99: number; healthUnderOverloadP99: number; rssGrowthPct: number; loadProbes: number; loadFailed: string[]; loopP99: number }): string {
   const rows = [
     ['category', 'cases', 'accepted', 'refused 4xx', 'failures', 'crashes', '5xx (unexpected)', '5xx (injected fault, as designed)', 'data lost', 'temp left'],
     ...results.map((r) => [r.category, r.cases, r.accepted, r.refused, r.failures.length, r.crashes, r.fiveXX, r.injected5xx, r.dataLost, r.tempLeft].map(String)),
@@ -122,7 +124,8 @@ function table(results: CategoryResult[], f: { healthUnderLoadP99: number; healt
   const over = results.find((r) => r.category.startsWith('overload'))!;
   const figures = [
     `| RSS growth over the soak, after warm-up (≤ 5 %) | ${f.rssGrowthPct.toFixed(2)} % (${soakR.figures.rssWarmMb.toFixed(0)} → ${soakR.figures.rssEndMb.toFixed(0)} MB) |`,
-    `| /healthz p99 at concurrency 200 under load (≤ 50 ms) | ${f.healthUnderLoadP99.toFixed(1)} ms (${f.loadProbes} probes, 16 clients generating) |`,
+    `| /healthz p99 at concurrency 200 under load (≤ 50 ms) | ${f.healthUnderLoadP99.toFixed(1)} ms (${f.loadProbes} probes, 16 clients generating` +
+      `${f.loadFailed.length ? `; ${f.loadFailed.length} failed (counted as 1e9 ms), first: ${f.loadFailed[0]}` : ''}) |`,
     `| the server's event-loop delay p99 during that load | ${f.loopP99.toFixed(1)} ms |`,
     `| machine load average (1 min) at the end | ${loadavg()[0].toFixed(1)} on ${availableParallelism()} cores |`,
     `| /healthz p99 at concurrency 50 under overload (2× capacity) | ${f.healthUnderOverloadP99.toFixed(1)} ms |`,

@@ -40,25 +40,37 @@ export async function startTarget(dir: string, env: Record<string, string> = {})
   };
 }
 
-/** /healthz latencies (ms) from a worker thread with `concurrency` clients for `ms`: the event loop's health, measured from outside it. */
-export async function probeHealth(url: string, concurrency: number, ms: number): Promise<number[]> {
+/**
+ * /healthz latencies (ms) from a worker thread with `concurrency` clients for `ms`: the event loop's health,
+ * measured from outside it. A probe that fails counts as 1e9 ms; why it failed is pushed to `failed`.
+ */
+export async function probeHealth(url: string, concurrency: number, ms: number, failed: string[] = []): Promise<number[]> {
   const code = `
     const { parentPort, workerData } = require('node:worker_threads');
     const { url, concurrency, ms } = workerData;
     const lat = [];
+    const failed = [];
     const end = Date.now() + ms;
     async function loop() {
       while (Date.now() < end) {
         const t = performance.now();
-        try { const r = await fetch(url); await r.arrayBuffer(); lat.push(r.status === 200 ? performance.now() - t : 1e9); }
-        catch { lat.push(1e9); }
+        try {
+          const r = await fetch(url);
+          await r.arrayBuffer();
+          lat.push(r.status === 200 ? performance.now() - t : 1e9);
+          if (r.status !== 200) failed.push('status ' + r.status);
+        } catch (e) {
+          lat.push(1e9);
+          failed.push(String(e.cause?.code ?? e.cause?.message ?? e.message));
+        }
       }
     }
-    Promise.all(Array.from({ length: concurrency }, loop)).then(() => parentPort.postMessage(lat));`;
+    Promise.all(Array.from({ length: concurrency }, loop)).then(() => parentPort.postMessage({ lat, failed }));`;
   const worker = new Worker(code, { eval: true, workerData: { url: `${url}/healthz`, concurrency, ms } });
-  const [lat] = (await once(worker, 'message')) as [number[]];
+  const [res] = (await once(worker, 'message')) as [{ lat: number[]; failed: string[] }];
   await worker.terminate();
-  return lat;
+  failed.push(...res.failed);
+  return res.lat;
 }
 
 /**
