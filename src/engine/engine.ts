@@ -329,7 +329,6 @@ export class Engine {
     const logprobs = rows.some((r) => r.req.logprobs !== undefined);
     feeds[LOGPROBS_ON] = logprobs ? LOGPROBS_YES : LOGPROBS_NO;
     if (this.noPromptEmbeds) feeds[PROMPT_EMBEDS] = this.noPromptEmbeds;
-
     const { layers, vocabSize } = this.io;
     const out = await this.device.run(this.session, feeds, this.fetches[greedy ? 'greedy' : 'logits'][logprobs ? 1 : 0], stats.transfer);
     const data = (name: string) => out[name].data as Float32Array;
