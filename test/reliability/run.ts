@@ -47,12 +47,12 @@ export interface SuiteReport {
 }
 
 /** /healthz at concurrency 200 (from a worker thread) while 16 clients (another worker thread) generate. */
-export async function healthUnderLoad(t: Target, seconds: number): Promise<{ lat: number[]; failed: string[]; loopP99: number; generated: number }> {
+export async function healthUnderLoad(t: Target, seconds: number, probes = 200): Promise<{ lat: number[]; failed: string[]; loopP99: number; generated: number }> {
   // The server's own event-loop delay: blocking work shows here; a starved CPU shows in the probes' latency too.
   const loop = monitorEventLoopDelay({ resolution: 10 });
   loop.enable();
   const failed: string[] = [];
-  const [lat, generated] = await Promise.all([probeHealth(t.url, 200, seconds * 1000, failed), generateLoad(t.url, 16, seconds * 1000)]);
+  const [lat, generated] = await Promise.all([probeHealth(t.url, probes, seconds * 1000, failed), generateLoad(t.url, 16, seconds * 1000)]);
   loop.disable();
   return { lat, failed, loopP99: loop.percentile(99) / 1e6, generated };
 }
