@@ -117,6 +117,7 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
     model: await engineModelSource(backbone, graph.bytes, opts.cacheDir),
     io: backbone.io, sites: graph.sites, eosTokenIds: [...backbone.tokenizer.eosTokenIds], maxPositions: backbone.info.maxPositions,
     ep: config.ep, threads: config.threads || undefined, maxBatch: config.maxBatch, prefillChunkTokens: config.prefillChunkTokens,
+    wholePromptRuns: graph.rowQuantized > 0,
   });
   engine.on('error', (message, rowIds) => {
     logger.error({ message, rows: rowIds.length }, 'engine step failed');

@@ -25,6 +25,8 @@ import { resolveModelDir } from '../src/backbone/backbone.js';
 import { DataType, decodeModel, encodeModel, onnx, readModel } from '../src/backbone/onnx/proto.js';
 import { quantizeInteger, type IntegerWeightOptions } from '../src/backbone/quant/matmul-integer.js';
 import { createSession } from '../src/backbone/session.js';
+import { GraphEditor } from '../src/backbone/rewrite/editor.js';
+import { quantizeActivationsPerRow } from '../src/backbone/rewrite/row-quantize.js';
 import { baseFeeds, emptyCache, incrementalGreedy, maxAbsDiff, testCacheDir } from './helpers/engine-graph.js';
 import { generate, params, prompt, registerDelta, startStack, type Stack } from './helpers/engine-stack.js';
 import { deltaFiles, type TaskSpec, type Tensors } from './helpers/kind-cases.js';
@@ -124,6 +126,82 @@ describe('the MatMulInteger weight format (onnxruntime quantize_data)', () => {
           assert.equal(Y[m * N + n], s, `Y[${m}, ${n}]`);
         }
       }
+    });
+  }
+});
+
+describe('per-row activation quantization (rewrite/row-quantize.ts): each row\'s codes are DynamicQuantizeLinear\'s on that row alone', () => {
+  const K = 24;
+  const N = 5;
+  const wq = quantizeInteger((k, n) => Math.sin(k * 7 + n * 3) * (n + 1), K, N, { weightType: 'int8', perChannel: true, reduceRange: true });
+  const vi = (name: string, elemType: number, dims: (number | string)[]) => ({ name, type: { tensorType: { elemType, shape: { dim: dims.map((d) => (typeof d === 'number' ? { dimValue: d } : { dimParam: d })) } } } });
+  const u8 = (a: Int8Array | Uint8Array | Float32Array) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+  /** quantize_dynamic's chain on x [batch, seq, K] (or its 2-D view, as a Gemm reads it), the codes also an output. */
+  const chainModel = (twoD: boolean) => onnx.ModelProto.create({
+    irVersion: 8, opsetImport: [{ domain: '', version: 17 }],
+    graph: {
+      name: 'chain',
+      node: [
+        ...(twoD ? [{ name: 'view', opType: 'Reshape', input: ['x', 'flat'], output: ['x2'] }] : []),
+        { name: 'dql', opType: 'DynamicQuantizeLinear', input: [twoD ? 'x2' : 'x'], output: ['q', 'x_scale', 'x_zp'] },
+        { name: 'mm', opType: 'MatMulInteger', input: ['q', 'W_q', 'x_zp', 'W_zp'], output: ['acc'] },
+        { name: 'cast', opType: 'Cast', input: ['acc'], output: ['acc_f'], attribute: [{ name: 'to', type: onnx.AttributeProto.AttributeType.INT, i: DataType.FLOAT }] },
+        { name: 'scales', opType: 'Mul', input: ['x_scale', 'W_scale'], output: ['s'] },
+        { name: 'out', opType: 'Mul', input: ['acc_f', 's'], output: ['y'] },
+      ],
+      initializer: [
+        { name: 'W_q', dataType: DataType.INT8, dims: [K, N], rawData: u8(wq.codes) },
+        { name: 'W_zp', dataType: DataType.INT8, dims: [N], rawData: u8(wq.zeroPoints) },
+        { name: 'W_scale', dataType: DataType.FLOAT, dims: [N], rawData: u8(wq.scales) },
+        { name: 'flat', dataType: DataType.INT64, dims: [2], int64Data: [-1, K] },
+      ],
+      input: [vi('input_ids', DataType.INT64, ['b', 's']), vi('attention_mask', DataType.INT64, ['b', 't']), vi('x', DataType.FLOAT, ['b', 's', K])],
+      output: [vi('y', DataType.FLOAT, twoD ? ['bs', N] : ['b', 's', N]), vi('q', DataType.UINT8, twoD ? ['bs', K] : ['b', 's', K])],
+    },
+  });
+  const i64 = (n: number, dims: number[], v = 1n) => new ort.Tensor('int64', new BigInt64Array(n).fill(v), dims);
+
+  for (const twoD of [false, true]) {
+    test(`${twoD ? '2-D view' : '3-D input'}: codes bit for bit, and the product as the model's own chain gives it, whatever the batchmates and left padding`, async () => {
+      const original = chainModel(twoD);
+      const editor = new GraphEditor(original);
+      assert.equal(quantizeActivationsPerRow(editor, 17, '.'), 1);
+      const rowWise = await createSession(editor.encodeModel());
+      const alone = await createSession(encodeModel(original));
+      // Rows of very different ranges (one all zeros: hi = lo = 0, scale 1), left-padded with large values
+      // that must not count, and values on exact half steps of the row's scale (ties go to even).
+      const S = 6;
+      const lens = [6, 3, 4, 2];
+      const B = lens.length;
+      const x = new Float32Array(B * S * K);
+      const rows: Float32Array[] = lens.map((len, b) => {
+        if (b === 3) return new Float32Array(len * K);
+        // Row 1 spans [0, 255/128]: its scale is exactly 1/128 and every other value sits on a half step.
+        if (b === 1) return Float32Array.from({ length: len * K }, (_, i) => (i === 0 ? 255 / 128 : (((i * 37) % 255) + 0.5) / 128));
+        return randomFloats(len * K, 40 + b, [0.05, 3, 40][b]);
+      });
+      for (let b = 0; b < B; b++) {
+        const pad = S - lens[b];
+        for (let i = 0; i < pad * K; i++) x[b * S * K + i] = 1e3 * (i % 2 ? 1 : -1);
+        x.set(rows[b], (b * S + pad) * K);
+      }
+      const past = 2;
+      const mask = new BigInt64Array(B * (past + S));
+      for (let b = 0; b < B; b++) for (let j = 0; j < past + S; j++) mask[b * (past + S) + j] = j < past || j - past >= S - lens[b] ? 1n : 0n;
+      const got = await rowWise.run({ input_ids: i64(B * S, [B, S], 0n), attention_mask: new ort.Tensor('int64', mask, [B, past + S]), x: new ort.Tensor('float32', x, [B, S, K]) });
+      const q = got.q.data as Uint8Array;
+      const y = got.y.data as Float32Array;
+      for (let b = 0; b < B; b++) {
+        const len = lens[b];
+        const pad = S - len;
+        const one = await alone.run({ input_ids: i64(len, [1, len], 0n), attention_mask: i64(len, [1, len]), x: new ort.Tensor('float32', rows[b], [1, len, K]) });
+        assert.deepEqual([...q.subarray((b * S + pad) * K, (b + 1) * S * K)], [...(one.q.data as Uint8Array)], `row ${b}'s codes`);
+        const want = one.y.data as Float32Array;
+        const mine = y.subarray((b * S + pad) * N, (b + 1) * S * N);
+        const top = want.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+        assert.ok(maxAbsDiff(mine, want) <= 1e-6 * top, `row ${b}'s product: ${maxAbsDiff(mine, want)} (largest ${top})`);
+      }
+      assert.ok(new Set(lens.map((_, b) => q[(b * S + S - 1) * K])).size > 1, 'the rows got the same codes: the test would not show per-row scales');
     });
   }
 });

@@ -35,6 +35,11 @@ export interface EngineOptions {
   zeroSizeTensors?: boolean;
   /** Where the KV cache and banks live; the host (CPU provider) by default. */
   device?: Device;
+  /**
+   * Rows are prefilled together only while each one's whole prompt fits one run, as it would alone
+   * (the graph quantizes activations per row over a run's positions: see rewrite/row-quantize.ts).
+   */
+  wholePromptRuns?: boolean;
 }
 
 interface Row {
@@ -260,6 +265,8 @@ export class Engine {
       const nextLongest = Math.max(longest, len);
       const nextPrefix = Math.max(prefix, prefixTokens(next));
       if (nextLongest * (take + 1) > PADDING_LIMIT * (real + len) || nextPrefix + nextLongest > this.opts.maxPositions - 1) break;
+      // A row's activations are quantized over its positions in each run: with others, it must still get one run.
+      if (this.opts.wholePromptRuns && nextLongest * (take + 1) > this.opts.prefillChunkTokens) break;
       longest = nextLongest;
       prefix = nextPrefix;
       real += len;

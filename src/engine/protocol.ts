@@ -73,6 +73,8 @@ export interface EngineInit {
   threads?: number;
   maxBatch: number;
   prefillChunkTokens: number;
+  /** See EngineOptions.wholePromptRuns. */
+  wholePromptRuns?: boolean;
 }
 
 export type ToEngine =

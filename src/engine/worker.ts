@@ -25,6 +25,7 @@ async function init(init: EngineInit): Promise<void> {
     maxPositions: init.maxPositions,
     zeroSizeTensors: takesZeroSizeTensors(init.ep),
     device: deviceFor(init.ep, init.io.layers),
+    wholePromptRuns: init.wholePromptRuns,
   });
   post({ type: 'ready' });
 }

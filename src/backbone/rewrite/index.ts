@@ -13,6 +13,7 @@ import { rewriteLastLogits } from './last-logits.js';
 import { addLogprobs } from './logprobs.js';
 import { addFiniteCheck } from './finite-check.js';
 import { addPromptEmbeds } from './prompt-embeds.js';
+import { quantizeActivationsPerRow } from './row-quantize.js';
 
 export interface EngineGraph {
   bytes: Uint8Array;
@@ -23,6 +24,11 @@ export interface EngineGraph {
   promptEmbeds: boolean;
   /** Per layer: which KV path applies and why (`inspect` prints it, the server logs the fallbacks). */
   kvPaths: LayerKvPath[];
+  /**
+   * DynamicQuantizeLinears made per-row (MatMulInteger backbones): a row's codes are then its own only
+   * while each prefill run covers its whole prompt, so the engine prefills such rows together only then.
+   */
+  rowQuantized: number;
 }
 
 /**
@@ -38,6 +44,9 @@ export function buildEngineGraph(
   addLogprobs(g, backbone.io.vocabSize);
   addFiniteCheck(g, backbone.io.vocabSize);
   const sites = insertDeltaSites(g, backbone.linear, plan, backbone.io.float16);
+  const { model, modelDir } = backbone.source;
+  const opset = Number((model.opsetImport ?? []).find((o) => !o.domain || o.domain === 'ai.onnx')?.version ?? 17);
+  const rowQuantized = quantizeActivationsPerRow(g, opset, modelDir);
   const promptEmbeds = addPromptEmbeds(g, backbone.io.vocabSize);
-  return { bytes: g.encodeModel(), sites, splitLayers, kvPaths, promptEmbeds };
+  return { bytes: g.encodeModel(), sites, splitLayers, kvPaths, promptEmbeds, rowQuantized };
 }
