@@ -323,5 +323,34 @@ for (const { model, args, lmHead, weightType, perChannel } of CASES) {
       assert.ok(steps.some((st) => st.stats.decodeRows > 0 && st.stats.prefillRows > 0), 'no row joined while others decoded');
       for (const [i, r] of reqs.entries()) assert.deepEqual(together[i], alone[i], `request ${i} (${r.task ?? 'bare'}) in the mixed batch`);
     });
+
+    test('with short prefill runs: rows are prefilled together only while each prompt fits one run, so the mixed batch still gives the tokens alone', { skip: model !== 'demo:gpt2' && 'one backbone is enough for the scheduling rule' }, async () => {
+      // A row's activations are quantized over its positions in each run: a prompt chunked differently
+      // beside others than alone would get other codes. 24 tokens a run: the 8- and 10-token prompts
+      // share one; the 14-token one would make three rows of 8-token chunks, so it runs on its own; the
+      // 60-token one is chunked alone as it is alone. It comes first: the short ones arrive together
+      // while its chunks run.
+      const chunked = await startStack(out, { DELTASERVE_PREFILL_CHUNK_TOKENS: '24' });
+      try {
+        await registerDelta(chunked, { id: 'lora', kind: 'peft-lora', rank: 8, targets: LORA_TARGETS.gpt2, seed: 31 });
+        const p = params({ maxNewTokens: 6 });
+        const reqs = [prompt(60, 4), prompt(8, 1), prompt(10, 2), prompt(14, 3)].map((text, i) => ({ task: i === 0 || i === 3 ? 'lora' : null, text }));
+        const lens = reqs.map((r) => chunked.services.backbone.tokenizer.encode(r.text, { addSpecialTokens: true }).length);
+        assert.ok(2 * lens[2] <= 24 && 3 * lens[3] > 24 && lens[0] > 24, `prompt lengths ${lens.join()} do not exercise the rule`);
+        const alone: number[][] = [];
+        for (const r of reqs) alone.push((await generate(chunked.services, r.task, r.text, p)).tokens);
+        const mark = chunked.steps.mark();
+        const long = generate(chunked.services, reqs[0].task, reqs[0].text, p);
+        await chunked.steps.next((st) => st.stats.prefillRows > 0);
+        const rest = reqs.slice(1).map((r) => generate(chunked.services, r.task, r.text, p));
+        const together = (await Promise.all([long, ...rest])).map((x) => x.tokens);
+        const prefills = chunked.steps.since(mark).filter((st) => st.stats.prefillRows > 0);
+        assert.ok(prefills.some((st) => st.stats.prefillRows > 1), 'no prefill ran several rows');
+        for (const st of prefills) assert.ok(st.stats.prefillRows === 1 || st.stats.prefillTokens <= 24, `a ${st.stats.prefillRows}-row prefill ran ${st.stats.prefillTokens} tokens`);
+        for (const [i, r] of reqs.entries()) assert.deepEqual(together[i], alone[i], `request ${i} (${lens[i]} tokens, ${r.task ?? 'bare'})`);
+      } finally {
+        await chunked.close();
+      }
+    });
   });
 }
