@@ -74,8 +74,9 @@ function integerChain(mul: NodeProto, idx: GraphIndex): IntegerLmHead | null {
 
 /**
  * The activations are quantized over every position, as the original graph
- * does (DynamicQuantizeLinear's scale spans the whole tensor), and only the
- * last position's codes are multiplied: the logits are the original's, row for row.
+ * does (its DynamicQuantizeLinear then becomes a per-row one: row-quantize.ts),
+ * and only the last position's codes are multiplied: the logits are the
+ * original's, row for row.
  */
 function rewriteIntegerLmHead(g: GraphEditor, lm: IntegerLmHead): void {
   const idx = g.index();
