@@ -78,7 +78,7 @@ for (const [folder, kind, site] of [
       const rows = y.shape[0];
       for (let r = 0; r < rows; r++) {
         const row = (m: { shape: number[]; data: number[] }) => m.data.slice(r * m.shape[1], (r + 1) * m.shape[1]);
-        const got = adapterSite(s.data, s.rank, row(x), row(y));
+        const got = adapterSite(s.data, s.axes.rank, row(x), row(y));
         const want = row(out);
         for (let o = 0; o < got.length; o++) worst = Math.max(worst, Math.abs(got[o] - want[o]));
       }

@@ -44,7 +44,8 @@ export function activationOf(name: string, problems: Problems): Activation {
   return act ?? ACTIVATIONS[0];
 }
 
-function activationMix(g: GraphBuilder, z: string, selector: string): string {
+/** The per-row activation: each of ACTIVATIONS of `z`, weighted by the row's one-hot `selector` ([rows|1, 1, 4]). */
+export function activationMix(g: GraphBuilder, z: string, selector: string): string {
   const picks = g.nodeN('Split', [selector], ACTIVATIONS.length, { axis: 2 });
   const acts = [g.op('Relu', [z]), geluErf(g, z), geluNew(g, z), silu(g, z)];
   return acts.map((a, i) => g.op('Mul', [a, picks[i]])).reduce((acc, p) => g.op('Add', [acc, p]));
