@@ -68,18 +68,21 @@ export const compacterSite: GraphSite = {
   // Where the adapter site is: OpenDelta puts compacters on the same modules.
   defaultModules: (info) => info.defaultTargets.adapter ?? 'all',
   output({ g, y, bank }) {
-    // Sizes that depend on the padded axes are read off tensors at run time; n is fixed.
+    // Sizes that depend on the padded axes are read off tensors at run time; n is fixed. No reshape infers
+    // a size (-1): on a module no row uses while another module's rows switch the site on, the axes are 0,
+    // and a 0 in a reshape's last place copies the input's size there, which is that same 0.
     const shape = g.op('Shape', [y]);
-    const dim = (t: string, axis: number) => g.op('Slice', [t, g.ints([axis]), g.ints([axis + 1]), g.ints([0])]);
+    const dim = (t: string, axis: number) => g.op('Slice', [g.op('Shape', [t]), g.ints([axis]), g.ints([axis + 1]), g.ints([0])]);
+    const seq = dim(y, 1);
     // Down: y as [rows, seq·n, hidden/n] · L' → [rows, seq·n, (i,j)] → [rows, seq, (a,i,j)] · N → [rows, seq, (c,p)].
-    const perBlock = dim(g.op('Shape', [bank('compacter_down_l')]), 1);
-    const u = g.op('MatMul', [g.op('Reshape', [y, g.op('Concat', [g.ints([0, -1]), perBlock], { axis: 0 })]), bank('compacter_down_l')]);
-    const ua = g.op('Reshape', [u, g.op('Concat', [g.ints([0]), dim(shape, 1), g.ints([-1])], { axis: 0 })]);
+    const seqBlocks = g.op('Mul', [seq, g.ints([N])]);
+    const xa = g.op('Reshape', [y, g.op('Concat', [g.ints([0]), seqBlocks, dim(bank('compacter_down_l'), 1)], { axis: 0 })]);
+    const u = g.op('MatMul', [xa, bank('compacter_down_l')]);
+    const ua = g.op('Reshape', [u, g.op('Concat', [g.ints([0]), seq, g.op('Mul', [dim(u, 2), g.ints([N])])], { axis: 0 })]);
     const z = g.op('Add', [g.op('MatMul', [ua, bank('compacter_down_n')]), bank('compacter_down_bias')]);
     // Up: act(z) · M → [rows, seq, (c,i,j)] → [rows, seq·n, (i,j)] · R' → [rows, seq·n, hidden/n] → [rows, seq, hidden].
     const v = g.op('MatMul', [activationMix(g, z, bank('compacter_act')), bank('compacter_up_m')]);
-    const ij = dim(g.op('Shape', [bank('compacter_up_r')]), 1);
-    const vc = g.op('Reshape', [v, g.op('Concat', [g.ints([0, -1]), ij], { axis: 0 })]);
+    const vc = g.op('Reshape', [v, g.op('Concat', [g.ints([0]), seqBlocks, dim(bank('compacter_up_r'), 1)], { axis: 0 })]);
     const up = g.op('Reshape', [g.op('MatMul', [vc, bank('compacter_up_r')]), shape]);
     return g.op('Add', [g.op('Add', [y, up]), bank('compacter_up_bias')]);
   },
