@@ -36,13 +36,14 @@ test('inspect: every linear with its graph sites, IA³ where PEFT puts it', asyn
   assert.match(out, /^demo:gpt2 \(gpt2, 17 linear modules/);
   assert.match(out, /c_attn — Linear 128→384 {2}\[sites: lora, bias, ia3\]/);
   assert.match(out, /c_fc — Linear 128→512 {2}\[sites: lora, bias\]/);
-  assert.match(out, /c_proj — Linear 512→128 {2}\[sites: lora, adapter, bias, ia3\]/);
+  assert.match(out, /c_proj — Linear 512→128 {2}\[sites: lora, adapter, bias, ia3, compacter\]/);
 });
 
 test('inspect --task: the delta\'s kind, and on each module it touches the site serving it and the shapes', async () => {
   const out = await cli('inspect', '--model', 'demo:gpt2', '--deltas-dir', store, '--task', 'compacter');
   assert.match(out, /^compacter: compacter \(opendelta\), rank 16, 4 sites, \d+ bytes$/m);
-  assert.match(out, /c_proj — Linear 512→128 {2}\[compacter on the adapter site: \[128, 16\] \[16\] \[16, 128\] \[128\]\]/);
+  // Served factored (n 4, rank-1 factors): L' [128/4, 4·1], N [4·4·1, 16], its bias, M [16, 4·4·1], R' [4·1, 128/4], its bias.
+  assert.match(out, /c_proj — Linear 512→128 {2}\[compacter on the compacter site: \[32, 4\] \[16, 16\] \[16\] \[16, 16\] \[4, 32\] \[128\]\]/);
   assert.doesNotMatch(out, /c_attn — .*compacter/);
   const json = JSON.parse(await cli('inspect', '--model', 'demo:gpt2', '--deltas-dir', store, '--task', 'compacter', '--json'));
   assert.equal(json.type, 'compacter');

@@ -113,7 +113,9 @@ describe('deltas registered, replaced and deleted while requests stream (demo:ll
     const sites = async (id: string) => (await request(stack.services.app).get(`/v1/deltas/${id}`).expect(200)).body;
     const c = await sites('c');
     assert.equal(c.type, 'compacter');
-    assert.deepEqual(c.sites[0], { module: 'model.layers.0.mlp.down_proj', kind: 'compacter', site: 'adapter', shapes: [[128, 16], [16], [16, 128], [128]] });
+    assert.deepEqual(c.sites[0], {
+      module: 'model.layers.0.mlp.down_proj', kind: 'compacter', site: 'compacter', shapes: [[32, 4], [16, 16], [16], [16, 16], [4, 32], [128]],
+    });
     const i = await sites('i');
     assert.deepEqual(i.sites.map((s: { module: string; site: string; shapes: number[][] }) => [s.module.split('.').slice(-2).join('.'), s.site, s.shapes]).slice(0, 2),
       [['self_attn.k_proj', 'ia3', [[64]]], ['mlp.down_proj', 'ia3', [[352]]]]);

@@ -75,7 +75,7 @@ export interface SiteOps {
  * site's ops must broadcast.
  */
 export interface GraphSite {
-  /** Its name in DELTASERVE_SITES, in plans and in `inspect` (lora, adapter, bias, ia3). */
+  /** Its name in DELTASERVE_SITES, in plans and in `inspect` (lora, adapter, bias, ia3, compacter). */
   readonly name: string;
   readonly banks: readonly BankSpec[];
   /** Its output ops sit in an If on `delta.<name>.on`, skipped whole in a step no row uses the site. */
