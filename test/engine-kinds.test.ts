@@ -18,6 +18,7 @@ import type { DemoSpec } from '../src/backbone/demo/spec.js';
 import type { SiteLayout } from '../src/backbone/rewrite/delta-sites.js';
 import { createSession } from '../src/backbone/session.js';
 import type { LoadedDelta } from '../src/deltas/types.js';
+import { bankBytesFor } from '../src/engine/bank-bytes.js';
 import { Engine } from '../src/engine/engine.js';
 import type { StepResult } from '../src/engine/protocol.js';
 import {
@@ -138,6 +139,11 @@ for (const model of BACKBONES) {
       assert.deepEqual(fed.at(-1), [axes(small).phm_rank, axes(small).block], 'after it left, the smaller one\'s');
       assert.ok(axes(large).phm_rank > axes(small).phm_rank && axes(large).block > axes(small).block);
       for (let i = 1; i < rows.length; i++) await expectReference(small, rows[i].promptIds, got[i], `compacter row ${i}, padded then not`);
+    });
+
+    test('the bank budget\'s projection (bankBytesFor) equals the bytes the banks hold, every kind mixed, compacters padded on both axes', () => {
+      const rows = [null, ...cases.map((c) => c.delta), null];
+      assert.equal(bankBytesFor(sites, rows), banksOf(sites, rows).bytes);
     });
 
     test('where zero-size tensors are not allowed, unused sites are fed rank-1 slices: no zero dimension, the same logits, the same tokens', async () => {
