@@ -4,7 +4,8 @@
  * rank-1 products, W = W_left * W_right ([in, 1] times [1, out], broadcast as
  * OpenDelta's LowRankLinear computes it), y = x·W + b. The bottleneck is the
  * module's features / reduction_factor. Served as the adapter it computes,
- * multiplied out at registration (see compacter.ts for why).
+ * multiplied out at registration: kept apart, its rank-1 factors would need a
+ * site of their own (bench section "kinds" measures that branch both ways).
  *
  * OpenDelta names it `<module>.low_rank_adapter.{down_sampler,up_sampler}.{W_left,W_right,b}`.
  */
