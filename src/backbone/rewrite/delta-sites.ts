@@ -65,6 +65,8 @@ export interface SiteOps {
   /** The module's input, [batch, seq, in] (what its MatMul read before any site replaced it). */
   x: string;
   bank(key: string): string;
+  /** The module's features, for shapes the site's ops fix at build time. */
+  features: SiteFeatures;
 }
 
 /**
@@ -178,14 +180,14 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Rea
       const flat = site.twoD !== false;
       const x = toFloat(flat ? g.op('Reshape', [input, shape3d(inF)]) : input);
       let xIn = x;
-      for (const s of sites) if (s.input) xIn = s.input({ g, x: xIn, bank });
+      for (const s of sites) if (s.input) xIn = s.input({ g, x: xIn, bank, features: site });
       if (xIn !== x) node.input![0] = toGraph(flat ? g.op('Reshape', [xIn, site.twoD ? g.ints([-1, inF]) : g.op('Shape', [input])]) : xIn);
 
       let y = toFloat(flat ? g.op('Reshape', [base, shape3d(outF)]) : base);
       for (const s of sites) {
         if (!s.output) continue;
         const h = y;
-        const ops = (b: GraphBuilder) => ({ g: b, x, y: h, bank });
+        const ops = (b: GraphBuilder) => ({ g: b, x, y: h, bank, features: site });
         if (!s.gated) {
           y = s.output(ops(g));
           continue;

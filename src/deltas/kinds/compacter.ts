@@ -67,23 +67,20 @@ export const compacterSite: GraphSite = {
   gated: true,
   // Where the adapter site is: OpenDelta puts compacters on the same modules.
   defaultModules: (info) => info.defaultTargets.adapter ?? 'all',
-  output({ g, y, bank }) {
-    // Sizes that depend on the padded axes are read off tensors at run time; n is fixed. No reshape infers
-    // a size (-1): on a module no row uses while another module's rows switch the site on, the axes are 0,
-    // and a 0 in a reshape's last place copies the input's size there, which is that same 0.
-    const shape = g.op('Shape', [y]);
-    const dim = (t: string, axis: number) => g.op('Slice', [g.op('Shape', [t]), g.ints([axis]), g.ints([axis + 1]), g.ints([0])]);
-    const seq = dim(y, 1);
-    // Down: y as [rows, seq·n, hidden/n] · L' → [rows, seq·n, (i,j)] → [rows, seq, (a,i,j)] · N → [rows, seq, (c,p)].
-    const seqBlocks = g.op('Mul', [seq, g.ints([N])]);
-    const xa = g.op('Reshape', [y, g.op('Concat', [g.ints([0]), seqBlocks, dim(bank('compacter_down_l'), 1)], { axis: 0 })]);
-    const u = g.op('MatMul', [xa, bank('compacter_down_l')]);
-    const ua = g.op('Reshape', [u, g.op('Concat', [g.ints([0]), seq, g.op('Mul', [dim(u, 2), g.ints([N])])], { axis: 0 })]);
+  output({ g, y, bank, features }) {
+    // 4-D, [rows, seq, n, ·], so every reshape's inferred size (-1) sits beside known sizes that are never 0:
+    // on a module no row uses while another module's rows switch the site on, the padded axes are 0.
+    const perBlock = Math.floor(features.outFeatures / N);
+    const byBlock = (t: string, last: number) => g.op('Reshape', [t, g.ints([0, 0, N, last])]);
+    const perRow = (bankKey: string, dims: number[]) => g.op('Reshape', [bank(bankKey), g.ints(dims)]);
+    // Down: y as [rows, seq, n, hidden/n] · L' → [rows, seq, n, (i,j)] → [rows, seq, (a,i,j)] · N → [rows, seq, (c,p)].
+    const u = g.op('MatMul', [byBlock(y, perBlock), perRow('compacter_down_l', [0, 1, perBlock, -1])]);
+    const ua = g.op('Reshape', [u, g.ints([0, 0, -1])]);
     const z = g.op('Add', [g.op('MatMul', [ua, bank('compacter_down_n')]), bank('compacter_down_bias')]);
-    // Up: act(z) · M → [rows, seq, (c,i,j)] → [rows, seq·n, (i,j)] · R' → [rows, seq·n, hidden/n] → [rows, seq, hidden].
+    // Up: act(z) · M → [rows, seq, (c,i,j)] → [rows, seq, n, (i,j)] · R' → [rows, seq, n, hidden/n] → [rows, seq, hidden].
     const v = g.op('MatMul', [activationMix(g, z, bank('compacter_act')), bank('compacter_up_m')]);
-    const vc = g.op('Reshape', [v, g.op('Concat', [g.ints([0]), seqBlocks, dim(bank('compacter_up_r'), 1)], { axis: 0 })]);
-    const up = g.op('Reshape', [g.op('MatMul', [vc, bank('compacter_up_r')]), shape]);
+    const o = g.op('MatMul', [byBlock(v, -1), perRow('compacter_up_r', [0, 1, -1, perBlock])]);
+    const up = g.op('Reshape', [o, g.ints([0, 0, -1])]);
     return g.op('Add', [g.op('Add', [y, up]), bank('compacter_up_bias')]);
   },
 };
