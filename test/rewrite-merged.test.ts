@@ -63,6 +63,9 @@ for (const model of FAMILIES) {
       assert.deepEqual(siteOf('compacter'), new Set(['compacter']));
       assert.deepEqual(siteOf('compacter-r2'), new Set(['compacter']));
       assert.deepEqual(siteOf('compacter-full'), new Set(['adapter']));
+      // Low-rank adapters are served factored through theirs.
+      assert.deepEqual(siteOf('low-rank'), new Set(['low_rank_adapter']));
+      assert.deepEqual(siteOf('low-rank-wide'), new Set(['low_rank_adapter']));
       const orig = await runOriginal(await originalSession(bb), bb.io, { ids: [prompts[0].slice(0, S)], past: emptyCache(bb.io, 1) });
       assert.equal(maxAbsDiff(at(orig.logits, S, V, 0, S - 1), await reference('bare', prompts[0].slice(0, S))), 0);
     });

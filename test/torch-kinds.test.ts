@@ -31,6 +31,10 @@ for (const f of torchFixtures()) {
       // The recorded compacters (n 4, rank-1 factors) are served factored, through the compacter site.
       const compacter = await request(stack.services.app).get('/v1/deltas/compacter').expect(200);
       assert.deepEqual([...new Set(compacter.body.sites.map((s: { site: string }) => s.site))], ['compacter']);
+      // The recorded low-rank adapters are served factored, through the low-rank adapter site.
+      const lowRank = await request(stack.services.app).get('/v1/deltas/low_rank_adapter').expect(200);
+      assert.ok(lowRank.body.sites.length > 0);
+      assert.deepEqual([...new Set(lowRank.body.sites.map((s: { site: string }) => s.site))], ['low_rank_adapter']);
       assert.equal((await uploadFolder(stack.services.app, 'lora', f.loraDir)).status, 201);
     });
 

@@ -1,8 +1,8 @@
 /**
  * Bottleneck adapters (OpenDelta `adapter`, Houlsby-style, on a module's
  * output): h + up(act(down(h))). Also the home of the adapter graph site,
- * which the other bottleneck kinds (low-rank adapter, parallel adapter, and
- * compacters the compacter site does not serve) are served through:
+ * which the other bottleneck kinds (parallel adapter, and compacters the
+ * compacter site does not serve) are served through:
  *
  *   y' = y + act(y·D + x·P + d)·U + u      D: [out, R] from the output (sequential kinds)
  *                                          P: [in, R] from the input (parallel adapters)
