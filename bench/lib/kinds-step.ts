@@ -18,10 +18,12 @@
  * same shapes multiplied out through the adapter site (W saved whole), 32 rows
  * of each and each in the every-kind mixed batch.
  *
- * And one low-rank adapter branch on its own (GPT-2 small's c_proj,
- * bottleneck 24, per-row banks at batch 32): multiplied out, as the adapter
- * site runs it, against its rank-1 factors kept apart (what a site of its
- * own would run), to measure whether keeping them factored would pay.
+ * Low-rank adapters both ways (bottleneck 24): factored through their own
+ * site (as served) against an adapter of the same shapes on the adapter site
+ * (what the low-rank adapter cost multiplied out: the same ops on the same
+ * bank sizes, whatever the values), 32 rows of each. And one low-rank adapter
+ * branch on its own (GPT-2 small's c_proj, per-row banks at batch 32), the
+ * two forms' ops side by side without the rest of the step.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -83,6 +85,8 @@ export interface KindsBenchResult {
 
 const FACTORED = 'compacter (bottleneck 48, n 4, rank-1 W factors) on c_proj: factored, compacter site';
 const MULTIPLIED = 'compacter (bottleneck 48, n 4, W saved whole) on c_proj: multiplied out, adapter site';
+const LOW_RANK = 'low-rank adapter (bottleneck 24) on c_proj: factored, low-rank adapter site';
+const LOW_RANK_MULTIPLIED = 'low-rank adapter multiplied out (an adapter of its shapes: bottleneck 24, gelu_new) on c_proj, adapter site';
 
 /** What the kinds' deltas look like on GPT-2 small, as their formats save them. */
 function specs(): Record<string, (k: number) => TaskSpec> {
@@ -98,7 +102,8 @@ function specs(): Record<string, (k: number) => TaskSpec> {
     [MULTIPLIED]: (k) => ({
       id: `compacter-whole-${k}`, kind: 'compacter', reductionFactor: 16, n: 4, factorizedPhm: false, factorizedRule: false, activation: 'gelu_new', targets: out, seed: 800 + k,
     }),
-    'low-rank adapter (bottleneck 24) on c_proj': (k) => ({ id: `lowrank-${k}`, kind: 'low_rank_adapter', reductionFactor: 32, activation: 'gelu_new', targets: out, seed: 600 + k }),
+    [LOW_RANK]: (k) => ({ id: `lowrank-${k}`, kind: 'low_rank_adapter', reductionFactor: 32, activation: 'gelu_new', targets: out, seed: 600 + k }),
+    [LOW_RANK_MULTIPLIED]: (k) => ({ id: `lowrank-product-${k}`, kind: 'adapter', bottleneck: 24, activation: 'gelu_new', targets: out, seed: 900 + k }),
     'parallel adapter (bottleneck 24) on c_proj': (k) => ({ id: `parallel-${k}`, kind: 'parallel_adapter', bottleneck: 24, scaled: 1, activation: 'gelu_new', targets: out, seed: 700 + k }),
   };
 }
@@ -140,7 +145,7 @@ export async function measureKinds(bb: Backbone, session: ort.InferenceSession, 
       { label: '32 bare rows', group: 'kinds', rows: Array.from({ length: B }, () => long(null)) },
       ...labels.map((label): Config => ({ label: `32 rows: ${label}`, group: 'kinds', rows: Array.from({ length: B }, (_, r) => long(byKind.get(label)![r % 4])) })),
       ...([[FACTORED, MULTIPLIED], [MULTIPLIED, FACTORED]] as const).map(([compacter, without]): Config => {
-        const mixed = labels.filter((l) => l !== without);
+        const mixed = labels.filter((l) => l !== without && l !== LOW_RANK_MULTIPLIED);
         return {
           label: `32 rows, every kind mixed row by row, the ${compacter === FACTORED ? 'factored' : 'multiplied-out'} compacter`,
           group: 'kinds', rows: Array.from({ length: B }, (_, r) => long(byKind.get(mixed[r % mixed.length])![Math.floor(r / mixed.length) % 4])),
@@ -226,11 +231,11 @@ async function measureLowRank(opts: KindsBenchOptions): Promise<BranchResult[]> 
   const biases = (m: number) => ({ y, bd: floats([B, 1, bn], 10 * m + 3), bu: floats([B, 1, hidden], 10 * m + 5) });
   const cases = [
     {
-      label: 'multiplied out (as served: the adapter site)', graph: dense, floatsPerRow: 2 * hidden * bn + bn + hidden,
+      label: 'multiplied out (the adapter site\'s products)', graph: dense, floatsPerRow: 2 * hidden * bn + bn + hidden,
       feeds: Array.from({ length: MODULES }, (_, m) => ({ ...biases(m), down_w: floats([B, hidden, bn], 10 * m + 2), up_w: floats([B, bn, hidden], 10 * m + 4) })),
     },
     {
-      label: 'factored (a rank-1 site of its own would run this)', graph: factored, floatsPerRow: 2 * (hidden + bn) + bn + hidden,
+      label: 'factored (the low-rank adapter site\'s products, as served)', graph: factored, floatsPerRow: 2 * (hidden + bn) + bn + hidden,
       feeds: Array.from({ length: MODULES }, (_, m) => ({
         ...biases(m), down_l: floats([B, hidden, 1], 10 * m + 2), down_r: floats([B, 1, bn], 10 * m + 6), up_l: floats([B, bn, 1], 10 * m + 4), up_r: floats([B, 1, hidden], 10 * m + 7),
       })),
@@ -289,9 +294,15 @@ export function kindsGoals(res: KindsBenchResult) {
     measured: `${fmt(median(fac.steps))} vs ${fmt(median(mul.steps))} ms (minima ${fmt(minimum(fac.steps))} vs ${fmt(minimum(mul.steps))}); banks ${fmt(fac.bankBytes / 2 ** 20, 1)} vs ${fmt(mul.bankBytes / 2 ** 20, 1)} MiB`,
     met: `${median(fac.steps) / median(mul.steps) < 1 ? 'yes' : '**no**'} (medians ${fmt(median(fac.steps) / median(mul.steps), 2)}), ${minimum(fac.steps) / minimum(mul.steps) < 1 ? 'yes' : '**no**'} (minima ${fmt(minimum(fac.steps) / minimum(mul.steps), 2)})`,
   };
+  const [lr, lrm] = [find(res, `32 rows: ${LOW_RANK}`), find(res, `32 rows: ${LOW_RANK_MULTIPLIED}`)];
+  const lowRank = {
+    what: 'Low-rank adapters served factored: batch-32 step, 32 low-rank rows, factored ÷ multiplied out (issue 11; < 1 means factored is cheaper)',
+    measured: `${fmt(median(lr.steps))} vs ${fmt(median(lrm.steps))} ms (minima ${fmt(minimum(lr.steps))} vs ${fmt(minimum(lrm.steps))}); banks ${fmt(lr.bankBytes / 2 ** 20, 1)} vs ${fmt(lrm.bankBytes / 2 ** 20, 1)} MiB`,
+    met: `${median(lr.steps) / median(lrm.steps) < 1 ? 'yes' : '**no**'} (medians ${fmt(median(lr.steps) / median(lrm.steps), 2)}), ${minimum(lr.steps) / minimum(lrm.steps) < 1 ? 'yes' : '**no**'} (minima ${fmt(minimum(lr.steps) / minimum(lrm.steps), 2)})`,
+  };
   return [{
     what: 'Banks: decode step at batch 32, 32 r8 rows after a rank-64 row left ≤ 1.05× 32 r8 rows from the start (issue 11)',
     measured: `${fmt(median(after.steps))} vs ${fmt(median(fresh.steps))} ms; median of paired step ratios ${fmt(paired, 2)}, minima ${fmt(rn, 2)}; fed rank ${after.loraRank}`,
     met: `${paired <= 1.05 ? 'yes' : '**no**'} (paired medians), ${rn <= 1.05 ? 'yes' : '**no**'} (minima)`,
-  }, compacter];
+  }, compacter, lowRank];
 }
