@@ -10,9 +10,14 @@ export const section: BenchSection = {
   name: 'torch-kv',
   async run(ctx) {
     const found = torchGpt2Small(ctx.cacheDir);
-    if ('skipped' in found) return { goals: [], outputs: [{ title: TITLE, body: `Not measured: ${found.skipped}.` }] };
+    if ('skipped' in found) {
+      // CI has no torch: the section says so and passes (the export is a full-size model, not a committed fixture).
+      ctx.log(`torch-kv ${found.skipped}`);
+      return { goals: [], outputs: [{ title: TITLE, body: `Not measured — ${found.skipped}.` }] };
+    }
     const q = ctx.quick;
-    const cfg = { batch: 32, contexts: ctx.flags.arg('contexts')?.split(',').map(Number) ?? (q ? [64, 256] : [64, 256, 512, 1000]), rounds: q ? 2 : 4, perBlock: 3, prefillChunkTokens: 4096 };
+    // --quick: one context, one round (the path runs and its outputs are checked; the figures are the full run's).
+    const cfg = { batch: 32, contexts: ctx.flags.arg('contexts')?.split(',').map(Number) ?? (q ? [64] : [64, 256, 512, 1000]), rounds: q ? 1 : 4, perBlock: 3, prefillChunkTokens: 4096 };
     const res = await measureTorchKv(found.dir, { ...cfg, log: ctx.log });
     const worst = Math.max(...res.rows.map((r) => median(r.split) / median(r.floor)));
     return {
