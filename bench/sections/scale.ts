@@ -174,7 +174,9 @@ export const section: BenchSection = {
             await sleep(200);
           }
         })() : Promise.resolve();
+        const tTraffic = performance.now();
         const run = verify(await closedLoop(client, `zipf over ${hot}`, reqs, 16), reference);
+        ctx.log(`scale ${n}: ${reqs.length} Zipf requests in ${fmt((performance.now() - tTraffic) / 1000)} s`);
         running = false;
         await sampler;
         await side;
