@@ -57,6 +57,23 @@ const MTIME_SLACK_MS = 2000;
 /** A full read of the folder names at least this often anyway (a file system whose directory mtimes lie). */
 const FULL_SYNC_MS = 30_000;
 
+/** Manifests read at once while the index is built at startup. */
+const STARTUP_READS = 64;
+
+/** `fn` over `items`, at most `limit` calls in flight, results in the items' order. */
+async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T) => Promise<R>): Promise<R[]> {
+  const out = new Array<R>(items.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i]!);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return out;
+}
+
 const notFound = (id: string) => new ServeError(404, 'delta_not_found', `no delta '${id}' is registered`);
 
 /** The file's own name, whatever folder a browser or client put in front of it. */
@@ -100,8 +117,11 @@ export class Registry implements DeltaRegistry {
     const registry = new Registry(await DeltaStore.open(opts.dir, { onForeign, ...opts.store }), opts);
     const otherBackbone: string[] = [];
     const listed = { mtimeMs: await registry.store.folderMtimeMs(), at: Date.now() };
-    for (const id of await registry.store.ids()) {
-      const stored = await registry.store.read(id);
+    const ids = await registry.store.ids();
+    // Many manifests in flight at once: read one after another, 10,000 of them took 10–16 s on a busy 2-core VM.
+    const manifests = await mapLimit(ids, STARTUP_READS, (id) => registry.store.read(id));
+    for (const [i, id] of ids.entries()) {
+      const stored = manifests[i];
       if (!stored) continue;
       registry.remember(recordOf(stored));
       if (stored.manifest.fingerprint !== opts.backbone.fingerprint) otherBackbone.push(id);
