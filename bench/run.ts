@@ -133,7 +133,7 @@ async function main(): Promise<number> {
     `- Command: \`${command}\`${QUICK ? ' (quick: fewer repetitions; not the figures to quote)' : ''}`,
     `- Machine: ${m0.nproc} × ${m0.cpu} (nproc ${m0.nproc}), Node ${m0.node}, onnxruntime-node ${m0.ort}, CPU execution provider, ORT intra-op threads = default (one per core)`,
     `- Load average (1, 5, 15 min) at start: ${m0.load}; at end: ${m1.load} — a shared 2-core VM: other processes running at the same time inflate the medians; the minima are the least disturbed figures.`,
-    `- Model: demo:gpt2-small (GPT-2 small's exact shapes: 12 layers, 768 wide, 12 heads, vocab 50257), cache ${cacheDir}`,
+    `- Model: ${QUICK ? 'demo:gpt2 (4 layers, 128 wide: a smoke run)' : 'demo:gpt2-small (GPT-2 small\'s exact shapes: 12 layers, 768 wide, 12 heads, vocab 50257)'}, cache ${cacheDir}`,
     `- Sections: ${selected.map((s) => s.name).join(', ')}; total ${total.toFixed(0)} s`,
     '',
   ].join('\n');
