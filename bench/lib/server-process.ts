@@ -149,6 +149,23 @@ export function loraBytes(model: string, rank: number): number {
   return spec.layers * (spec.hidden * rank + rank * 3 * spec.hidden) * 4;
 }
 
+/**
+ * A GET's status and body, retried once when the kept-alive connection it was
+ * sent on had just been closed by the server (its keep-alive timeout racing
+ * our reuse; seen on a saturated machine): a GET is idempotent, so a retry is safe.
+ */
+export async function getText(url: string): Promise<{ status: number; text: string }> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const r = await fetch(url);
+      return { status: r.status, text: await r.text() };
+    } catch (err) {
+      const code = (err as { cause?: { code?: string } }).cause?.code;
+      if (attempt > 0 || (code !== 'UND_ERR_SOCKET' && code !== 'ECONNRESET')) throw err;
+    }
+  }
+}
+
 /** A gauge's value from Prometheus text. */
 export function gauge(text: string, name: string): number {
   const m = new RegExp(`^${name} ([0-9.e+-]+)$`, 'm').exec(text);

@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { fmt, mdTable, median, percentile, sleep } from '../lib/common.js';
 import { closedLoop, stats, type LoadRequest } from '../lib/load.js';
 import { check, type BenchContext, type BenchSection, type Goal } from '../lib/runner.js';
-import { backboneModules, gauge, loraBytes, makeScratch, peftLora, startServer, uploadDelta } from '../lib/server-process.js';
+import { backboneModules, gauge, getText, loraBytes, makeScratch, peftLora, startServer, uploadDelta } from '../lib/server-process.js';
 import { yes } from './goals.js';
 import { LORA_RANK, references, SLO, verify } from './http.js';
 
@@ -74,8 +74,7 @@ async function timeGets(url: string, path: string, times: number): Promise<numbe
   const out: number[] = [];
   for (let i = 0; i < times; i++) {
     const t = performance.now();
-    const r = await fetch(`${url}${path}`);
-    await r.arrayBuffer();
+    const r = await getText(`${url}${path}`);
     check(r.status === 200, `GET ${path} answered ${r.status}`);
     out.push(performance.now() - t);
   }
@@ -137,7 +136,7 @@ export const section: BenchSection = {
         const metricsMs = await timeGets(server.url, '/metrics', reps);
         const deltasMs = await timeGets(server.url, '/v1/deltas?limit=100', reps);
         const modelsMs = await timeGets(server.url, '/v1/models', q ? 5 : 15);
-        const registered = gauge(await (await fetch(`${server.url}/metrics`)).text(), 'deltaserve_deltas_registered');
+        const registered = gauge((await getText(`${server.url}/metrics`)).text, 'deltaserve_deltas_registered');
         check(registered === n, `scale: /metrics says ${registered} deltas registered, the store holds ${n}`);
 
         const hot = Math.min(n, HOT);
@@ -149,21 +148,27 @@ export const section: BenchSection = {
         const reqs = zipf(nReq, hot).map((k) => requestFor(hotId(k), maxNew));
         // Warm-up: the hottest deltas into the cache, as a server that has been running would have them.
         verify(await closedLoop(client, 'warm-up', reqs.slice(0, 32), 16), reference);
-        const metricsBefore = await (await fetch(`${server.url}/metrics`)).text();
+        const metricsBefore = (await getText(`${server.url}/metrics`)).text;
 
         let running = true;
         let maxCacheBytes = 0;
         const pinnedTtft: number[] = [];
         const unpinnedTtft: number[] = [];
         let pinnedAlwaysCached = true;
-        const sampler = (async () => {
+        // The sampler and the side traffic run beside the Zipf load and are awaited after it: until then a
+        // rejection of theirs must not be unhandled (it would end the bench, leaving this server running).
+        const background = (p: Promise<void>) => {
+          p.catch(() => undefined);
+          return p;
+        };
+        const sampler = background((async () => {
           while (running) {
-            maxCacheBytes = Math.max(maxCacheBytes, gauge(await (await fetch(`${server.url}/metrics`)).text(), 'deltaserve_delta_cache_bytes'));
+            maxCacheBytes = Math.max(maxCacheBytes, gauge((await getText(`${server.url}/metrics`)).text, 'deltaserve_delta_cache_bytes'));
             await sleep(100);
           }
-        })();
+        })());
         // Side traffic on two equally rare deltas, one pinned: under the churn only the pinned one should stay a hit.
-        const side = pinning ? (async () => {
+        const side = pinning ? background((async () => {
           while (running) {
             for (const [id, into] of [[PINNED, pinnedTtft], [UNPINNED, unpinnedTtft]] as const) {
               const was = await client.json<{ cached: boolean }>('GET', `/v1/deltas/${id}`);
@@ -173,14 +178,18 @@ export const section: BenchSection = {
             }
             await sleep(200);
           }
-        })() : Promise.resolve();
+        })()) : Promise.resolve();
         const tTraffic = performance.now();
-        const run = verify(await closedLoop(client, `zipf over ${hot}`, reqs, 16), reference);
+        let run;
+        try {
+          run = verify(await closedLoop(client, `zipf over ${hot}`, reqs, 16), reference);
+        } finally {
+          running = false;
+        }
         ctx.log(`scale ${n}: ${reqs.length} Zipf requests in ${fmt((performance.now() - tTraffic) / 1000)} s`);
-        running = false;
         await sampler;
         await side;
-        const metricsAfter = await (await fetch(`${server.url}/metrics`)).text();
+        const metricsAfter = (await getText(`${server.url}/metrics`)).text;
         const hits = gauge(metricsAfter, 'deltaserve_delta_cache_hits_total') - gauge(metricsBefore, 'deltaserve_delta_cache_hits_total');
         const misses = gauge(metricsAfter, 'deltaserve_delta_cache_misses_total') - gauge(metricsBefore, 'deltaserve_delta_cache_misses_total');
         const s = stats(run, SLO);
