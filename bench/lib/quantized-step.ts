@@ -32,6 +32,8 @@ import { stepFeeds } from './rewrite-step.js';
 import { torchGpt2Small } from './torch-kv.js';
 
 export interface QuantBenchOptions {
+  /** The demo backbone quantized: demo:gpt2-small, or demo:gpt2 in --quick. */
+  model: string;
   rounds: number;
   perBlock: number;
   context: number;
@@ -75,21 +77,21 @@ export interface QuantBenchResult {
   seconds: number;
 }
 
-const dirName = (source: QuantSource, q: QuantizeOptions) =>
-  `quant-${source === 'torch' ? 'torch-' : ''}gpt2-small-${q.format === 'integer' ? 'int8' : `q${q.bits}-b${q.blockSize}`}${q.includeLmHead ? '-lmhead' : ''}${q.accuracyLevel ? `-acc${q.accuracyLevel}` : ''}`;
+const dirName = (model: string, source: QuantSource, q: QuantizeOptions) =>
+  `quant-${source === 'torch' ? 'torch-gpt2-small' : model.replace('demo:', '')}-${q.format === 'integer' ? 'int8' : `q${q.bits}-b${q.blockSize}`}${q.includeLmHead ? '-lmhead' : ''}${q.accuracyLevel ? `-acc${q.accuracyLevel}` : ''}`;
 
-async function sourceDir(cacheDir: string, source: QuantSource): Promise<string> {
-  if (source === 'demo') return (await resolveModelDir({ model: 'demo:gpt2-small', cacheDir })).dir;
+async function sourceDir(cacheDir: string, model: string, source: QuantSource): Promise<string> {
+  if (source === 'demo') return (await resolveModelDir({ model, cacheDir })).dir;
   const found = torchGpt2Small(cacheDir);
   if ('skipped' in found) throw new Error(found.skipped);
   return found.dir;
 }
 
-/** The model folder of a variant, quantized into the cache on first use. */
-export async function variantDir(cacheDir: string, source: QuantSource, q: QuantizeOptions | null): Promise<string> {
-  const dir = await sourceDir(cacheDir, source);
+/** The model folder of a variant (`model`: the demo source's backbone), quantized into the cache on first use. */
+export async function variantDir(cacheDir: string, model: string, source: QuantSource, q: QuantizeOptions | null): Promise<string> {
+  const dir = await sourceDir(cacheDir, model, source);
   if (!q) return dir;
-  const out = join(cacheDir, dirName(source, q));
+  const out = join(cacheDir, dirName(model, source, q));
   if (!existsSync(join(out, 'model.onnx'))) {
     const tmp = `${out}.tmp-${process.pid}`;
     await quantizeModelDir(dir, tmp, q);
@@ -124,7 +126,7 @@ export async function measureQuantized(cacheDir: string, opts: QuantBenchOptions
   }
   for (const r of results) {
     const v = VARIANTS.find((x) => x.label === r.label)!;
-    r.rss = await measureRss(await variantDir(cacheDir, v.source, v.quantize), cacheDir);
+    r.rss = await measureRss(await variantDir(cacheDir, opts.model, v.source, v.quantize), cacheDir);
     opts.log(`  quantized: RSS of ${v.label} ${fmt(r.rss.maxRss / 2 ** 20, 0)} MiB`);
   }
   return { opts, variants: results, torchSkipped, seconds: (Date.now() - t0) / 1000 };
@@ -135,7 +137,7 @@ async function measurePass(cacheDir: string, variants: typeof VARIANTS, opts: Qu
   const entries: Entry[] = [];
   for (const v of variants) {
     const t = Date.now();
-    const dir = await variantDir(cacheDir, v.source, v.quantize);
+    const dir = await variantDir(cacheDir, opts.model, v.source, v.quantize);
     const bb = await loadBackbone({ model: dir, cacheDir });
     const g = buildEngineGraph(bb, planSites(bb));
     const session = await createSession(g.bytes);

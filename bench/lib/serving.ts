@@ -65,9 +65,9 @@ function peftLoraFiles(bb: Backbone, k: number): Record<string, string | Uint8Ar
   return { 'adapter_config.json': JSON.stringify(config, null, 2), 'adapter_model.safetensors': encodeSafetensors(tensors) };
 }
 
-export async function startBenchStack(opts: { cacheDir: string; loras: number; log: (m: string) => void }): Promise<BenchStack> {
+export async function startBenchStack(opts: { model: string; cacheDir: string; loras: number; log: (m: string) => void }): Promise<BenchStack> {
   const scratch = await mkdtemp(join(tmpdir(), 'deltaserve-bench-'));
-  const config = loadConfig({ DELTASERVE_MODEL: 'demo:gpt2-small', DELTASERVE_DELTAS_DIR: join(scratch, 'deltas'), LOG_LEVEL: 'silent' });
+  const config = loadConfig({ DELTASERVE_MODEL: opts.model, DELTASERVE_DELTAS_DIR: join(scratch, 'deltas'), LOG_LEVEL: 'silent' });
   let t = Date.now();
   const services = await startServices({ config, logger: createLogger('silent'), cacheDir: opts.cacheDir, defaultMetrics: false });
   opts.log(`  serving: services ready (worker + session + warm-up) in ${((Date.now() - t) / 1000).toFixed(1)} s`);
@@ -245,7 +245,7 @@ export function attachMerged(bb: Backbone, sites: DeltaSite[]): () => void {
     // A copy of the weight's bytes. Not src's floatData(): for an initializer whose rawData is an
     // unaligned Node Buffer it reads from the start of the whole file (Buffer#slice does not copy).
     const W = new Float32Array(Uint8Array.prototype.slice.call(t.rawData!).buffer);
-    const R = site.rank;
+    const R = site.axes.rank;
     const { lora_a: a, lora_b: b } = site.data;
     const inF = lin.inFeatures;
     const outF = lin.outFeatures;

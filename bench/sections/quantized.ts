@@ -6,17 +6,17 @@ export const section: BenchSection = {
   name: 'quantized',
   async run(ctx) {
     const q = ctx.quick;
-    const res = await measureQuantized(ctx.cacheDir, { rounds: q ? 2 : 5, perBlock: q ? 3 : 6, context: 64, batches: [1, 8, 32], log: ctx.log });
+    const res = await measureQuantized(ctx.cacheDir, { model: ctx.model, rounds: q ? 2 : 5, perBlock: q ? 3 : 6, context: 64, batches: [1, 8, 32], log: ctx.log });
     return {
       goals: quantizedGoals(res),
       outputs: [{
         title: '14. Quantized backbones: float32, 8-bit, 4-bit, bare and with 32 LoRAs (issue 17)',
         body: [
-          'demo:gpt2-small, the full-size torch export of GPT-2 small ("torch" rows: scripts/export-fixtures.py --full, as section 7), and their copies written by `deltaserve quantize` ' +
+          `${ctx.model}, the full-size torch export of GPT-2 small ("torch" rows: scripts/export-fixtures.py --full, as section 7), and their copies written by \`deltaserve quantize\` ` +
           '(MatMulNBits, round-to-nearest per block of 32; embeddings float; lm_head float unless said; ' +
           '"int8 activations" = `--accuracy-level 4`, MatMulNBits quantizing its input per block on the fly; ' +
           '"MatMulInteger" = `--format integer`, onnxruntime quantize_dynamic\'s layout as onnx-community ships model_quantized.onnx: int8 weights per channel, ' +
-          'activations quantized to uint8 per step by DynamicQuantizeLinear), "× float" against the float32 row of the same export, ' +
+          'activations quantized to uint8 by DynamicQuantizeLinear, per row in the engine graph), "× float" against the float32 row of the same export, ' +
           'each loaded as the server loads it, its engine graph on the default site plan; the LoRAs are full-precision r16 on every c_attn (at B=1 one LoRA, at B=8 eight).',
           quantizedTables(res),
         ].join('\n\n'),
