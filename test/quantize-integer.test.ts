@@ -212,6 +212,8 @@ describe('per-row activation quantization (rewrite/row-quantize.ts): each row\'s
 
 const run = promisify(execFile);
 const LORA_TARGETS = { llama: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], gpt2: ['c_attn', 'c_proj', 'c_fc'] };
+/** IA³ where PEFT puts it: its feed-forward input scaling gives that MatMulInteger a DynamicQuantizeLinear of its own (delta-sites.ts). */
+const IA3 = { llama: { targets: ['k_proj', 'v_proj', 'down_proj'], feedforward: ['down_proj'] }, gpt2: { targets: ['c_attn', 'mlp.c_proj'], feedforward: ['mlp.c_proj'] } };
 
 const CASES: { model: 'demo:llama' | 'demo:gpt2'; args: string[]; lmHead: boolean; weightType: 'int8' | 'uint8'; perChannel: boolean }[] = [
   // onnx-community's conversion: int8 per channel, reduce_range, lm_head quantized too.
@@ -234,6 +236,7 @@ for (const { model, args, lmHead, weightType, perChannel } of CASES) {
       const family = stack.services.backbone.info.family as 'llama' | 'gpt2';
       const spec: TaskSpec = { id: 'lora', kind: 'peft-lora', rank: 8, targets: LORA_TARGETS[family], seed: 31 };
       await registerDelta(stack, spec);
+      await registerDelta(stack, { id: 'ia3', kind: 'ia3', ...IA3[family], seed: 33 });
       const t = deltaFiles(stack.services.backbone.info, spec)['adapter_model.safetensors'] as Tensors;
       lora = new Map(stack.services.backbone.info.modules.filter((m) => t[`base_model.model.${m.name}.lora_A.weight`]).map((m) => [m.name, {
         A: t[`base_model.model.${m.name}.lora_A.weight`].data as Float32Array,
@@ -311,7 +314,12 @@ for (const { model, args, lmHead, weightType, perChannel } of CASES) {
       }
       assert.ok(reqs.some((r, i) => r.task && alone[i].join() !== alone[i + 1].join()), 'the LoRA never changed the tokens: equality above would not show it is applied');
       // Activations are quantized per row (rewrite/row-quantize.ts): batchmates, their prompt lengths
-      // (left padding) and rows joining a running batch change nothing.
+      // (left padding) and rows joining a running batch change nothing. Two IA³ rows join too (their
+      // feed-forward input is requantized, per row as well); they are checked against their tokens alone.
+      const ia3 = [prompt(11, 5), prompt(7, 6)].map((text) => ({ task: 'ia3', text }));
+      for (const r of ia3) alone.push((await generate(stack.services, r.task, r.text, p)).tokens);
+      reqs.splice(3, 0, ...ia3);
+      alone.splice(3, 0, ...alone.splice(-2));
       const mark = stack.steps.mark();
       const first = reqs.slice(0, 3).map((r) => generate(stack.services, r.task, r.text, p));
       await stack.steps.next((st) => st.stats.decodeRows > 0);
