@@ -141,8 +141,8 @@ describe('per-row activation quantization (rewrite/row-quantize.ts): each row\'s
   const vi = (name: string, elemType: number, dims: (number | string)[]) => ({ name, type: { tensorType: { elemType, shape: { dim: dims.map((d) => (typeof d === 'number' ? { dimValue: d } : { dimParam: d })) } } } });
   const u8 = (a: Int8Array | Uint8Array | Float32Array) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
   /** quantize_dynamic's chain on x [batch, seq, K] (or its 2-D view, as a Gemm reads it), the codes also an output. */
-  const chainModel = (twoD: boolean) => onnx.ModelProto.create({
-    irVersion: 8, opsetImport: [{ domain: '', version: 17 }],
+  const chainModel = (twoD: boolean, opset: number) => onnx.ModelProto.create({
+    irVersion: 8, opsetImport: [{ domain: '', version: opset }],
     graph: {
       name: 'chain',
       node: [
@@ -165,11 +165,12 @@ describe('per-row activation quantization (rewrite/row-quantize.ts): each row\'s
   });
   const i64 = (n: number, dims: number[], v = 1n) => new ort.Tensor('int64', new BigInt64Array(n).fill(v), dims);
 
-  for (const twoD of [false, true]) {
-    test(`${twoD ? '2-D view' : '3-D input'}: codes bit for bit, and the product as the model's own chain gives it, whatever the batchmates and left padding`, async () => {
-      const original = chainModel(twoD);
+  // Opset 18 moved ReduceMin/ReduceMax's axes from an attribute to an input.
+  for (const [twoD, opset] of [[false, 17], [true, 17], [false, 18]] as const) {
+    test(`${twoD ? '2-D view' : '3-D input'}, opset ${opset}: codes bit for bit, and the product as the model's own chain gives it, whatever the batchmates and left padding`, async () => {
+      const original = chainModel(twoD, opset);
       const editor = new GraphEditor(original);
-      assert.equal(quantizeActivationsPerRow(editor, 17, '.'), 1);
+      assert.equal(quantizeActivationsPerRow(editor, opset, '.'), 1);
       const rowWise = await createSession(editor.encodeModel());
       const alone = await createSession(encodeModel(original));
       // Rows of very different ranges (one all zeros: hi = lo = 0, scale 1), left-padded with large values
