@@ -199,7 +199,7 @@ for (const model of FAMILIES) {
       assert.deepEqual(got.tokens, want.tokens, 'WebGPU tokens differ from the CPU path\'s on the quantized backbone');
     });
 
-    test('a decode step moves O(batch) bytes: ids, positions, lengths in, argmax ids and finite checks out; the CPU provider counts none', async () => {
+    test('a decode step moves O(batch) bytes: ids, positions, lengths in, argmax ids and finite checks out (and the logits of sampling rows only); the CPU provider counts none', async () => {
       const plan: Planned[] = Array.from({ length: 8 }, (_, i) => ({ delta: i % 2 ? cases[i % cases.length].delta : null, promptIds: prompt(i, 6), maxNewTokens: 8, at: 0 }));
       const e = engines();
       const onCpu = await serve(e.cpu, plan);
@@ -211,6 +211,16 @@ for (const model of FAMILIES) {
         // int64 ids and positions, float32 lengths for the mask and for the append (or a few offsets), one bool.
         assert.ok(s.stats.transfer.toDevice <= 8 * (8 + 8 + 4 + 4) + 100, `to the device: ${s.stats.transfer.toDevice} bytes`);
         assert.equal(s.stats.transfer.toHost, 8 * (8 + 4), 'to the host: the argmax ids and the finite check only');
+      }
+      // Two of the 8 rows sample: their logits come back, and only theirs (the other rows read the argmax).
+      const sampling = { temperature: 1, topK: 0, topP: 1, repetitionPenalty: 1, seed: 3 };
+      const mixed = await serve(engines().gpu, plan.map((p, i) => (i < 2 ? { ...p, sampling: { ...sampling, seed: i } } : p)));
+      const sampled = mixed.steps.filter((s) => s.stats.decodeRows === 8 && s.stats.prefillRows === 0).slice(1);
+      assert.ok(sampled.length >= 4);
+      for (const s of sampled) {
+        // The sampling rows' order (int64) besides the greedy step's feeds.
+        assert.ok(s.stats.transfer.toDevice <= 8 * (8 + 8 + 4 + 4) + 100 + 2 * 8, `to the device, 2 rows sampling: ${s.stats.transfer.toDevice} bytes`);
+        assert.equal(s.stats.transfer.toHost, 8 * (8 + 4) + 2 * bb.io.vocabSize * 4, 'to the host: the argmax ids, the finite check and 2 rows of logits');
       }
     });
   });
