@@ -2,7 +2,8 @@
  * The engine on the WebGPU execution provider (KV cache and delta banks on
  * the device) against the same engine on the CPU provider: greedy tokens are
  * equal on the demo backbones, bare rows and LoRA, adapter, BitFit and IA³
- * rows mixed in one batch, as rows join and leave mid-stream; rows that
+ * rows mixed in one batch, as rows join and leave mid-stream (a prefill
+ * group's rows joining the decode batch's cache in one device run); rows that
  * sample (their logits fetched alone) and rows asking for logprobs agree too.
  * The bare rows are also checked against a full forward pass of the original
  * graph, so the pair is not only equal to each other. And a decode step
@@ -25,6 +26,7 @@ import { Registry } from '../src/deltas/registry.js';
 import { encodeSafetensors } from '../src/deltas/safetensors.js';
 import type { LoadedDelta } from '../src/deltas/types.js';
 import { deviceFor, outputLocations } from '../src/engine/device/index.js';
+import { WebGpuDevice } from '../src/engine/device/webgpu.js';
 import { Engine } from '../src/engine/engine.js';
 import type { RowRequest, StepResult } from '../src/engine/protocol.js';
 import { randomFloats, writeDelta } from './helpers/deltas.js';
@@ -75,9 +77,12 @@ for (const model of FAMILIES) {
     let cases: KindCase[];
     const engines = (prefillChunkTokens = 64) => {
       const opts = { maxBatch: 16, prefillChunkTokens, eosTokenIds: [], maxPositions: bb.info.maxPositions };
+      const device = deviceFor('webgpu', bb.io.layers);
+      assert.ok(device instanceof WebGpuDevice);
       return {
         cpu: new Engine(cpu, bb.io, sites, opts),
-        gpu: new Engine(gpu, bb.io, sites, { ...opts, zeroSizeTensors: false, device: deviceFor('webgpu', bb.io.layers) }),
+        gpu: new Engine(gpu, bb.io, sites, { ...opts, zeroSizeTensors: false, device }),
+        device,
       };
     };
     const prompt = (i: number, n = 3 + (i % 5)) => tokens(n, 900 + i, bb.io.vocabSize);
@@ -101,10 +106,21 @@ for (const model of FAMILIES) {
         at: [0, 0, 0, 0, 2, 2, 3, 5, 5, 6][i], ...(i === 2 ? { cancelAt: 3 } : {}),
       }));
       const e = engines();
+      // The device's own graph runs that write joining rows into the decode batch's cache, counted as they are made.
+      let joinRuns = 0;
+      const runOwn = e.device.runOwn.bind(e.device);
+      e.device.runOwn = (name, feeds, transfer) => {
+        if (name === 'join' || name === 'joinFirst') joinRuns++;
+        return runOwn(name, feeds, transfer);
+      };
       const want = await serve(e.cpu, plan);
       const got = await serve(e.gpu, plan);
       assert.deepEqual(got.tokens, want.tokens, 'WebGPU tokens differ from the CPU path\'s');
       assert.ok(got.steps.some((s) => s.stats.decodeRows > 0 && s.stats.prefillRows > 0), 'rows joined while others decoded');
+      // Every prefill here finishes its group in one step (prompts < the chunk), and all of a group's rows join in one run.
+      const groups = got.steps.filter((s) => s.stats.prefillRows > 0);
+      assert.ok(groups.some((s) => s.stats.prefillRows > 1), 'a group of several rows joined');
+      assert.equal(joinRuns, groups.length, 'one join run per prefill group, not one per row');
       // The bare rows, run to the end, against an independent full forward of the original graph.
       for (const [i, p] of plan.entries()) {
         if (p.delta || p.cancelAt !== undefined) continue;
