@@ -5,7 +5,7 @@
  * plots to bench/plots/*.svg.
  *
  *   npm run bench                                   # everything
- *   npm run bench -- --quick                        # fewer repetitions and smaller scenarios (a few minutes)
+ *   npm run bench -- --quick                        # CI's smoke run: tiny model and scenarios, every output checked, writes nothing
  *   npm run bench -- --sections rewrite,kv          # any of the names in SECTIONS below
  *
  * A section is a file in bench/sections/ exporting `section = { name, run }`
@@ -17,7 +17,10 @@
  * Other flags: --reps N (throughput rounds), --contexts 64,256,512, --naive N
  * (naive requests actually measured, the rest extrapolated), --sequential N,
  * --max-new N, --prompt N, --scale 10,1000,10000 (registered deltas),
- * --out FILE, --no-write.
+ * --out FILE, --no-write. Every run prints each section's wall-clock time
+ * (stderr, and a table in results.md). --quick writes no file unless --out
+ * names one (its plots then go to plots-quick/ beside it), so it never
+ * overwrites the full run's results.md and plots.
  *
  * The model is generated into DELTASERVE_CACHE_DIR (default ~/.cache/deltaserve)
  * on first use (~480 MB).
@@ -80,6 +83,12 @@ for (const name of chosen) {
 }
 const selected = SECTIONS.filter((s) => chosen.includes(s.name));
 const OUT = flags.arg('out') ?? fileURLToPath(new URL('./results.md', import.meta.url));
+/**
+ * A quick run (CI's smoke run) writes nothing unless --out names a file: its
+ * figures are not ones to quote, and the committed results.md and plots are
+ * the full run's. It still checks every output and exits 1 on any failure.
+ */
+const WRITE = !flags.has('no-write') && (!QUICK || flags.arg('out') !== undefined);
 
 async function main(): Promise<number> {
   const cacheDir = benchCacheDir();
@@ -94,6 +103,12 @@ async function main(): Promise<number> {
   const ctx = createContext({ quick: QUICK, flags, cacheDir, log: progress });
   const outcome = await runSections(selected, ctx);
   const total = (Date.now() - t0) / 1000;
+  const timeTable = mdTable(['section', 'seconds', ''], [
+    ...outcome.elapsed.map((e) => [e.section, e.seconds.toFixed(0), e.ok ? '' : 'failed']),
+    ['total', total.toFixed(0), ''],
+  ], ['l', 'r', 'l']);
+  // Always, failed run or not: how long each section takes is what sizes the profiles (README, "how to reproduce").
+  console.error(`\nSection times${QUICK ? ' (quick)' : ''}, load average at start ${m0.load}:\n\n${timeTable}\n`);
 
   if (outcome.failures.length) {
     // No figures: a run with a failed request or a wrong output is not one to quote.
@@ -107,6 +122,7 @@ async function main(): Promise<number> {
     ? mdTable(['goal', 'measured', 'met?'], outcome.goals.map((g) => [g.what, g.measured, g.met]), ['l', 'l', 'l'])
     : '(no goals measured)';
   const parts = outcome.outputs.map((o) => `## ${o.title}\n\n${o.body}\n`);
+  parts.push(`## Section times\n\n${timeTable}\n`);
   for (const p of parts) console.log(`\n${p}`);
   console.log(`\n## Goals\n\n${goalTable}\n\nTotal ${total.toFixed(0)} s.`);
 
@@ -117,15 +133,15 @@ async function main(): Promise<number> {
     `- Command: \`${command}\`${QUICK ? ' (quick: fewer repetitions; not the figures to quote)' : ''}`,
     `- Machine: ${m0.nproc} × ${m0.cpu} (nproc ${m0.nproc}), Node ${m0.node}, onnxruntime-node ${m0.ort}, CPU execution provider, ORT intra-op threads = default (one per core)`,
     `- Load average (1, 5, 15 min) at start: ${m0.load}; at end: ${m1.load} — a shared 2-core VM: other processes running at the same time inflate the medians; the minima are the least disturbed figures.`,
-    `- Model: demo:gpt2-small (GPT-2 small's exact shapes: 12 layers, 768 wide, 12 heads, vocab 50257), cache ${cacheDir}`,
+    `- Model: ${QUICK ? 'demo:gpt2 (4 layers, 128 wide: a smoke run)' : 'demo:gpt2-small (GPT-2 small\'s exact shapes: 12 layers, 768 wide, 12 heads, vocab 50257)'}, cache ${cacheDir}`,
     `- Sections: ${selected.map((s) => s.name).join(', ')}; total ${total.toFixed(0)} s`,
     '',
   ].join('\n');
-  if (!flags.has('no-write')) {
+  if (WRITE) {
     writeFileSync(OUT, `${header}\n## Goals\n\n${goalTable}\n\n${parts.join('\n')}`);
     progress(`wrote ${OUT}`);
     if (ctx.plots.size) {
-      const dir = join(dirname(OUT), 'plots');
+      const dir = join(dirname(OUT), QUICK ? 'plots-quick' : 'plots');
       mkdirSync(dir, { recursive: true });
       for (const [name, svg] of ctx.plots) writeFileSync(join(dir, name), svg);
       progress(`wrote ${ctx.plots.size} plots to ${dir}`);

@@ -6,6 +6,7 @@
 import { Option, type Command } from 'commander';
 import { z } from 'zod';
 import { GRAPH_SITES, type SitePlan } from './deltas/kinds/index.js';
+import { FAULTS, type Fault } from './faults.js';
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
@@ -50,6 +51,17 @@ const sitePlan = z.string().trim().transform((s, ctx) => {
     plan[site] = targets === 'all' ? 'all' : targets === 'none' ? [] : targets.split('+');
   }
   return plan;
+});
+
+/** `engine-step,…`: the test-only fault hooks to mount (src/http/routes/faults.ts). */
+const faultList = z.string().trim().transform((s, ctx) => {
+  const names = s.split(',').map((p) => p.trim()).filter(Boolean);
+  const unknown = names.filter((n) => !(FAULTS as readonly string[]).includes(n));
+  if (unknown.length) {
+    ctx.addIssue({ code: 'custom', message: `unknown fault ${unknown.map((u) => `"${u}"`).join(', ')}: expected a comma-separated list of ${FAULTS.join(', ')}` });
+    return z.NEVER;
+  }
+  return names as Fault[];
 });
 
 const text = z.string();
@@ -159,6 +171,11 @@ export const CONFIG_OPTIONS = {
     env: 'DELTASERVE_METRICS_TASK_LABELS', flag: '--metrics-task-labels <n>',
     help: 'the busiest N tasks keep their own `task` metric label; the rest are counted as `other`',
     defaultText: '20', schema: int(1, 10000), fallback: 20,
+  }),
+  faults: spec({
+    env: 'DELTASERVE_FAULTS', flag: '--faults <list>',
+    help: `TEST ONLY, never in production: fault hooks to expose (${FAULTS.join(', ')}); engine-step mounts POST /v1/faults/engine-step (admin), which makes the engine's next runs fail`,
+    schema: faultList, fallback: [] as Fault[],
   }),
 } as const;
 

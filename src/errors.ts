@@ -21,7 +21,9 @@ export type ErrorCode =
   | 'draining'
   | 'timeout'
   | 'cancelled'
-  | 'internal_error';
+  | 'internal_error'
+  /** An engine run failed on the batch step that held the request (500): nothing the client did. */
+  | 'engine_error';
 
 export class ServeError extends Error {
   constructor(

@@ -146,6 +146,14 @@ export class Metrics {
     labelNames: ['direction'] as const,
     registers: [this.registry],
   });
+  private readonly engineFailures = new Counter({
+    name: 'deltaserve_engine_failures_total',
+    help: 'Engine session runs that failed, by phase (prefix, prefill, decode; step: a failure outside any run, which fails every row held). Each fails exactly its rows with a 500 engine_error.',
+    labelNames: ['phase'] as const,
+    registers: [this.registry],
+  });
+  private readonly engineFailedRequests = this.counter('deltaserve_engine_failed_requests_total',
+    'Requests answered 500 engine_error because an engine run that held them failed.');
   private readonly kvBytes = this.gauge('deltaserve_kv_cache_bytes', 'Bytes of KV cache buffers the engine holds.');
   private readonly bankBytes = this.gauge('deltaserve_delta_bank_bytes', 'Bytes held by the engine\'s delta banks.');
   private readonly bankBudget = this.gauge('deltaserve_delta_bank_budget_bytes',
@@ -198,13 +206,21 @@ export class Metrics {
 
   observeEngineStep(stats: {
     prefillMs: number; decodeMs: number; prefillRows: number; decodeRows: number; transfer: { toDevice: number; toHost: number }; kvBytes: number; bankBytes: number;
+    failures?: { phase: string; rows: number }[];
   }): void {
+    for (const f of stats.failures ?? []) this.engineFailure(f.phase, f.rows);
     if (stats.prefillRows) this.engineStep.observe({ phase: 'prefill' }, stats.prefillMs / 1000);
     if (stats.decodeRows) this.engineStep.observe({ phase: 'decode' }, stats.decodeMs / 1000);
     this.transferBytes.inc({ direction: 'to_device' }, stats.transfer.toDevice);
     this.transferBytes.inc({ direction: 'to_host' }, stats.transfer.toHost);
     this.kvBytes.set(stats.kvBytes);
     this.bankBytes.set(stats.bankBytes);
+  }
+
+  /** An engine run (or, `step`, a whole step) failed, taking `rows` requests with it. */
+  engineFailure(phase: string, rows: number): void {
+    this.engineFailures.inc({ phase });
+    this.engineFailedRequests.inc(rows);
   }
 
   setBankBudget(bytes: number): void {

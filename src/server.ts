@@ -19,7 +19,7 @@ import { chatTemplateFromTokenizerConfig } from './http/chat-template.js';
 import { sendError } from './http/errors.js';
 import { sweepUploadTemps } from './http/upload.js';
 import { Lifecycle } from './http/lifecycle.js';
-import { healthRoutes } from './http/routes/health.js';
+import { healthRoutes, liveness } from './http/routes/health.js';
 import { serve, type RunningServer } from './http/server.js';
 import type { Logger } from './log.js';
 import { Metrics } from './metrics.js';
@@ -118,7 +118,10 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
     io: backbone.io, sites: graph.sites, eosTokenIds: [...backbone.tokenizer.eosTokenIds], maxPositions: backbone.info.maxPositions,
     ep: config.ep, threads: config.threads || undefined, maxBatch: config.maxBatch, prefillChunkTokens: config.prefillChunkTokens,
   });
-  engine.on('error', (message) => logger.error({ message }, 'engine step failed'));
+  engine.on('error', (message, rowIds) => {
+    logger.error({ message, rows: rowIds.length }, 'engine step failed');
+    metrics.engineFailure('step', rowIds.length);
+  });
   // Each layer left on the Concat fallback says why: it costs an O(context) copy per step.
   for (const l of graph.kvPaths) if (l.path === 'concat') logger.warn({ layer: l.layer, reason: l.reason }, 'attention keeps Concat(past, new) on this layer');
   logger.info({ sites: graph.sites.length, splitAttentionLayers: graph.splitLayers, ep: config.ep }, 'engine ready');
@@ -150,7 +153,9 @@ export async function startServices(opts: ServiceOptions): Promise<Services> {
   const app = createApp({
     generator: scheduler, registry, backbone: backbone.info, metrics, config, readiness: lifecycle,
     chatTemplate: chatTemplateFromTokenizerConfig(tokenizerConfig), logger, remoteAddress: opts.remoteAddress,
+    faults: config.faults.includes('engine-step') ? { engineStep: (runs, phase) => engine.injectRunFaults(runs, phase) } : undefined,
   });
+  if (config.faults.length) logger.warn({ faults: config.faults }, 'DELTASERVE_FAULTS is set: test-only fault hooks are mounted; never do this in production');
 
   // One short generation warms ORT's kernels before the server says it is ready.
   await scheduler.generate({ task: null, prompt: 'warm up', params: {
@@ -173,6 +178,7 @@ export async function runServer(config: Config, logger: Logger): Promise<Running
   let services: Services | null = null;
   const app = express();
   app.disable('x-powered-by');
+  app.get('/healthz', liveness);
   app.use((req, res, next) => (services ? services.app(req, res, next) : next()));
   app.use(healthRoutes(lifecycle));
   app.use((req, res) => sendError(req, res, lifecycle.draining()

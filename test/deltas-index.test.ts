@@ -4,7 +4,7 @@
  * cache budget), over real files in a real store.
  */
 import assert from 'node:assert/strict';
-import { readFile } from 'node:fs/promises';
+import { readFile, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { Registry } from '../src/deltas/registry.js';
@@ -66,6 +66,28 @@ test('the index picks up another replica\'s registrations and removals after syn
   assert.equal((await slow.list()).length, 0);
   assert.equal((await slow.get('late'))?.id, 'late');
   assert.deepEqual((await slow.list()).map((r) => r.id), ['late']);
+});
+
+test('a sync of a store whose folder did not change reads no names: its mtime says so, and a change moves it', async (t) => {
+  const store = await tempDir(t, 'store');
+  const mine = await open(store, 1 << 20, 0);
+  const theirs = await open(store);
+  const files = await lora(t, 7);
+  await theirs.register('a', files, { replace: false });
+  // The folder's mtime set well in the past, so the next full read can trust it (not within the slack of a recent change).
+  const past = Math.floor(Date.now() / 1000) - 10;
+  await utimes(store, past, past);
+  assert.deepEqual((await mine.list()).map((r) => r.id), ['a'], 'a changed mtime: the names are read');
+  // Another replica adds 'b' and the mtime is put back: a sync that trusts the mtime cannot see it, which shows it read no names.
+  await theirs.register('b', files, { replace: false });
+  await utimes(store, past, past);
+  assert.deepEqual((await mine.list()).map((r) => r.id), ['a']);
+  assert.equal(mine.count(), 1);
+  // Any real change moves the mtime: both are seen at the next sync.
+  await theirs.register('c', files, { replace: false });
+  assert.deepEqual((await mine.list()).map((r) => r.id), ['a', 'b', 'c']);
+  await theirs.remove('a');
+  assert.deepEqual((await mine.list()).map((r) => r.id), ['b', 'c']);
 });
 
 test('a pin is persisted in the manifest, survives a restart and a replace, and unpins', async (t) => {

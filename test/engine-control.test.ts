@@ -186,6 +186,77 @@ describe('request control on demo:llama', () => {
     }
   });
 
+  test('in-process engine: a failed run fails exactly its rows (engine_error), frees their KV and bank slices; the rows beside and after it are unchanged', async () => {
+    // The fault hook (DELTASERVE_FAULTS=engine-step) feeds the next run of a phase an int32 input_ids: onnxruntime rejects it for real.
+    const { backbone, registry } = stack.services;
+    const graph = buildEngineGraph(backbone, planSites(backbone));
+    const session = await createSession(graph.bytes, { ep: 'cpu' });
+    const make = () => new Engine(session, backbone.io, graph.sites, {
+      maxBatch: 4, prefillChunkTokens: 32, eosTokenIds: backbone.tokenizer.eosTokenIds, maxPositions: backbone.info.maxPositions,
+    });
+    const lease = await registry.acquire(task);
+    const other = await registry.acquire(mixedTasks(backbone.info)[4].id);
+    try {
+      const enc = (t: string) => backbone.tokenizer.encode(t, { addSpecialTokens: true });
+      const greedy = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, seed: null };
+      const reqA = (rowId: number) => ({ rowId, promptIds: enc(prompt(20, 31)), sampling: greedy, maxNewTokens: 12, delta: lease.delta });
+      const reqB = (rowId: number) => ({ rowId, promptIds: enc(prompt(24, 32)), sampling: greedy, maxNewTokens: 12, delta: other.delta });
+      const tokensOf = (steps: StepResult[], rowId: number) => steps.flatMap((st) => st.tokens.filter((t) => t.rowId === rowId).map((t) => t.token));
+      const drain = async (e: Engine) => {
+        const steps: StepResult[] = [];
+        for (let n = 0; !e.idle; n++) {
+          assert.ok(n < 200, 'the engine never went idle');
+          steps.push(await e.step());
+        }
+        return steps;
+      };
+      const ref = make();
+      ref.add(reqA(1));
+      ref.add(reqB(2));
+      const refSteps = await drain(ref);
+      const refA = tokensOf(refSteps, 1);
+      const refB = tokensOf(refSteps, 2);
+      assert.equal(refA.length, 12);
+
+      const e = make();
+      e.add(reqA(10));
+      const first = await e.step();
+      assert.ok(tokensOf([first], 10).length >= 1 && first.rows.includes(10), 'row A was not decoding after its prefill');
+      // 1. A prefill run fails: only the row it prefills (B) fails; A decodes on in the same step.
+      e.injectRunFaults(1, 'prefill');
+      e.add(reqB(11));
+      const failed = await e.step();
+      assert.deepEqual(failed.finished.map((f) => [f.rowId, f.reason]), [[11, 'engine_error']]);
+      assert.match(failed.finished[0].error ?? '', /^prefill run failed: .*(int32|int64|type)/i);
+      assert.deepEqual(failed.stats.failures.map((f) => [f.phase, f.rows]), [['prefill', 1]]);
+      assert.deepEqual(failed.rows, [10], 'the failed row is still held');
+      assert.ok(!failed.stats.runningDeltas.includes(other.delta.id), 'the failed row\'s delta still counts as running');
+      const restA = await drain(e);
+      assert.deepEqual([...tokensOf([first, failed], 10), ...tokensOf(restA, 10)], refA, 'the row beside the failed run changed');
+      assert.equal(e.kvBytes + e.bankBytes, 0, 'KV or bank bytes held by an idle engine');
+
+      // 2. A decode run fails: every decoding row fails, and the engine serves the same requests again unchanged.
+      e.add(reqA(12));
+      e.add(reqB(13));
+      await e.step();
+      e.injectRunFaults(1, 'decode');
+      let s = await e.step();
+      while (!s.stats.failures.length) s = await e.step();
+      assert.deepEqual(s.stats.failures.map((f) => [f.phase, f.rows]), [['decode', 2]]);
+      assert.deepEqual(s.finished.map((f) => [f.rowId, f.reason]).sort(), [[12, 'engine_error'], [13, 'engine_error']]);
+      assert.ok(e.idle, 'rows of the failed decode run are still held');
+      e.add(reqA(14));
+      e.add(reqB(15));
+      const again = await drain(e);
+      assert.deepEqual(tokensOf(again, 14), refA);
+      assert.deepEqual(tokensOf(again, 15), refB);
+    } finally {
+      lease.release();
+      other.release();
+      await session.release();
+    }
+  });
+
   test('a client that closes its SSE connection mid-stream frees its row within one step', async () => {
     const server = createServer(stack.services.app).listen(0, '127.0.0.1');
     await once(server, 'listening');

@@ -28,6 +28,8 @@ import { fmt, mdTable, median, minimum, syntheticCAttnLora } from './common.js';
 import { stepFeeds } from './rewrite-step.js';
 
 export interface QuantBenchOptions {
+  /** The demo backbone quantized: demo:gpt2-small, or demo:gpt2 in --quick. */
+  model: string;
   rounds: number;
   perBlock: number;
   context: number;
@@ -60,13 +62,13 @@ export interface QuantBenchResult {
   seconds: number;
 }
 
-const dirName = (q: QuantizeOptions) => `quant-gpt2-small-q${q.bits}-b${q.blockSize}${q.includeLmHead ? '-lmhead' : ''}${q.accuracyLevel ? `-acc${q.accuracyLevel}` : ''}`;
+const dirName = (model: string, q: QuantizeOptions) => `quant-${model.replace('demo:', '')}-q${q.bits}-b${q.blockSize}${q.includeLmHead ? '-lmhead' : ''}${q.accuracyLevel ? `-acc${q.accuracyLevel}` : ''}`;
 
 /** The model folder of a variant, quantized into the cache on first use. */
-export async function variantDir(cacheDir: string, q: QuantizeOptions | null): Promise<string> {
-  const { dir } = await resolveModelDir({ model: 'demo:gpt2-small', cacheDir });
+export async function variantDir(cacheDir: string, model: string, q: QuantizeOptions | null): Promise<string> {
+  const { dir } = await resolveModelDir({ model, cacheDir });
   if (!q) return dir;
-  const out = join(cacheDir, dirName(q));
+  const out = join(cacheDir, dirName(model, q));
   if (!existsSync(join(out, 'model.onnx'))) {
     const tmp = `${out}.tmp-${process.pid}`;
     await quantizeModelDir(dir, tmp, q);
@@ -91,7 +93,7 @@ export async function measureQuantized(cacheDir: string, opts: QuantBenchOptions
   const entries: Entry[] = [];
   for (const v of VARIANTS) {
     const t = Date.now();
-    const dir = await variantDir(cacheDir, v.quantize);
+    const dir = await variantDir(cacheDir, opts.model, v.quantize);
     const bb = await loadBackbone({ model: dir, cacheDir });
     const g = buildEngineGraph(bb, planSites(bb));
     const session = await createSession(g.bytes);
@@ -128,7 +130,7 @@ export async function measureQuantized(cacheDir: string, opts: QuantBenchOptions
   for (const e of entries) await e.session.release();
   entries.length = 0;
   for (const [i, v] of VARIANTS.entries()) {
-    variants[i].rss = await measureRss(await variantDir(cacheDir, v.quantize), cacheDir);
+    variants[i].rss = await measureRss(await variantDir(cacheDir, opts.model, v.quantize), cacheDir);
     opts.log(`  quantized: RSS of ${v.label} ${fmt(variants[i].rss!.maxRss / 2 ** 20, 0)} MiB`);
   }
   return { opts, variants, seconds: (Date.now() - t0) / 1000 };

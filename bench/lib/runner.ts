@@ -32,13 +32,22 @@ export interface Flags {
   num(name: string, dflt: number): number;
 }
 
+/**
+ * The demo backbone the sections run: GPT-2 small's exact shapes, or in
+ * --quick the 4-layer, 128-wide demo:gpt2, where the point is that every path
+ * runs and every output equals its reference (CI's smoke run), not the figures.
+ */
+export const benchModel = (quick: boolean) => (quick ? 'demo:gpt2' : 'demo:gpt2-small');
+
 export interface BenchContext {
   quick: boolean;
+  /** benchModel(quick): what ctx.backbone() loads and the sections' servers serve. */
+  model: string;
   flags: Flags;
   cacheDir: string;
   /** Progress on stderr. */
   log(msg: string): void;
-  /** demo:gpt2-small in this process, loaded on first use and shared until `releaseInProcess`. */
+  /** `model` in this process, loaded on first use and shared until `releaseInProcess`. */
   backbone(): Promise<Backbone>;
   /** A value sections share (sessions one built and another reuses, a stack), made once. */
   shared<T>(key: string, make: () => Promise<T>): Promise<T>;
@@ -74,11 +83,12 @@ export function createContext(opts: { quick: boolean; flags: Flags; cacheDir: st
   let bb: Promise<Backbone> | null = null;
   const ctx = {
     ...opts,
+    model: benchModel(opts.quick),
     plots: new Map<string, string>(),
     backbone() {
       if (!bb) {
         const t = Date.now();
-        bb = loadBackbone({ model: 'demo:gpt2-small', cacheDir: opts.cacheDir }).then((b) => {
+        bb = loadBackbone({ model: ctx.model, cacheDir: opts.cacheDir }).then((b) => {
           opts.log(`loaded ${b.info.name} in ${((Date.now() - t) / 1000).toFixed(1)} s`);
           return b;
         });
@@ -112,24 +122,32 @@ export interface RunOutcome {
   outputs: SectionOutput[];
   goals: Goal[];
   failures: { section: string; error: string }[];
+  /** Wall-clock seconds each section took, in the order they ran (failed ones too). */
+  elapsed: { section: string; seconds: number; ok: boolean }[];
 }
 
 /** Runs the sections in order; a failure is recorded and the rest still run (so one run reports every failure). */
 export async function runSections(sections: BenchSection[], ctx: BenchContext & { close(): Promise<void> }): Promise<RunOutcome> {
-  const out: RunOutcome = { outputs: [], goals: [], failures: [] };
+  const out: RunOutcome = { outputs: [], goals: [], failures: [], elapsed: [] };
   try {
     for (const s of sections) {
       ctx.log(`section ${s.name}`);
+      const t0 = performance.now();
+      let ok = true;
       try {
         const r = await s.run(ctx);
         out.outputs.push(...r.outputs);
         out.goals.push(...r.goals);
       } catch (err) {
+        ok = false;
         const e = err as Error;
         const error = e instanceof BenchFailure ? e.message : (e.stack ?? String(e));
         out.failures.push({ section: s.name, error });
         ctx.log(`section ${s.name} FAILED: ${error}`);
       }
+      const seconds = (performance.now() - t0) / 1000;
+      out.elapsed.push({ section: s.name, seconds, ok });
+      ctx.log(`section ${s.name} ${ok ? 'done' : 'failed'} in ${seconds.toFixed(0)} s`);
     }
   } finally {
     await ctx.close();

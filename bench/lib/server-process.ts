@@ -10,6 +10,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { demoSpec } from '../../src/backbone/demo/spec.js';
 import { encodeSafetensors, type TensorToWrite } from '../../src/deltas/safetensors.js';
 import { rand, sleep } from './common.js';
 import { Client } from './load.js';
@@ -45,14 +46,14 @@ export async function makeScratch(label: string): Promise<{ dir: string; remove(
   return { dir, remove: () => rm(dir, { recursive: true, force: true }) };
 }
 
-/** Starts a server on demo:gpt2-small with `env` on top of the bench's defaults; waits until it is ready. */
-export async function startServer(opts: { deltasDir: string; cacheDir: string; env?: Record<string, string>; timeoutMs?: number }): Promise<ServerProcess> {
+/** Starts a server on `model` (the bench's, ctx.model) with `env` on top of the bench's defaults; waits until it is ready. */
+export async function startServer(opts: { model: string; deltasDir: string; cacheDir: string; env?: Record<string, string>; timeoutMs?: number }): Promise<ServerProcess> {
   const port = await freePort();
   const t0 = performance.now();
   const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'serve'], {
     cwd: ROOT,
     env: {
-      ...process.env, HOST: '127.0.0.1', PORT: String(port), DELTASERVE_MODEL: 'demo:gpt2-small', DELTASERVE_DELTAS_DIR: opts.deltasDir,
+      ...process.env, HOST: '127.0.0.1', PORT: String(port), DELTASERVE_MODEL: opts.model, DELTASERVE_DELTAS_DIR: opts.deltasDir,
       DELTASERVE_CACHE_DIR: opts.cacheDir, LOG_LEVEL: 'warn', ...opts.env,
     },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -139,6 +140,30 @@ export async function backboneModules(client: Client): Promise<ModuleInfo[]> {
   const r = await client.json<{ modules: ModuleInfo[] }>('GET', '/v1/backbone');
   if (r.status !== 200) throw new Error(`GET /v1/backbone answered ${r.status}`);
   return r.body.modules;
+}
+
+/** Bytes the delta cache charges for one rank-`rank` LoRA (peftLora's) on every c_attn (hidden → 3·hidden) of the GPT-2 demo `model`. */
+export function loraBytes(model: string, rank: number): number {
+  const spec = demoSpec(model);
+  if (!spec || spec.family !== 'gpt2') throw new Error(`loraBytes: ${model} is not a GPT-2 demo`);
+  return spec.layers * (spec.hidden * rank + rank * 3 * spec.hidden) * 4;
+}
+
+/**
+ * A GET's status and body, retried once when the kept-alive connection it was
+ * sent on had just been closed by the server (its keep-alive timeout racing
+ * our reuse; seen on a saturated machine): a GET is idempotent, so a retry is safe.
+ */
+export async function getText(url: string): Promise<{ status: number; text: string }> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const r = await fetch(url);
+      return { status: r.status, text: await r.text() };
+    } catch (err) {
+      const code = (err as { cause?: { code?: string } }).cause?.code;
+      if (attempt > 0 || (code !== 'UND_ERR_SOCKET' && code !== 'ECONNRESET')) throw err;
+    }
+  }
 }
 
 /** A gauge's value from Prometheus text. */

@@ -65,9 +65,9 @@ function peftLoraFiles(bb: Backbone, k: number): Record<string, string | Uint8Ar
   return { 'adapter_config.json': JSON.stringify(config, null, 2), 'adapter_model.safetensors': encodeSafetensors(tensors) };
 }
 
-export async function startBenchStack(opts: { cacheDir: string; loras: number; log: (m: string) => void }): Promise<BenchStack> {
+export async function startBenchStack(opts: { model: string; cacheDir: string; loras: number; log: (m: string) => void }): Promise<BenchStack> {
   const scratch = await mkdtemp(join(tmpdir(), 'deltaserve-bench-'));
-  const config = loadConfig({ DELTASERVE_MODEL: 'demo:gpt2-small', DELTASERVE_DELTAS_DIR: join(scratch, 'deltas'), LOG_LEVEL: 'silent' });
+  const config = loadConfig({ DELTASERVE_MODEL: opts.model, DELTASERVE_DELTAS_DIR: join(scratch, 'deltas'), LOG_LEVEL: 'silent' });
   let t = Date.now();
   const services = await startServices({ config, logger: createLogger('silent'), cacheDir: opts.cacheDir, defaultMetrics: false });
   opts.log(`  serving: services ready (worker + session + warm-up) in ${((Date.now() - t) / 1000).toFixed(1)} s`);

@@ -34,7 +34,7 @@ export function torchGpt2Small(cacheDir: string): { dir: string } | { skipped: s
   try {
     execFileSync(PYTHON, ['-c', 'import torch, onnx'], { stdio: 'ignore' });
   } catch {
-    return { skipped: `no torch here (${PYTHON} cannot import torch and onnx): run \`${PYTHON} scripts/export-fixtures.py --full ${dir}\` where torch is installed, then rerun` };
+    return { skipped: `skipped: no torch export (${dir} is absent and ${PYTHON} cannot import torch and onnx to write it): run \`${PYTHON} scripts/export-fixtures.py --full ${dir}\` where torch is installed, then rerun` };
   }
   execFileSync(PYTHON, [SCRIPT, '--full', dir], { stdio: ['ignore', 'ignore', 'inherit'] });
   return { dir };

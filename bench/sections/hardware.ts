@@ -30,8 +30,8 @@ export const section: BenchSection = {
   name: 'hardware',
   async run(ctx) {
     const bb = await ctx.backbone();
-    const rounds = ctx.quick ? 3 : 8;
-    const perBlock = 4;
+    const rounds = ctx.quick ? 1 : 8;
+    const perBlock = ctx.quick ? 2 : 4;
     const g = buildEngineGraph(bb, planSites(bb));
     const session = await createSession(g.bytes);
     const matmuls = await createSession(buildFloorGraph(bb, { weights: true, cache: false }));

@@ -6,13 +6,11 @@
 import { fmt, mdTable, median, percentile } from '../lib/common.js';
 import { closedLoop, type Client, type LoadRequest, type RequestTiming } from '../lib/load.js';
 import { check, type BenchContext, type BenchSection, type SectionResult } from '../lib/runner.js';
-import { backboneModules, makeScratch, peftLora, startServer, uploadDelta, type ServerProcess } from '../lib/server-process.js';
+import { backboneModules, loraBytes, makeScratch, peftLora, startServer, uploadDelta, type ServerProcess } from '../lib/server-process.js';
 import { lineChart } from '../lib/svg.js';
 import { yes } from './goals.js';
 import { LORA_RANK, loraId, references, requestsOver, verify } from './http.js';
 
-/** Bytes the cache charges for one rank-16 LoRA on GPT-2 small's 12 c_attn (768 → 2304). */
-const LORA_BYTES = 12 * (768 * LORA_RANK + LORA_RANK * 2304) * 4;
 const CACHED = 8;
 
 async function cached(client: Client, id: string): Promise<boolean> {
@@ -33,7 +31,7 @@ export const section: BenchSection = {
     const scratch = await makeScratch('hotswap');
     ctx.onRelease(() => scratch.remove(), 'end');
     const server = await startServer({
-      deltasDir: `${scratch.dir}/deltas`, cacheDir: ctx.cacheDir, env: { DELTASERVE_CACHE_BYTES: String(CACHED * LORA_BYTES) },
+      model: ctx.model, deltasDir: `${scratch.dir}/deltas`, cacheDir: ctx.cacheDir, env: { DELTASERVE_CACHE_BYTES: String(CACHED * loraBytes(ctx.model, LORA_RANK)) },
     });
     try {
       return await measure(ctx, server);
@@ -120,8 +118,9 @@ async function measure(ctx: BenchContext, server: ServerProcess): Promise<Sectio
   ctx.log(`hotswap: inter-token p99 quiet ${fmt(p99q)} ms, while churning ${fmt(p99c)} ms (${churned} admin operations)`);
 
   const pts = [10, 25, 50, 75, 90, 99];
+  const model = ctx.model.replace('demo:', '');
   ctx.plots.set('ttft-miss-vs-hit.svg', lineChart({
-    title: 'TTFT: delta cache miss vs hit (rank-16 LoRA, gpt2-small)', xLabel: 'percentile', yLabel: 'TTFT ms',
+    title: `TTFT: delta cache miss vs hit (rank-16 LoRA, ${model})`, xLabel: 'percentile', yLabel: 'TTFT ms',
     xCategories: pts.map((p) => `p${p}`),
     series: [
       { name: 'hit', points: pts.map((p, i) => [i, percentile(hit, p)]) },
@@ -144,7 +143,7 @@ async function measure(ctx: BenchContext, server: ServerProcess): Promise<Sectio
     outputs: [{
       title: '10. Hot swap over HTTP: cache miss vs hit, registration to first token, streams during churn (issue 14)',
       body: [
-        `A real server process (demo:gpt2-small) with DELTASERVE_CACHE_BYTES = ${CACHED} rank-16 LoRAs (${CACHED * LORA_BYTES} bytes) and ${nLoras} LoRAs registered. ` +
+        `A real server process (${ctx.model}) with DELTASERVE_CACHE_BYTES = ${CACHED} rank-16 LoRAs (${CACHED * loraBytes(ctx.model, LORA_RANK)} bytes) and ${nLoras} LoRAs registered. ` +
         'Miss vs hit: pairs of requests one at a time (4 new tokens), the first on lora-000 (used every pair: a hit), the second on a LoRA that cycles through the other ' +
         `${nLoras - 1}, so it has been evicted (both states checked with GET /v1/deltas/{id} before each request; the first pair is warm-up). ` +
         'A miss reads the files from the store, checks their sha256, parses and validates them, and builds the banks. ' +
@@ -154,7 +153,7 @@ async function measure(ctx: BenchContext, server: ServerProcess): Promise<Sectio
           ['miss', fmt(percentile(miss, 50)), fmt(percentile(miss, 90)), fmt(percentile(miss, 99)), miss.length],
           ['miss − hit', fmt(addsP50), fmt(percentile(miss, 90) - percentile(hit, 90)), fmt(addsP99), ''],
         ]),
-        mdTable(['registration → first token (a new 2.4 MB rank-16 LoRA, multipart POST then a request)', 'median ms', 'max ms'], [
+        mdTable([`registration → first token (a new ${fmt(loraBytes(ctx.model, LORA_RANK) / 1e6)} MB rank-16 LoRA, multipart POST then a request)`, 'median ms', 'max ms'], [
           ['POST /v1/deltas (upload, validate, fsync, rename)', fmt(median(regOnly)), fmt(Math.max(...regOnly))],
           ['… plus the first token of a request on it', fmt(median(regToFirst)), fmt(Math.max(...regToFirst))],
         ]),

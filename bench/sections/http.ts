@@ -5,7 +5,8 @@
  * compared with the same request run alone first (greedy, so they must be
  * equal); any failed request or differing output fails the section.
  */
-import { gpt2Small } from '../../test/helpers/backbone-info.js';
+import { demoSpec } from '../../src/backbone/demo/spec.js';
+import { gpt2Like } from '../../test/helpers/backbone-info.js';
 import { deltaFiles, encodeTensors, type TaskSpec } from '../../test/helpers/kind-cases.js';
 import { fmt, mdTable, median } from '../lib/common.js';
 import { closedLoop, openLoop, problems, stats, type Client, type LoadRequest, type LoadRun, type RunStats, type Slo } from '../lib/load.js';
@@ -67,10 +68,11 @@ function kindSpecs(perKind: number): TaskSpec[] {
   return specs;
 }
 
-/** The delta's files as its format saves them; GPT-2 small's module names and shapes (the values are the deltas' own). */
-function kindFiles(spec: TaskSpec): Record<string, Uint8Array> {
+/** The delta's files as its format saves them; the GPT-2 demo `model`'s module names and shapes (the values are the deltas' own). */
+function kindFiles(model: string, spec: TaskSpec): Record<string, Uint8Array> {
+  const demo = demoSpec(model)!;
   const files: Record<string, Uint8Array> = {};
-  for (const [name, content] of Object.entries(encodeTensors(deltaFiles(gpt2Small(), spec)))) {
+  for (const [name, content] of Object.entries(encodeTensors(deltaFiles(gpt2Like(demo.layers, demo.hidden, model), spec)))) {
     files[name] = content instanceof Uint8Array ? content : Buffer.from(JSON.stringify(content));
   }
   return files;
@@ -94,14 +96,14 @@ export const section: BenchSection = {
     const scratch = await makeScratch('http');
     ctx.onRelease(() => scratch.remove(), 'end');
     ctx.log('http: starting a server process');
-    const server = await startServer({ deltasDir: `${scratch.dir}/deltas`, cacheDir: ctx.cacheDir });
+    const server = await startServer({ model: ctx.model, deltasDir: `${scratch.dir}/deltas`, cacheDir: ctx.cacheDir });
     const client = server.client;
     try {
       const modules = await backboneModules(client);
       const nLoras = Math.max(...distinct);
       for (let k = 0; k < nLoras; k++) await uploadDelta(server.url, loraId(k), peftLora(modules, k, LORA_RANK));
       const specs = kindSpecs(4);
-      for (const s of specs) await uploadDelta(server.url, s.id, kindFiles(s));
+      for (const s of specs) await uploadDelta(server.url, s.id, kindFiles(ctx.model, s));
       ctx.log(`http: ${nLoras} LoRAs and ${specs.length} adapters/BitFit/IA³ registered over HTTP`);
 
       const reference = new Map<string, number[]>();
@@ -175,7 +177,7 @@ export const section: BenchSection = {
         outputs: [{
           title: '9. Over HTTP: throughput vs distinct deltas, mixed kinds, latency vs offered load (issue 14)',
           body: [
-            `A real server process (\`tsx src/cli.ts serve\`, demo:gpt2-small, default config: max batch 32, max_loras 32, cache sized from the backbone) on 127.0.0.1; ` +
+            `A real server process (\`tsx src/cli.ts serve\`, ${ctx.model}, default config: max batch 32, max_loras 32, cache sized from the backbone) on 127.0.0.1; ` +
             `${nLoras} PEFT LoRAs (rank ${LORA_RANK} on c_attn) and ${specs.length} other deltas (4 each: adapter bottleneck 16 on attn/mlp c_proj, BitFit on c_attn/c_fc, IA³ on c_attn/mlp.c_proj) uploaded with POST /v1/deltas. ` +
             `Requests: streamed POST /v1/generate over keep-alive connections, greedy, ${maxNew} new tokens, one of ${PROMPTS.length} prompts (~50 tokens). ` +
             `Every output equals the same request's output run alone beforehand (${reference.size} references), and no request failed — checked, or the bench fails. ` +

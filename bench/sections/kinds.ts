@@ -7,7 +7,7 @@ export const section: BenchSection = {
   name: 'kinds',
   async run(ctx) {
     const { bb, graph: g, engine } = await defaultPlanEngine(ctx);
-    const kinds = await measureKinds(bb, engine, g.sites, { rounds: ctx.quick ? 2 : 6, perBlock: 4, log: ctx.log });
+    const kinds = await measureKinds(bb, engine, g.sites, { rounds: ctx.quick ? 1 : 6, perBlock: ctx.quick ? 2 : 4, log: ctx.log });
     return {
       goals: kindsGoals(kinds),
       outputs: [{

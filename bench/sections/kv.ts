@@ -24,7 +24,7 @@ export const section: BenchSection = {
     const q = ctx.quick;
     const cfg = {
       batch: 32,
-      contexts: (ctx.flags.arg('contexts') ?? (q ? '64,256' : '64,256,512')).split(',').map(Number),
+      contexts: (ctx.flags.arg('contexts') ?? (q ? '64' : '64,256,512')).split(',').map(Number),
       rounds: q ? 2 : 6, perBlock: 3, originalRuns: q ? 2 : 3, prefillChunkTokens: 4096,
     };
     const g = buildEngineGraph(bb, planSites(bb));

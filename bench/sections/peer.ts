@@ -28,8 +28,9 @@ export const section: BenchSection = {
     const scratch = await makeScratch('peer');
     ctx.onRelease(() => scratch.remove(), 'end');
     // transformers.js reads <localModelPath>/<id>/{config.json, tokenizer.json, …, onnx/model.onnx}: the export, linked into that layout.
-    const src = await demoModelDir(demoSpec('demo:gpt2-small')!, { cacheDir: ctx.cacheDir });
-    const modelDir = join(scratch.dir, 'models', 'demo-gpt2-small');
+    const src = await demoModelDir(demoSpec(ctx.model)!, { cacheDir: ctx.cacheDir });
+    const localId = ctx.model.replace(':', '-');
+    const modelDir = join(scratch.dir, 'models', localId);
     await mkdir(join(modelDir, 'onnx'), { recursive: true });
     for (const f of ['config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json']) await symlink(join(src, f), join(modelDir, f));
     await symlink(join(src, 'model.onnx'), join(modelDir, 'onnx', 'model.onnx'));
@@ -37,8 +38,8 @@ export const section: BenchSection = {
     const tf = await import('@huggingface/transformers');
     tf.env.allowRemoteModels = false;
     tf.env.localModelPath = join(scratch.dir, 'models');
-    const tokenizer = await tf.AutoTokenizer.from_pretrained('demo-gpt2-small');
-    const model = await tf.AutoModelForCausalLM.from_pretrained('demo-gpt2-small', { dtype: 'fp32', device: 'cpu' });
+    const tokenizer = await tf.AutoTokenizer.from_pretrained(localId);
+    const model = await tf.AutoModelForCausalLM.from_pretrained(localId, { dtype: 'fp32', device: 'cpu' });
     ctx.onRelease(async () => {
       await model.dispose();
     });
@@ -50,7 +51,7 @@ export const section: BenchSection = {
       return out.tolist().map((row) => row.slice(width).map(Number));
     };
 
-    const server = await startServer({ deltasDir: join(scratch.dir, 'deltas'), cacheDir: ctx.cacheDir });
+    const server = await startServer({ model: ctx.model, deltasDir: join(scratch.dir, 'deltas'), cacheDir: ctx.cacheDir });
     try {
       return await compare(ctx, server, peerGenerate, maxNew, rounds, (tf.env as { version?: string }).version ?? '?');
     } finally {
@@ -115,7 +116,7 @@ async function compare(
     outputs: [{
       title: '13. The peer: transformers.js on the same exported backbone (issue 14)',
       body: [
-        `@huggingface/transformers ${tfVersion} (onnxruntime-node underneath, CPU, fp32) loading the exported demo:gpt2-small folder from local files only (\`env.allowRemoteModels = false\`), greedy, ${maxNew} new tokens; ` +
+        `@huggingface/transformers ${tfVersion} (onnxruntime-node underneath, CPU, fp32) loading the exported ${ctx.model} folder from local files only (\`env.allowRemoteModels = false\`), greedy, ${maxNew} new tokens; ` +
         'deltaserve as a separate server process over HTTP (streamed /v1/generate). Before timing, transformers.js\'s greedy ids were checked equal to deltaserve\'s on 8 prompts of the bare backbone, ' +
         'and every deltaserve output equals the same request alone. transformers.js runs in the bench process; its "16 concurrent callers" are 16 concurrent `generate` calls, its batched call one `generate` over 16 left-padded prompts. ' +
         'transformers.js cannot apply 16 different LoRAs without 16 models; deltaserve\'s 16 streams over 16 distinct rank-16 LoRAs are shown beside it. The machine was shared and busy while this ran.',

@@ -14,7 +14,7 @@ export function servingStack(ctx: BenchContext): Promise<SharedStack> {
     // The stack's worker and sessions need the memory the in-process sections held.
     await ctx.releaseInProcess();
     ctx.log('real serving stack (startServices: store, registry, engine worker, scheduler, express app)');
-    const stack = await startBenchStack({ cacheDir: ctx.cacheDir, loras: STREAMS, log: ctx.log });
+    const stack = await startBenchStack({ model: ctx.model, cacheDir: ctx.cacheDir, loras: STREAMS, log: ctx.log });
     ctx.onRelease(() => stack.close(), 'end');
     return { stack, reqs: benchRequests(stack, STREAMS, ctx.flags.num('prompt', 32)) };
   });

@@ -152,6 +152,15 @@ export class DeltaStore {
     await syncDir(this.dir);
   }
 
+  /**
+   * The store folder's mtime (ms): it moves whenever an entry is added,
+   * removed or renamed in it (every write, replace and removal ends in a
+   * rename or rm there), so an unchanged value means `ids()` would answer as before.
+   */
+  async folderMtimeMs(): Promise<number> {
+    return (await stat(this.dir)).mtimeMs;
+  }
+
   /** Folders named like a delta id; a few may be foreign (read() says which). */
   async ids(): Promise<string[]> {
     const entries = await readdir(this.dir, { withFileTypes: true });

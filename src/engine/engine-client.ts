@@ -2,7 +2,7 @@
 import { EventEmitter } from 'node:events';
 import { Worker } from 'node:worker_threads';
 import type { LoadedDelta } from '../deltas/types.js';
-import type { EngineInit, FromEngine, RowRequest, StepResult, ToEngine } from './protocol.js';
+import type { EngineInit, FromEngine, RowRequest, RunPhase, StepResult, ToEngine } from './protocol.js';
 
 /**
  * Delta tensors are copied once into shared memory, so every request that
@@ -82,6 +82,11 @@ export class EngineClient extends EventEmitter<EngineClientEvents> {
 
   cancel(rowId: number): void {
     this.worker.postMessage({ type: 'cancel', rowId } satisfies ToEngine);
+  }
+
+  /** Test-only fault hook (DELTASERVE_FAULTS=engine-step): the engine's next `runs` session runs (of `phase`, or any) fail. */
+  injectRunFaults(runs: number, phase: RunPhase | 'any' = 'any'): void {
+    this.worker.postMessage({ type: 'fault', runs, phase } satisfies ToEngine);
   }
 
   async close(): Promise<void> {

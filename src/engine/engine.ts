@@ -21,7 +21,7 @@ import { Batch, type BatchRow } from './batch.js';
 import { HostDevice } from './device/cpu.js';
 import type { Device, HostRows, Transfer } from './device/device.js';
 import { tokenLogprobs, type TokenLogprobs } from './logprobs.js';
-import type { EngineFinish, RowRequest, StepResult } from './protocol.js';
+import type { EngineFinish, RowRequest, RunFailure, RunPhase, StepResult } from './protocol.js';
 import { RowSampler } from './sampler.js';
 
 export interface EngineOptions {
@@ -90,6 +90,8 @@ export class Engine {
   private readonly device: Device;
   /** The graph's `prompt_embeds` input, fed one zero (no virtual tokens) on every step; null when the graph has none. */
   private readonly noPromptEmbeds: ort.Tensor | null;
+  /** Session runs left to sabotage, of one phase or any (the test-only fault hook, DELTASERVE_FAULTS=engine-step). */
+  private faults = { runs: 0, phase: 'any' as RunPhase | 'any' };
 
   constructor(
     private readonly session: ort.InferenceSession,
@@ -118,6 +120,22 @@ export class Engine {
 
   cancel(rowId: number): void {
     this.cancelled.add(rowId);
+  }
+
+  /**
+   * The test-only fault hook: the next `runs` session runs get `input_ids` as
+   * int32 where the graph takes int64, so onnxruntime itself rejects them, as
+   * it would any run that fails (a bad kernel, an allocation that fails).
+   */
+  injectRunFaults(runs: number, phase: RunPhase | 'any' = 'any'): void {
+    this.faults = { runs, phase };
+  }
+
+  private sabotage(phase: RunPhase, feeds: Record<string, ort.Tensor>): void {
+    if (this.faults.runs === 0 || (this.faults.phase !== 'any' && this.faults.phase !== phase)) return;
+    this.faults.runs--;
+    const ids = feeds.input_ids;
+    feeds.input_ids = new ort.Tensor('int32', Int32Array.from(ids.data as BigInt64Array, Number), ids.dims);
   }
 
   get idle(): boolean {
@@ -153,13 +171,33 @@ export class Engine {
       tokens: [], finished: [], rows: [],
       stats: {
         decodeRows: 0, prefillRows: 0, prefillTokens: 0, decodeMs: 0, prefillMs: 0,
-        kvTokens: 0, kvBytes: 0, bankBytes: 0, transfer: { toDevice: 0, toHost: 0 }, runningDeltas: [],
+        kvTokens: 0, kvBytes: 0, bankBytes: 0, transfer: { toDevice: 0, toHost: 0 }, runningDeltas: [], failures: [],
       },
     };
     this.applyCancellations(result);
-    if (!this.group) await this.formGroup(result.stats.transfer);
-    if (this.group) await this.prefillChunk(this.group, result);
-    if (this.decoding.size) await this.decode(result);
+    if (!this.group) await this.formGroup(result);
+    const g = this.group;
+    if (g) {
+      try {
+        await this.prefillChunk(g, result);
+      } catch (e) {
+        // The group's rows fail; those already moved to the decode batch (a failure after the run) go on there.
+        const lost = g.batch.rows.filter((r) => !this.decoding.rows.includes(r));
+        if (this.group === g) this.group = null;
+        g.batch.release();
+        this.fail(result, 'prefill', lost, e);
+      }
+    }
+    if (this.decoding.size) {
+      try {
+        await this.decode(result);
+      } catch (e) {
+        // Every row of the failed run leaves the decode batch: their KV and bank slices go with them.
+        const lost: Row[] = [];
+        while (this.decoding.size) lost.push(this.decoding.remove(this.decoding.size - 1));
+        this.fail(result, 'decode', lost.reverse(), e);
+      }
+    }
     result.rows = this.rowIds();
     result.stats.kvTokens = this.decoding.kvTokens;
     result.stats.kvBytes = this.kvBytes;
@@ -167,6 +205,17 @@ export class Engine {
     result.stats.runningDeltas = [...new Set([...this.decoding.rows, ...(this.group?.batch.rows ?? [])]
       .map((r) => r.req.delta?.id).filter((id): id is string => !!id))];
     return result;
+  }
+
+  /**
+   * A session run failed: exactly its rows finish with `engine_error` (the
+   * server's fault, not the request's); the step's other run, the rows
+   * waiting and the next steps go on.
+   */
+  private fail(result: StepResult, phase: RunFailure['phase'], rows: Row[], err: unknown): void {
+    const message = `${phase} run failed: ${(err as Error)?.message ?? String(err)}`;
+    result.stats.failures.push({ phase, rows: rows.length, message });
+    for (const r of rows) result.finished.push({ rowId: r.req.rowId, reason: 'engine_error', generated: r.generated, error: message });
   }
 
   private applyCancellations(result: StepResult): void {
@@ -193,7 +242,7 @@ export class Engine {
     this.cancelled.clear();
   }
 
-  private async formGroup(transfer: Transfer): Promise<void> {
+  private async formGroup(result: StepResult): Promise<void> {
     const room = this.opts.maxBatch - this.decoding.size;
     if (room <= 0 || !this.pending.length) return;
     // Rows of one group are left-padded to its longest prompt: a row joins only while
@@ -216,9 +265,14 @@ export class Engine {
       real += len;
       take++;
     }
-    // Before the rows leave `pending`: if this fails, the step's error handler still finds them there.
-    for (const r of this.pending.slice(0, take)) if (r.req.delta?.prefix) await this.computePrefix(r.req.delta.prefix, transfer);
     const rows = this.pending.splice(0, take);
+    try {
+      for (const r of rows) if (r.req.delta?.prefix) await this.computePrefix(r.req.delta.prefix, result.stats.transfer);
+    } catch (e) {
+      // A prefix that could not be computed fails the rows that were to be prefilled with it; it stays not ready.
+      this.fail(result, 'prefix', rows, e);
+      return;
+    }
     const batch = this.newBatch(rows.length);
     for (const r of rows) batch.add(r);
     const prefixSlots = Math.max(...rows.map(prefixTokens));
@@ -347,6 +401,7 @@ export class Engine {
       ...(await g.batch.feeds(hasPast, result.stats.transfer, packed)),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(pos, [n, chunk]);
+    this.sabotage('prefill', feeds);
     const t0 = performance.now();
     const out = await this.run(feeds, rows, result.stats);
     result.stats.prefillMs = performance.now() - t0;
@@ -411,6 +466,7 @@ export class Engine {
       attention_mask: await this.device.decodeMask(len, C, transfer),
     };
     if (this.io.hasPositionIds) feeds.position_ids = i64(len, [B, 1]);
+    this.sabotage('decode', feeds);
     const t0 = performance.now();
     const out = await this.run(feeds, batch.rows, result.stats);
     result.stats.decodeMs = performance.now() - t0;

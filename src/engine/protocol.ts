@@ -16,8 +16,21 @@ export interface RowRequest {
   logprobs?: number;
 }
 
-/** `non_finite`: the row's logits held NaN or Inf (its delta overflows), so it has no next token. */
-export type EngineFinish = 'eos_token' | 'length' | 'cancelled' | 'non_finite';
+/**
+ * `non_finite`: the row's logits held NaN or Inf (its delta overflows), so it has no next token.
+ * `engine_error`: the session run this row was in failed; the row is gone from the engine (its KV and bank slices freed).
+ */
+export type EngineFinish = 'eos_token' | 'length' | 'cancelled' | 'non_finite' | 'engine_error';
+
+/** The engine's two kinds of session run in a step. */
+export type RunPhase = 'prefill' | 'decode';
+
+/** A session run that failed (or a prompt-learning prefix computed before a prefill), and how many rows it took with it. */
+export interface RunFailure {
+  phase: 'prefix' | RunPhase;
+  rows: number;
+  message: string;
+}
 
 export interface StepStats {
   /** Rows decoded this step. */
@@ -35,11 +48,14 @@ export interface StepStats {
   transfer: { toDevice: number; toHost: number };
   /** Delta ids (task ids) of the rows now running. */
   runningDeltas: string[];
+  /** Runs of this step that failed (their rows finished with `engine_error`); the step's other runs went on. */
+  failures: RunFailure[];
 }
 
 export interface StepResult {
   tokens: { rowId: number; token: number; logprobs?: TokenLogprobs }[];
-  finished: { rowId: number; reason: EngineFinish; generated: number }[];
+  /** `error`: what failed, with reason `engine_error`. */
+  finished: { rowId: number; reason: EngineFinish; generated: number; error?: string }[];
   /** Row ids in the engine after this step (decoding or prefilling). */
   rows: number[];
   stats: StepStats;
@@ -62,7 +78,9 @@ export interface EngineInit {
 export type ToEngine =
   | { type: 'init'; init: EngineInit }
   | { type: 'add'; row: RowRequest }
-  | { type: 'cancel'; rowId: number };
+  | { type: 'cancel'; rowId: number }
+  /** Test-only (DELTASERVE_FAULTS=engine-step): the next `runs` session runs (of `phase`, or any) are fed a wrong-typed input, so they fail. */
+  | { type: 'fault'; runs: number; phase: RunPhase | 'any' };
 
 export type FromEngine =
   | { type: 'ready' }

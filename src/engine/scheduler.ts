@@ -101,7 +101,7 @@ export class Scheduler implements Generator {
       // The rows stay counted as running until the engine confirms they are gone.
       for (const id of rowIds) {
         const e = this.running.get(id);
-        if (e) this.fail(e, new ServeError(500, 'internal_error', `the engine failed on this request's batch: ${message}`), false);
+        if (e) this.fail(e, engineError(message), false);
       }
     });
     this.publish();
@@ -289,13 +289,14 @@ export class Scheduler implements Generator {
         this.engine.cancel(rowId);
       }
     }
-    for (const { rowId, reason } of r.finished) {
+    for (const { rowId, reason, error } of r.finished) {
       const e = this.running.get(rowId);
       if (e) {
         this.running.delete(rowId);
         this.reserved -= e.reserve;
         e.lease?.release();
         if (reason === 'non_finite') this.fail(e, nonFinite(e), false);
+        else if (reason === 'engine_error') this.fail(e, engineError(error ?? 'unknown'), false);
         else if (!e.settled) this.settle(e, this.finishReason(e, reason));
       }
     }
@@ -323,7 +324,7 @@ export class Scheduler implements Generator {
     return this.tokenizer.decode([id], { skipSpecial: false, cleanUpSpaces: false });
   }
 
-  private finishReason(e: Entry, reason: Exclude<EngineFinish, 'non_finite'>): FinishReason {
+  private finishReason(e: Entry, reason: Exclude<EngineFinish, 'non_finite' | 'engine_error'>): FinishReason {
     if (e.finishOverride) return e.finishOverride;
     return reason === 'cancelled' ? 'length' : reason;
   }
@@ -386,6 +387,11 @@ export class Scheduler implements Generator {
       new Set([...entries].map((e) => e.task).filter((t): t is string => t !== null));
     this.metrics.setLoraInfo(this.opts.maxLoras, tasks(this.running.values()), tasks(this.queue));
   }
+}
+
+/** The engine run this request's row was in failed: the server's fault, so a 500 (the request may be retried as it is). */
+function engineError(message: string): ServeError {
+  return new ServeError(500, 'engine_error', `the engine failed on the batch step running this request (${message}); this is the server's fault, not the request's: retry it`);
 }
 
 /** The row's logits were not finite: its delta's weights overflow float32 in this backbone's forward pass. */

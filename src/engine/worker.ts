@@ -44,7 +44,8 @@ async function loop(): Promise<void> {
         const result = await engine.step();
         post({ type: 'step', result });
       } catch (e) {
-        // One bad step must not take the server down: its rows fail, the engine goes on.
+        // A failed run fails its own rows inside step(); this is the last resort for anything else:
+        // one bad step must not take the server down, so every row fails and the engine goes on.
         const rowIds = engine.rowIds();
         post({ type: 'error', message: (e as Error).message, rowIds });
         for (const rowId of rowIds) engine.cancel(rowId);
@@ -66,6 +67,9 @@ port.on('message', (m: ToEngine) => {
       break;
     case 'cancel':
       engine!.cancel(m.rowId);
+      break;
+    case 'fault':
+      engine!.injectRunFaults(m.runs, m.phase);
       break;
   }
   wake?.();

@@ -20,9 +20,10 @@ import { backboneRoutes } from './routes/backbone.js';
 import { consoleRoutes } from './routes/console.js';
 import { deltaRoutes } from './routes/deltas.js';
 import { generateRoutes } from './routes/generate.js';
-import { healthRoutes } from './routes/health.js';
+import { healthRoutes, liveness } from './routes/health.js';
 import { metricsRoutes } from './routes/metrics.js';
 import { openaiRoutes } from './routes/openai.js';
+import { faultRoutes, type FaultHooks } from './routes/faults.js';
 import { tgiRoutes } from './routes/tgi.js';
 
 /** JSON.parse keeps the last of two equal keys; a client that sent two meant something we cannot guess. */
@@ -44,6 +45,8 @@ export interface AppDeps {
   readiness: Readiness;
   chatTemplate: ChatTemplate;
   logger: Logger;
+  /** Test-only fault hooks (DELTASERVE_FAULTS); absent, no fault route exists. */
+  faults?: FaultHooks;
   /** Where admin auth reads the peer's address; defaults to the socket. Tests substitute it. */
   remoteAddress?: RemoteAddress;
 }
@@ -53,6 +56,9 @@ export function createApp(deps: AppDeps): Express {
   const app = express();
   app.disable('x-powered-by');
   app.set('etag', false);
+  // Liveness first: a probe answered before logging, body parsing and routing costs
+  // a few microseconds, so under load it does not queue behind them (issue 13).
+  app.get('/healthz', liveness);
   app.use(createHttpLogger(logger));
   app.use(countGenerationResponses(metrics));
   app.use(express.json({ limit: config.maxBodyBytes, verify: refuseDuplicateKeys }));
@@ -64,13 +70,15 @@ export function createApp(deps: AppDeps): Express {
   app.use(generateRoutes({ generator, metrics, backbone, readiness }));
   app.use(tgiRoutes({ generator, metrics, backbone, readiness, config }));
   app.use(openaiRoutes({ generator, metrics, backbone, registry, readiness, chatTemplate }));
+  const auth = adminAuth(config.adminToken, deps.remoteAddress ?? socketAddress);
   app.use(deltaRoutes({
     registry,
     backbone,
     importDir: config.importDir,
     upload: { maxBytes: config.maxUploadBytes, maxFiles: MAX_UPLOAD_FILES, tmpDir: config.uploadTmpDir },
-    auth: adminAuth(config.adminToken, deps.remoteAddress ?? socketAddress),
+    auth,
   }));
+  if (deps.faults) app.use(faultRoutes(deps.faults, auth));
 
   app.use(notFoundHandler);
   app.use(errorHandler(logger));

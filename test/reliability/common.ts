@@ -15,7 +15,10 @@ export interface CategoryResult {
   failures: string[];
   /** The server process died or stopped answering. */
   crashes: number;
+  /** 5xx the suite did not cause: each one is also a failure. */
   fiveXX: number;
+  /** 5xx the suite caused on purpose (the engine-step fault hook) and the server answered as it should: not failures. */
+  injected5xx: number;
   dataLost: number;
   tempLeft: number;
   /** Mutation or route → cases, for the report. */
@@ -25,7 +28,7 @@ export interface CategoryResult {
 }
 
 export const newResult = (category: string): CategoryResult => ({
-  category, cases: 0, accepted: 0, refused: 0, failures: [], crashes: 0, fiveXX: 0, dataLost: 0, tempLeft: 0, byKind: {}, figures: {},
+  category, cases: 0, accepted: 0, refused: 0, failures: [], crashes: 0, fiveXX: 0, injected5xx: 0, dataLost: 0, tempLeft: 0, byKind: {}, figures: {},
 });
 
 export function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {

@@ -14,7 +14,7 @@ import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { availableParallelism, loadavg } from 'node:os';
 import type { BackboneInfo } from '../../src/backbone/types.js';
 import { percentile, type CategoryResult } from './common.js';
-import { faults, fuzzRequests, overload, probeHealth, sigkills, slowClients, soak, startTarget, type Target } from './server.js';
+import { engineStepFaults, faults, fuzzRequests, generateLoad, overload, probeHealth, sigkills, slowClients, soak, startTarget, type Target } from './server.js';
 import { fuzzUploads } from './uploads.js';
 
 export interface SuiteOptions {
@@ -27,12 +27,14 @@ export interface SuiteOptions {
   loris: number;
   /** Seconds of /healthz probing at concurrency 200 beside generation traffic. */
   healthSeconds: number;
+  /** Rounds of an engine step made to throw (8 requests each, 4 of them decoding when it does). */
+  engineFaultRounds: number;
 }
 
 export const PROFILES: Record<string, SuiteOptions> = {
-  quick: { uploadCases: 80, requestCases: 150, soakMinutes: 0.25, killRounds: 0, seed: 13, overloadRounds: 1, loris: 4, healthSeconds: 2 },
-  ci: { uploadCases: 1000, requestCases: 1000, soakMinutes: 2, killRounds: 2, seed: 13, overloadRounds: 3, loris: 20, healthSeconds: 10 },
-  full: { uploadCases: 10_000, requestCases: 10_000, soakMinutes: 30, killRounds: 6, seed: 13, overloadRounds: 5, loris: 50, healthSeconds: 20 },
+  quick: { uploadCases: 80, requestCases: 150, soakMinutes: 0.25, killRounds: 0, seed: 13, overloadRounds: 1, loris: 4, healthSeconds: 2, engineFaultRounds: 2 },
+  ci: { uploadCases: 1000, requestCases: 1000, soakMinutes: 2, killRounds: 2, seed: 13, overloadRounds: 3, loris: 20, healthSeconds: 10, engineFaultRounds: 3 },
+  full: { uploadCases: 10_000, requestCases: 10_000, soakMinutes: 30, killRounds: 6, seed: 13, overloadRounds: 5, loris: 50, healthSeconds: 20, engineFaultRounds: 10 },
 };
 
 export interface SuiteReport {
@@ -44,22 +46,15 @@ export interface SuiteReport {
   ok: boolean;
 }
 
-/** /healthz at concurrency 200 (from a worker thread) while 16 clients generate. */
-async function healthUnderLoad(t: Target, seconds: number): Promise<{ lat: number[]; loopP99: number }> {
-  const end = Date.now() + seconds * 1000;
+/** /healthz at concurrency 200 (from a worker thread) while 16 clients (another worker thread) generate. */
+export async function healthUnderLoad(t: Target, seconds: number, probes = 200): Promise<{ lat: number[]; failed: string[]; loopP99: number; generated: number }> {
   // The server's own event-loop delay: blocking work shows here; a starved CPU shows in the probes' latency too.
   const loop = monitorEventLoopDelay({ resolution: 10 });
   loop.enable();
-  const load = Array.from({ length: 16 }, async (_, k) => {
-    while (Date.now() < end) {
-      const r = await fetch(`${t.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: `load ${k}`, parameters: { max_new_tokens: 8 }, stream: k % 2 === 0 }) });
-      await r.text();
-    }
-  });
-  const lat = await probeHealth(t.url, 200, seconds * 1000);
-  await Promise.all(load);
+  const failed: string[] = [];
+  const [lat, generated] = await Promise.all([probeHealth(t.url, probes, seconds * 1000, failed), generateLoad(t.url, 16, seconds * 1000)]);
   loop.disable();
-  return { lat, loopP99: loop.percentile(99) / 1e6 };
+  return { lat, failed, loopP99: loop.percentile(99) / 1e6, generated };
 }
 
 export async function runSuite(opts: SuiteOptions, log: (line: string) => void = () => {}, onResult: (r: CategoryResult) => void = () => {}): Promise<SuiteReport> {
@@ -72,25 +67,28 @@ export async function runSuite(opts: SuiteOptions, log: (line: string) => void =
   };
   let info: BackboneInfo | null = null;
   let loadLat: number[] = [];
+  let loadFailed: string[] = [];
   let loopP99 = NaN;
   try {
     log(`uploads: ${opts.uploadCases} cases`);
     results.push(await fuzzUploads({ cases: opts.uploadCases, seed: opts.seed, dir: join(dir, 'uploads-fuzz') }));
 
     // Small limits so overload is reached and slow-loris is cut quickly.
-    const t = await startTarget(dir, { DELTASERVE_MAX_BATCH: '8', DELTASERVE_MAX_QUEUE: '8' });
+    // The engine-step fault hook is mounted for the suite only (DELTASERVE_FAULTS is never set by default).
+    const t = await startTarget(dir, { DELTASERVE_MAX_BATCH: '8', DELTASERVE_MAX_QUEUE: '8', DELTASERVE_FAULTS: 'engine-step' });
     info = t.stack.services.backbone.info;
     try {
       log(`requests: ${opts.requestCases} cases`);
       results.push(await fuzzRequests(t, opts.requestCases, opts.seed));
       log('health under load');
-      ({ lat: loadLat, loopP99 } = await healthUnderLoad(t, opts.healthSeconds));
+      ({ lat: loadLat, failed: loadFailed, loopP99 } = await healthUnderLoad(t, opts.healthSeconds));
       log('overload');
       results.push(await overload(t, opts.overloadRounds));
       log('slow clients');
       results.push(await slowClients(t, opts.loris));
       log('faults');
       results.push(await faults(t));
+      results.push(await engineStepFaults(t, opts.engineFaultRounds));
       log(`soak: ${opts.soakMinutes} min`);
       results.push(await soak(t, opts.soakMinutes));
     } finally {
@@ -110,23 +108,24 @@ export async function runSuite(opts: SuiteOptions, log: (line: string) => void =
   const rssGrowthPct = soakResult.figures.rssGrowthPct;
   const bad = results.some((r) => r.failures.length || r.crashes || r.fiveXX || r.dataLost || r.tempLeft);
   const ok = !bad && healthUnderLoadP99 <= 50 && rssGrowthPct <= 5;
-  return { results, healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, table: table(results, { healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, loadProbes: loadLat.length, loopP99 }), ok };
+  return { results, healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, table: table(results, { healthUnderLoadP99, healthUnderOverloadP99, rssGrowthPct, loadProbes: loadLat.length, loadFailed, loopP99 }), ok };
 }
 
-function table(results: CategoryResult[], f: { healthUnderLoadP99: number; healthUnderOverloadP99: number; rssGrowthPct: number; loadProbes: number; loopP99: number }): string {
+function table(results: CategoryResult[], f: { healthUnderLoadP99: number; healthUnderOverloadP99: number; rssGrowthPct: number; loadProbes: number; loadFailed: string[]; loopP99: number }): string {
   const rows = [
-    ['category', 'cases', 'accepted', 'refused 4xx', 'failures', 'crashes', '5xx', 'data lost', 'temp left'],
-    ...results.map((r) => [r.category, r.cases, r.accepted, r.refused, r.failures.length, r.crashes, r.fiveXX, r.dataLost, r.tempLeft].map(String)),
+    ['category', 'cases', 'accepted', 'refused 4xx', 'failures', 'crashes', '5xx (unexpected)', '5xx (injected fault, as designed)', 'data lost', 'temp left'],
+    ...results.map((r) => [r.category, r.cases, r.accepted, r.refused, r.failures.length, r.crashes, r.fiveXX, r.injected5xx, r.dataLost, r.tempLeft].map(String)),
   ];
   const total = (k: keyof CategoryResult) => results.reduce((n, r) => n + (Array.isArray(r[k]) ? (r[k] as unknown[]).length : (r[k] as number)), 0);
-  rows.push(['**total**', ...(['cases', 'accepted', 'refused', 'failures', 'crashes', 'fiveXX', 'dataLost', 'tempLeft'] as const).map((k) => String(total(k)))]);
+  rows.push(['**total**', ...(['cases', 'accepted', 'refused', 'failures', 'crashes', 'fiveXX', 'injected5xx', 'dataLost', 'tempLeft'] as const).map((k) => String(total(k)))]);
   const md = rows.map((r, i) => `| ${r.join(' | ')} |${i === 0 ? `\n|${r.map(() => '---').join('|')}|` : ''}`).join('\n');
   const soakR = results.find((r) => r.category.startsWith('soak'))!;
   const slow = results.find((r) => r.category === 'slow clients')!;
   const over = results.find((r) => r.category.startsWith('overload'))!;
   const figures = [
     `| RSS growth over the soak, after warm-up (≤ 5 %) | ${f.rssGrowthPct.toFixed(2)} % (${soakR.figures.rssWarmMb.toFixed(0)} → ${soakR.figures.rssEndMb.toFixed(0)} MB) |`,
-    `| /healthz p99 at concurrency 200 under load (≤ 50 ms) | ${f.healthUnderLoadP99.toFixed(1)} ms (${f.loadProbes} probes, 16 clients generating) |`,
+    `| /healthz p99 at concurrency 200 under load (≤ 50 ms) | ${f.healthUnderLoadP99.toFixed(1)} ms (${f.loadProbes} probes, 16 clients generating` +
+      `${f.loadFailed.length ? `; ${f.loadFailed.length} failed (counted as 1e9 ms), first: ${f.loadFailed[0]}` : ''}) |`,
     `| the server's event-loop delay p99 during that load | ${f.loopP99.toFixed(1)} ms |`,
     `| machine load average (1 min) at the end | ${loadavg()[0].toFixed(1)} on ${availableParallelism()} cores |`,
     `| /healthz p99 at concurrency 50 under overload (2× capacity) | ${f.healthUnderOverloadP99.toFixed(1)} ms |`,

@@ -40,25 +40,61 @@ export async function startTarget(dir: string, env: Record<string, string> = {})
   };
 }
 
-/** /healthz latencies (ms) from a worker thread with `concurrency` clients for `ms`: the event loop's health, measured from outside it. */
-export async function probeHealth(url: string, concurrency: number, ms: number): Promise<number[]> {
+/**
+ * /healthz latencies (ms) from a worker thread with `concurrency` clients for `ms`: the event loop's health,
+ * measured from outside it. A probe that fails counts as 1e9 ms; why it failed is pushed to `failed`.
+ */
+export async function probeHealth(url: string, concurrency: number, ms: number, failed: string[] = []): Promise<number[]> {
   const code = `
     const { parentPort, workerData } = require('node:worker_threads');
     const { url, concurrency, ms } = workerData;
     const lat = [];
+    const failed = [];
     const end = Date.now() + ms;
     async function loop() {
       while (Date.now() < end) {
         const t = performance.now();
-        try { const r = await fetch(url); await r.arrayBuffer(); lat.push(r.status === 200 ? performance.now() - t : 1e9); }
-        catch { lat.push(1e9); }
+        try {
+          const r = await fetch(url);
+          await r.arrayBuffer();
+          lat.push(r.status === 200 ? performance.now() - t : 1e9);
+          if (r.status !== 200) failed.push('status ' + r.status);
+        } catch (e) {
+          lat.push(1e9);
+          failed.push(String(e.cause?.code ?? e.cause?.message ?? e.message));
+        }
       }
     }
-    Promise.all(Array.from({ length: concurrency }, loop)).then(() => parentPort.postMessage(lat));`;
+    Promise.all(Array.from({ length: concurrency }, loop)).then(() => parentPort.postMessage({ lat, failed }));`;
   const worker = new Worker(code, { eval: true, workerData: { url: `${url}/healthz`, concurrency, ms } });
-  const [lat] = (await once(worker, 'message')) as [number[]];
+  const [res] = (await once(worker, 'message')) as [{ lat: number[]; failed: string[] }];
   await worker.terminate();
-  return lat;
+  failed.push(...res.failed);
+  return res.lat;
+}
+
+/**
+ * `clients` loops of /v1/generate (every other one streaming) for `ms`, from a worker thread: the
+ * clients' own work (fetch, reading streams) stays off the server's event loop, as it would in another process.
+ */
+export async function generateLoad(url: string, clients: number, ms: number): Promise<number> {
+  const code = `
+    const { parentPort, workerData } = require('node:worker_threads');
+    const { url, clients, ms } = workerData;
+    const end = Date.now() + ms;
+    let answered = 0;
+    async function loop(k) {
+      while (Date.now() < end) {
+        const r = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: 'load ' + k, parameters: { max_new_tokens: 8 }, stream: k % 2 === 0 }) });
+        await r.arrayBuffer();
+        if (r.status === 200) answered++;
+      }
+    }
+    Promise.all(Array.from({ length: clients }, (_, k) => loop(k))).then(() => parentPort.postMessage(answered));`;
+  const worker = new Worker(code, { eval: true, workerData: { url: `${url}/v1/generate`, clients, ms } });
+  const [answered] = (await once(worker, 'message')) as [number];
+  await worker.terminate();
+  return answered;
 }
 
 const rssMb = () => process.memoryUsage().rss / 2 ** 20;
@@ -168,7 +204,9 @@ export async function fuzzRequests(t: Target, cases: number, seed: number, concu
       try {
         let status: number;
         let body: string;
-        if (c) ({ status, body } = await send(t.url, c, 60_000));
+        // A hang is no answer within 3 minutes: TGI's routes default max_new_tokens to the whole context (1024
+        // tokens here), which on a 2-core machine at load 17 took over a minute (14 of 1000 cases passed 60 s).
+        if (c) ({ status, body } = await send(t.url, c, 180_000));
         else {
           const name = rng.pick(NAMES);
           const form = new FormData();
@@ -329,6 +367,112 @@ export async function faults(t: Target): Promise<CategoryResult> {
     result.cases++;
     if (list.status === 200) result.accepted++;
     else result.failures.push(`GET /v1/deltas with a stray file → ${list.status}`);
+  }
+  if ((await fetch(`${t.url}/healthz`).catch(() => null))?.status !== 200) result.crashes++;
+  return result;
+}
+
+// --- an engine step that throws ----------------------------------------------------------------
+
+interface Answer {
+  status: number;
+  /** The generated text, or the error's code (a status's body, or a stream's error event). */
+  text: string | null;
+  code: string | null;
+}
+
+/** One greedy generation, streamed or not, reduced to its text or its error code. */
+async function generateOnce(url: string, body: Record<string, unknown>, onFirstToken?: () => void): Promise<Answer> {
+  const r = await fetch(`${url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  if (!body.stream || r.status !== 200) {
+    const j = (await r.json()) as { generated_text?: string; error?: { code?: string } };
+    return { status: r.status, text: j.generated_text ?? null, code: j.error?.code ?? null };
+  }
+  // A stream's status is 200 from its first token on; a failure after that is its last event.
+  const reader = r.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = '';
+  let first = true;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += value;
+    if (first && buf.includes('data:')) {
+      first = false;
+      onFirstToken?.();
+    }
+  }
+  const events = buf.split('\n\n').filter((e) => e.startsWith('data: ')).map((e) => JSON.parse(e.slice(6)) as { generated_text?: string | null; error?: { code?: string } });
+  const last = events.at(-1);
+  return { status: 200, text: last?.generated_text ?? null, code: last?.error?.code ?? null };
+}
+
+async function metricValue(url: string, name: string): Promise<number> {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(text);
+  return m ? Number(m[1]) : 0;
+}
+
+/**
+ * An engine step that throws, for real: the server runs with DELTASERVE_FAULTS=engine-step, and its
+ * hook makes onnxruntime reject the engine's next run of a phase. Each round, four long streams are
+ * decoding when the fault is armed; then either
+ *  - prefill: four short requests arrive, and the run prefilling them fails: they get a 500 engine_error,
+ *    the streams decoding beside them finish untouched; or
+ *  - decode: the decode run fails: the four streams end with an engine_error event, and the short
+ *    requests sent after are served.
+ * Exactly the failed run's rows fail, the metrics count them, and every request answered 200 — during
+ * the round and after it — has the text it had before any fault (the KV cache and delta banks are whole).
+ */
+export async function engineStepFaults(t: Target, rounds: number): Promise<CategoryResult> {
+  const result = newResult('faults (an engine step that throws)');
+  const info = t.stack.services.backbone.info;
+  await uploadDelta(t.url, 'fault-a', peftLora(info, 41, { bScale: 0.05 }));
+  const long = (i: number) => ({ task: i % 2 ? 'fault-a' : null, inputs: `long fault ${i}`, parameters: { max_new_tokens: 40 }, stream: true });
+  const short = (i: number) => ({ task: i % 2 ? null : 'fault-a', inputs: `short fault ${i}`, parameters: { max_new_tokens: 6 }, stream: i >= 2 });
+  const bodies = [...[0, 1, 2, 3].map(long), ...[0, 1, 2, 3].map(short)];
+  const baseline = await Promise.all(bodies.map((b) => generateOnce(t.url, b)));
+  for (const b of baseline) if (b.status !== 200 || b.text === null) throw new Error(`the engine-fault baseline failed: ${JSON.stringify(b)}`);
+  const check = (a: Answer, i: number, mayFail: boolean, when: string) => {
+    result.cases++;
+    if (a.status === 200 && a.code === null && a.text === baseline[i].text) result.accepted++;
+    // A stream that started has sent its 200: its failure is its last event.
+    else if (mayFail && a.code === 'engine_error' && (a.status === 500 || bodies[i].stream)) result.injected5xx++;
+    else {
+      if (a.status >= 500) result.fiveXX++;
+      result.failures.push(`${when}: request ${i} → ${a.status} ${a.code ?? ''} ${a.text === baseline[i].text ? '' : `text ${JSON.stringify(a.text)} ≠ ${JSON.stringify(baseline[i].text)}`}`);
+    }
+  };
+  const arm = async (phase: 'prefill' | 'decode') => {
+    const r = await fetch(`${t.url}/v1/faults/engine-step`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ runs: 1, phase }) });
+    if (r.status !== 202) throw new Error(`arming the engine fault → ${r.status}: ${await r.text()}`);
+  };
+  for (let r = 0; r < rounds; r++) {
+    const phase = r % 2 === 0 ? 'prefill' : 'decode';
+    const when = `round ${r} (${phase} fails)`;
+    const rows0 = await metricValue(t.url, 'deltaserve_engine_failed_requests_total');
+    const injected0 = result.injected5xx;
+    let decoding = 0;
+    let allDecoding!: () => void;
+    const started = new Promise<void>((res) => (allDecoding = res));
+    const longs = Promise.all(bodies.slice(0, 4).map((b) => generateOnce(t.url, b, () => ++decoding === 4 && allDecoding())));
+    await withTimeout(started, 60_000);
+    await arm(phase);
+    let answers: Answer[];
+    if (phase === 'prefill') answers = await withTimeout(Promise.all([longs, Promise.all(bodies.slice(4).map((b) => generateOnce(t.url, b)))]).then(([l, s]) => [...l, ...s]), 60_000);
+    else {
+      const l = await withTimeout(longs, 60_000);
+      answers = [...l, ...(await withTimeout(Promise.all(bodies.slice(4).map((b) => generateOnce(t.url, b))), 60_000))];
+    }
+    // Who may fail: the shorts' prefill, or the longs' decode; never the others.
+    answers.forEach((a, i) => check(a, i, phase === 'prefill' ? i >= 4 : i < 4, when));
+    const failedRows = (await metricValue(t.url, 'deltaserve_engine_failed_requests_total')) - rows0;
+    const injected = result.injected5xx - injected0;
+    if (injected === 0) result.failures.push(`${when}: the armed fault failed no request`);
+    if (phase === 'decode' && injected !== 4) result.failures.push(`${when}: ${injected} of the 4 decoding streams failed`);
+    if (failedRows !== injected) result.failures.push(`${when}: deltaserve_engine_failed_requests_total rose by ${failedRows}, ${injected} requests got engine_error`);
+    // The engine goes on: the same requests again give the same texts.
+    const after = await withTimeout(Promise.all(bodies.map((b) => generateOnce(t.url, b))), 60_000);
+    after.forEach((a, i) => check(a, i, false, `after ${when}`));
   }
   if ((await fetch(`${t.url}/healthz`).catch(() => null))?.status !== 200) result.crashes++;
   return result;
