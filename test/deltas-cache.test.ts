@@ -7,7 +7,7 @@ import type { LoadedDelta } from '../src/deltas/types.js';
 /** A real BitFit delta whose parameter data is `bytes` long. */
 function delta(id: string, bytes: number, version = 'v1'): LoadedDelta {
   const bias = new Float32Array(bytes / 4);
-  return { id, version, type: 'bitfit', format: 'opendelta', rank: 0, sites: [{ module: 'm', site: 'bias', rank: 0, data: { bias } }], bytes };
+  return { id, version, type: 'bitfit', format: 'opendelta', rank: 0, sites: [{ module: 'm', site: 'bias', axes: {}, data: { bias } }], bytes };
 }
 
 function setup(maxBytes: number, sizes: Record<string, number> = {}, delayMs = 0) {

@@ -1,6 +1,6 @@
 /**
  * The kinds added to LoRA, adapters and BitFit, at registration: what each
- * lays out in its site's banks, checked against PyTorch's own outputs for
+ * lays out in its site's banks (the low-rank adapter's factors on its own site), checked against PyTorch's own outputs for
  * OpenDelta's compacter, low-rank adapter and parallel adapter
  * (scripts/record-opendelta-kinds.py), against the file's own values for
  * PEFT's IA³, and every refusal with its reason.
@@ -55,13 +55,27 @@ function adapterSite(data: Record<string, Float32Array>, rank: number, x: number
   });
 }
 
+/** What the low-rank adapter site adds for one row, from its bank slices, in double precision: (act((y·l_d)·r_d + b_d)·l_u)·r_u + b_u. */
+function lowRankSite(data: Record<string, Float32Array>, bottleneck: number, _x: number[], y: number[]): number[] {
+  const act = ACT[SELECTOR[data.lowrank_act.indexOf(1)]];
+  const s = y.reduce((acc, v, i) => acc + v * data.lowrank_down_l[i], 0);
+  const z = Array.from({ length: bottleneck }, (_, k) => act(s * data.lowrank_down_r[k] + data.lowrank_down_bias[k]));
+  const t = z.reduce((acc, v, k) => acc + v * data.lowrank_up_l[k], 0);
+  return y.map((yo, o) => yo + t * data.lowrank_up_r[o] + data.lowrank_up_bias[o]);
+}
+
+const SITE_ROWS = {
+  adapter: (data: Record<string, Float32Array>, axes: Record<string, number>, x: number[], y: number[]) => adapterSite(data, axes.rank, x, y),
+  low_rank_adapter: (data: Record<string, Float32Array>, axes: Record<string, number>, x: number[], y: number[]) => lowRankSite(data, axes.bottleneck, x, y),
+};
+
 for (const [folder, kind, site] of [
   ['compacter', 'compacter', 'adapter'],
   ['compacter-full-weight', 'compacter', 'adapter'],
-  ['low_rank_adapter', 'low_rank_adapter', 'adapter'],
+  ['low_rank_adapter', 'low_rank_adapter', 'low_rank_adapter'],
   ['parallel_adapter', 'parallel_adapter', 'adapter'],
 ] as const) {
-  test(`OpenDelta ${folder}: the adapter-site rows equal PyTorch's outputs for OpenDelta's layer (≤ 1e-5)`, async (t) => {
+  test(`OpenDelta ${folder}: the ${site}-site rows equal PyTorch's outputs for OpenDelta's layer (≤ 1e-5)`, async (t) => {
     const registry = await openRegistry(t);
     const dir = join(FIXTURES, folder);
     const files = [{ name: 'config.json', path: join(dir, 'config.json') }, { name: 'model.safetensors', path: join(dir, 'model.safetensors') }];
@@ -78,7 +92,7 @@ for (const [folder, kind, site] of [
       const rows = y.shape[0];
       for (let r = 0; r < rows; r++) {
         const row = (m: { shape: number[]; data: number[] }) => m.data.slice(r * m.shape[1], (r + 1) * m.shape[1]);
-        const got = adapterSite(s.data, s.rank, row(x), row(y));
+        const got = SITE_ROWS[site](s.data, s.axes, row(x), row(y));
         const want = row(out);
         for (let o = 0; o < got.length; o++) worst = Math.max(worst, Math.abs(got[o] - want[o]));
       }

@@ -115,7 +115,7 @@ test('rsLoRA, rank_pattern, alpha_pattern, a regex target and layers_to_transfor
   assert.equal(delta.rank, 4);
   const [attn, fc] = delta.sites;
   assert.equal(attn.module, 'transformer.h.1.attn.c_attn');
-  assert.equal(attn.rank, 2);
+  assert.equal(attn.axes.rank, 2);
   const get = (k: string) => tensors[`base_model.model.transformer.h.1.${k}`].data;
   const wantAttn = expectedBank(get('attn.c_attn.lora_A.weight'), get('attn.c_attn.lora_B.weight'), 2, 16, 48, 8 / Math.sqrt(2));
   assert.ok(maxAbsDiff(attn.data.lora_b, wantAttn.b) < 1e-7);

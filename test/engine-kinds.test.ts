@@ -5,7 +5,7 @@
  * equal greedy decoding of an independent reference — a separately built
  * model with that row's delta merged in or its ops built in — read off one
  * full forward pass. Also: a site's fed rank falls back when its largest-rank
- * row leaves, and the banks switch unused sites off without zero-size tensors
+ * row leaves (a LoRA's rank; a compacter's PHM rank and bottleneck block; a low-rank adapter's bottleneck), and the banks switch unused sites off without zero-size tensors
  * where a provider needs that.
  *
  * BACKBONES lists the demo families; a backbone with a reference builder of
@@ -18,6 +18,7 @@ import type { DemoSpec } from '../src/backbone/demo/spec.js';
 import type { SiteLayout } from '../src/backbone/rewrite/delta-sites.js';
 import { createSession } from '../src/backbone/session.js';
 import type { LoadedDelta } from '../src/deltas/types.js';
+import { bankBytesFor } from '../src/engine/bank-bytes.js';
 import { Engine } from '../src/engine/engine.js';
 import type { StepResult } from '../src/engine/protocol.js';
 import {
@@ -118,8 +119,58 @@ for (const model of BACKBONES) {
       for (let i = 1; i < rows.length; i++) await expectReference(lora4, rows[i].promptIds, got[i], `lora4 row ${i}`);
     });
 
+    test('a compacter site\'s two padded axes (PHM rank, bottleneck block) follow its largest row and fall back when it leaves', async () => {
+      const [small, large] = [cases.find((c) => c.spec.id === 'compacter')!, cases.find((c) => c.spec.id === 'compacter-r2')!];
+      const module = large.delta.sites[0].module;
+      assert.equal(large.delta.sites[0].site, 'compacter');
+      assert.ok(small.delta.sites.some((s) => s.module === module && s.site === 'compacter'), 'both compacters are factored on one module');
+      const e = engine();
+      const fed: [number, number][] = [];
+      const rows: Row[] = [
+        { delta: large.delta, promptIds: promptOf(70), maxNewTokens: 3 },
+        ...Array.from({ length: 4 }, (_, i) => ({ delta: small.delta, promptIds: promptOf(71 + i) })),
+      ];
+      const { tokens: got } = await serve(e, rows, (s) => {
+        if (s.stats.decodeRows === 0 || s.rows.length === 0) return;
+        fed.push([e.fedRank(module, 'compacter', 'phm_rank'), e.fedRank(module, 'compacter', 'block')]);
+      });
+      const axes = (c: KindCase) => c.delta.sites.find((s) => s.module === module)!.axes;
+      assert.deepEqual(fed[0], [axes(large).phm_rank, axes(large).block], 'while the larger compacter runs, both axes are its');
+      assert.deepEqual(fed.at(-1), [axes(small).phm_rank, axes(small).block], 'after it left, the smaller one\'s');
+      assert.ok(axes(large).phm_rank > axes(small).phm_rank && axes(large).block > axes(small).block);
+      for (let i = 1; i < rows.length; i++) await expectReference(small, rows[i].promptIds, got[i], `compacter row ${i}, padded then not`);
+    });
+
+    test('a low-rank adapter site\'s padded bottleneck follows its largest row and falls back when it leaves', async () => {
+      const [small, wide] = [cases.find((c) => c.spec.id === 'low-rank')!, cases.find((c) => c.spec.id === 'low-rank-wide')!];
+      const module = wide.delta.sites[0].module;
+      assert.equal(wide.delta.sites[0].site, 'low_rank_adapter');
+      assert.ok(small.delta.sites.some((s) => s.module === module && s.site === 'low_rank_adapter'), 'both low-rank adapters are factored on one module');
+      const e = engine();
+      const fed: number[] = [];
+      const rows: Row[] = [
+        { delta: wide.delta, promptIds: promptOf(80), maxNewTokens: 3 },
+        ...Array.from({ length: 4 }, (_, i) => ({ delta: small.delta, promptIds: promptOf(81 + i) })),
+      ];
+      const { tokens: got } = await serve(e, rows, (s) => {
+        if (s.stats.decodeRows === 0 || s.rows.length === 0) return;
+        fed.push(e.fedRank(module, 'low_rank_adapter', 'bottleneck'));
+      });
+      const bottleneck = (c: KindCase) => c.delta.sites.find((s) => s.module === module)!.axes.bottleneck;
+      assert.ok(bottleneck(wide) > bottleneck(small));
+      assert.equal(fed[0], bottleneck(wide), 'while the wide adapter runs, the axis is its bottleneck');
+      assert.equal(fed.at(-1), bottleneck(small), 'after it left, the smaller one\'s');
+      for (let i = 1; i < rows.length; i++) await expectReference(small, rows[i].promptIds, got[i], `low-rank row ${i}, padded then not`);
+    });
+
+    test('the bank budget\'s projection (bankBytesFor) equals the bytes the banks hold, every kind mixed, compacters padded on both axes, low-rank adapters on their bottleneck', () => {
+      const rows = [null, ...cases.map((c) => c.delta), null];
+      assert.equal(bankBytesFor(sites, rows), banksOf(sites, rows).bytes);
+    });
+
     test('where zero-size tensors are not allowed, unused sites are fed rank-1 slices: no zero dimension, the same logits, the same tokens', async () => {
-      const rows = [null, cases.find((c) => c.spec.id === 'ia3')!, null];
+      // The compacter and the wide low-rank adapter cover one output linear only: their sites are on there and idle on the other.
+      const rows = [null, ...['ia3', 'compacter-r2', 'low-rank-wide'].map((id) => cases.find((c) => c.spec.id === id)!), null];
       const deltas = rows.map((c) => c?.delta ?? null);
       const ps = rows.map((_, b) => tokens(5, 500 + b, bb.io.vocabSize));
       const nonEmpty = banksOf(sites, deltas, false).feeds();
@@ -127,9 +178,9 @@ for (const model of BACKBONES) {
       assert.deepEqual(empty, [], 'no feed has a zero dimension');
       const zeroSized = banksOf(sites, deltas, true).feeds();
       assert.ok(Object.values(zeroSized).some((t) => t.dims.some((d) => d === 0)), 'the CPU form does use zero-size ranks');
-      const a = await runEngine(session, bb.io, { ids: ps, past: emptyCache(bb.io, 3) }, nonEmpty);
-      const b = await runEngine(session, bb.io, { ids: ps, past: emptyCache(bb.io, 3) }, zeroSized);
-      for (let r = 0; r < 3; r++) assert.ok(maxAbsDiff(row(a.logits, bb.io.vocabSize, r), row(b.logits, bb.io.vocabSize, r)) <= 1e-6, `row ${r}`);
+      const a = await runEngine(session, bb.io, { ids: ps, past: emptyCache(bb.io, rows.length) }, nonEmpty);
+      const b = await runEngine(session, bb.io, { ids: ps, past: emptyCache(bb.io, rows.length) }, zeroSized);
+      for (let r = 0; r < rows.length; r++) assert.ok(maxAbsDiff(row(a.logits, bb.io.vocabSize, r), row(b.logits, bb.io.vocabSize, r)) <= 1e-6, `row ${r}`);
 
       const served = await serve(engine({ zeroSizeTensors: false }), rows.map((c, i) => ({ delta: c?.delta ?? null, promptIds: promptOf(60 + i) })));
       for (const [i, c] of rows.entries()) await expectReference(c, promptOf(60 + i), served.tokens[i], `rank-1 form, row ${i}`);

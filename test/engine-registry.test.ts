@@ -108,22 +108,29 @@ describe('deltas registered, replaced and deleted while requests stream (demo:ll
       { id: 'c', kind: 'compacter', reductionFactor: 8, n: 4, factorizedPhm: true, factorizedRule: false, activation: 'relu', targets: ['mlp.down_proj'], seed: 41 },
       { id: 'i', kind: 'ia3', targets: ['k_proj', 'down_proj'], feedforward: ['down_proj'], seed: 42 },
       { id: 'p', kind: 'parallel_adapter', bottleneck: 4, scaled: 1, activation: 'silu', targets: ['self_attn.o_proj'], seed: 43 },
+      { id: 'l', kind: 'low_rank_adapter', reductionFactor: 8, activation: 'gelu', targets: ['mlp.down_proj'], seed: 45 },
     ];
     for (const spec of kinds) assert.equal((await upload(stack, spec.id, spec, false)).status, 201);
     const sites = async (id: string) => (await request(stack.services.app).get(`/v1/deltas/${id}`).expect(200)).body;
     const c = await sites('c');
     assert.equal(c.type, 'compacter');
-    assert.deepEqual(c.sites[0], { module: 'model.layers.0.mlp.down_proj', kind: 'compacter', site: 'adapter', shapes: [[128, 16], [16], [16, 128], [128]] });
+    assert.deepEqual(c.sites[0], {
+      module: 'model.layers.0.mlp.down_proj', kind: 'compacter', site: 'compacter', shapes: [[32, 4], [16, 16], [16], [16, 16], [4, 32], [128]],
+    });
     const i = await sites('i');
     assert.deepEqual(i.sites.map((s: { module: string; site: string; shapes: number[][] }) => [s.module.split('.').slice(-2).join('.'), s.site, s.shapes]).slice(0, 2),
       [['self_attn.k_proj', 'ia3', [[64]]], ['mlp.down_proj', 'ia3', [[352]]]]);
     assert.equal((await sites('p')).sites[0].site, 'adapter');
+    // The low-rank adapter's rank-1 factors on its own site: W_left [128, 1], W_right [1, 16] (shown [16]), b [16], then [16, 1], [1, 128], [128].
+    assert.deepEqual((await sites('l')).sites[0], {
+      module: 'model.layers.0.mlp.down_proj', kind: 'low_rank_adapter', site: 'low_rank_adapter', shapes: [[128, 1], [16], [16], [16, 1], [128], [128]],
+    });
 
     // The default plan puts IA³ sites where PEFT puts IA³ (k_proj, v_proj, down_proj), not on up_proj.
     const res = await upload(stack, 'i-up', { id: 'i-up', kind: 'ia3', targets: ['up_proj'], feedforward: [], seed: 44 }, false);
     assert.equal(res.status, 422);
     assert.equal(res.body.error.code, 'unsupported_delta');
     assert.match(res.body.error.message, /this server has no ia3 delta site on model\.layers\.0\.mlp\.up_proj, .*restart it with DELTASERVE_SITES naming those modules \(e\.g\. ia3:all\)/);
-    for (const id of ['c', 'i', 'p']) await request(stack.services.app).delete(`/v1/deltas/${id}`).expect(204);
+    for (const id of ['c', 'i', 'p', 'l']) await request(stack.services.app).delete(`/v1/deltas/${id}`).expect(204);
   });
 });

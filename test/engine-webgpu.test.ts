@@ -90,7 +90,7 @@ for (const model of FAMILIES) {
     before(async () => {
       ({ bb } = await demo(model));
       const all = everyKind(bb);
-      cases = await loadCases(bb, all.filter((s) => ['lora4', 'lora16', 'relu', 'bitfit', 'ia3'].includes(s.id)));
+      cases = await loadCases(bb, all.filter((s) => ['lora4', 'lora16', 'relu', 'bitfit', 'ia3', 'compacter', 'compacter-r2', 'low-rank', 'low-rank-wide'].includes(s.id)));
       const g = defaultGraph(bb);
       sites = g.sites;
       cpu = await createSession(g.bytes);
@@ -98,7 +98,7 @@ for (const model of FAMILIES) {
       original = await originalSession(bb);
     });
 
-    test('bare, LoRA, adapter, BitFit and IA³ rows mixed, joining and leaving mid-stream: the same greedy tokens', async () => {
+    test('bare, LoRA, adapter, BitFit, IA³, factored compacter and low-rank adapter rows mixed, joining and leaving mid-stream: the same greedy tokens', async () => {
       const deltas = [null, ...cases.map((c) => c.delta)];
       const plan: Planned[] = Array.from({ length: 10 }, (_, i) => ({
         delta: deltas[i % deltas.length], promptIds: prompt(i, 3 + ((i * 7) % 11)), maxNewTokens: 3 + (i % 4) * 2,

@@ -77,7 +77,7 @@ test('commander --help lists every flag with its environment variable, and its v
 test('DELTASERVE_SITES names every graph site the kinds use; DELTASERVE_BANK_BYTES takes a size (default 1GiB)', () => {
   assert.deepEqual(loadConfig({ DELTASERVE_SITES: 'ia3:all, adapter:none, lora:c_attn+q_proj' }).sites, { ia3: 'all', adapter: [], lora: ['c_attn', 'q_proj'] });
   assert.throws(() => loadConfig({ DELTASERVE_SITES: 'prefix:all' }),
-    (err: ConfigError) => /DELTASERVE_SITES: expected site:targets with site one of lora, adapter, bias, ia3, got "prefix:all"/.test(err.message));
+    (err: ConfigError) => /DELTASERVE_SITES: expected site:targets with site one of lora, adapter, bias, ia3, compacter, low_rank_adapter, got "prefix:all"/.test(err.message));
   assert.equal(loadConfig({}).bankBytes, 2 ** 30);
   assert.equal(loadConfig({ DELTASERVE_BANK_BYTES: '64MiB' }).bankBytes, 64 * 2 ** 20);
 });

@@ -58,6 +58,14 @@ for (const model of FAMILIES) {
     test('every kind is in the batch, and the bare reference is the original model', async () => {
       assert.deepEqual(new Set([...cases.values()].map((c) => c.delta.type)),
         new Set(['lora', 'adapter', 'bitfit', 'ia3', 'compacter', 'low_rank_adapter', 'parallel_adapter']));
+      // Compacters are served factored through their own site where it serves them (n 4, W_left·W_right), multiplied out otherwise.
+      const siteOf = (id: string) => new Set(cases.get(id)!.delta.sites.map((s) => s.site));
+      assert.deepEqual(siteOf('compacter'), new Set(['compacter']));
+      assert.deepEqual(siteOf('compacter-r2'), new Set(['compacter']));
+      assert.deepEqual(siteOf('compacter-full'), new Set(['adapter']));
+      // Low-rank adapters are served factored through theirs.
+      assert.deepEqual(siteOf('low-rank'), new Set(['low_rank_adapter']));
+      assert.deepEqual(siteOf('low-rank-wide'), new Set(['low_rank_adapter']));
       const orig = await runOriginal(await originalSession(bb), bb.io, { ids: [prompts[0].slice(0, S)], past: emptyCache(bb.io, 1) });
       assert.equal(maxAbsDiff(at(orig.logits, S, V, 0, S - 1), await reference('bare', prompts[0].slice(0, S))), 0);
     });

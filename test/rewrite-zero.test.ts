@@ -35,13 +35,14 @@ for (const model of FAMILIES) {
       original = await originalSession(bb);
     });
 
-    test('default plan: lora and bias on every linear but lm_head, adapters on block outputs, ia3 where PEFT puts it', () => {
+    test('default plan: lora and bias on every linear but lm_head, adapters, compacters and low-rank adapters on block outputs, ia3 where PEFT puts it', () => {
       const expected = bb.info.modules.filter((m) => !m.name.endsWith('lm_head')).map((m) => m.name).sort();
       assert.deepEqual(sites.map((s) => s.module).sort(), expected);
       const blockOutput = /(attn\.c_proj|mlp\.c_proj|self_attn\.o_proj|mlp\.down_proj)$/;
       const ia3 = /(c_attn|mlp\.c_proj|k_proj|v_proj|down_proj)$/;
       for (const s of sites) {
-        const want = ['lora', ...(blockOutput.test(s.module) ? ['adapter'] : []), 'bias', ...(ia3.test(s.module) ? ['ia3'] : [])];
+        const out = blockOutput.test(s.module);
+        const want = ['lora', ...(out ? ['adapter'] : []), 'bias', ...(ia3.test(s.module) ? ['ia3'] : []), ...(out ? ['compacter', 'low_rank_adapter'] : [])];
         assert.deepEqual(s.sites, want, s.module);
       }
       assert.ok(sites.some((s) => s.sites.includes('adapter')), 'some module carries adapter sites');

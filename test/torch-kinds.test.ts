@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
+import request from 'supertest';
 import { startStack, streamedIds, uploadFolder, type Stack } from './helpers/e2e-stack.js';
 import { torchFixtures, torchKinds, untilEos } from './helpers/fixtures.js';
 
@@ -27,6 +28,13 @@ for (const f of torchFixtures()) {
         assert.equal(res.status, 201, `${k.kind}: ${JSON.stringify(res.body)}`);
         assert.equal(res.body.type, k.kind);
       }
+      // The recorded compacters (n 4, rank-1 factors) are served factored, through the compacter site.
+      const compacter = await request(stack.services.app).get('/v1/deltas/compacter').expect(200);
+      assert.deepEqual([...new Set(compacter.body.sites.map((s: { site: string }) => s.site))], ['compacter']);
+      // The recorded low-rank adapters are served factored, through the low-rank adapter site.
+      const lowRank = await request(stack.services.app).get('/v1/deltas/low_rank_adapter').expect(200);
+      assert.ok(lowRank.body.sites.length > 0);
+      assert.deepEqual([...new Set(lowRank.body.sites.map((s: { site: string }) => s.site))], ['low_rank_adapter']);
       assert.equal((await uploadFolder(stack.services.app, 'lora', f.loraDir)).status, 201);
     });
 

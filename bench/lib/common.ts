@@ -66,7 +66,7 @@ export const i64 = (v: ArrayLike<number>, dims: number[]) =>
 /** A rank-`rank` LoRA on every `c_attn` of the backbone, already in the engine's layout (as the registry would load it). */
 export function syntheticCAttnLora(bb: Backbone, k: number, rank = 16): LoadedDelta {
   const sites: DeltaSite[] = bb.info.modules.filter((m) => m.name.endsWith('.c_attn')).map((m, j) => ({
-    module: m.name, site: 'lora', rank,
+    module: m.name, site: 'lora', axes: { rank },
     data: { lora_a: rand(m.inFeatures * rank, k * 7919 + j, 0.05), lora_b: rand(rank * m.outFeatures, k * 7919 + j + 1000, 0.05) },
   }));
   return { id: `lora-${k}`, version: '1', type: 'lora', format: 'peft', rank, sites, bytes: 0 };

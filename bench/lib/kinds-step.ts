@@ -13,10 +13,17 @@
  * are pure decode steps of 32 rows at the same KV capacity, in blocks
  * round-robin over the configurations so drift hits all alike.
  *
- * And one compacter branch on its own (GPT-2 small's mlp.c_proj, bottleneck
- * 48, n 4, per-row banks at batch 32): multiplied out, as the adapter site
- * runs it, against its PHM factors kept apart (what a site of its own would
- * run), to measure whether keeping them factored would pay.
+ * Compacters both ways (bottleneck 48, n 4): factored through the compacter
+ * site (rank-1 W factors, as OpenDelta saves them by default) against the
+ * same shapes multiplied out through the adapter site (W saved whole), 32 rows
+ * of each and each in the every-kind mixed batch.
+ *
+ * Low-rank adapters both ways (bottleneck 24): factored through their own
+ * site (as served) against an adapter of the same shapes on the adapter site
+ * (what the low-rank adapter cost multiplied out: the same ops on the same
+ * bank sizes, whatever the values), 32 rows of each. And one low-rank adapter
+ * branch on its own (GPT-2 small's c_proj, per-row banks at batch 32), the
+ * two forms' ops side by side without the rest of the step.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -62,7 +69,7 @@ export interface KindsConfigResult {
   bankBytes: number;
 }
 
-export interface PhmResult {
+export interface BranchResult {
   label: string;
   /** Bank floats a row reads in this branch. */
   floatsPerRow: number;
@@ -71,10 +78,15 @@ export interface PhmResult {
 
 export interface KindsBenchResult {
   configs: KindsConfigResult[];
-  phm: PhmResult[];
+  lowRank: BranchResult[];
   opts: KindsBenchOptions;
   seconds: number;
 }
+
+const FACTORED = 'compacter (bottleneck 48, n 4, rank-1 W factors) on c_proj: factored, compacter site';
+const MULTIPLIED = 'compacter (bottleneck 48, n 4, W saved whole) on c_proj: multiplied out, adapter site';
+const LOW_RANK = 'low-rank adapter (bottleneck 24) on c_proj: factored, low-rank adapter site';
+const LOW_RANK_MULTIPLIED = 'low-rank adapter multiplied out (an adapter of its shapes: bottleneck 24, gelu_new) on c_proj, adapter site';
 
 /** What the kinds' deltas look like on GPT-2 small, as their formats save them. */
 function specs(): Record<string, (k: number) => TaskSpec> {
@@ -84,10 +96,14 @@ function specs(): Record<string, (k: number) => TaskSpec> {
     'adapter (bottleneck 16, gelu_new) on c_proj': (k) => ({ id: `adapter-${k}`, kind: 'adapter', bottleneck: 16, activation: 'gelu_new', targets: out, seed: 200 + k }),
     'BitFit on c_attn, c_fc': (k) => ({ id: `bitfit-${k}`, kind: 'bitfit', targets: ['c_attn', 'c_fc'], seed: 300 + k }),
     'IA³ on c_attn, mlp.c_proj': (k) => ({ id: `ia3-${k}`, kind: 'ia3', targets: ['c_attn', 'mlp.c_proj'], feedforward: ['mlp.c_proj'], seed: 400 + k }),
-    'compacter (bottleneck 48, n 4) on c_proj': (k) => ({
+    [FACTORED]: (k) => ({
       id: `compacter-${k}`, kind: 'compacter', reductionFactor: 16, n: 4, factorizedPhm: true, factorizedRule: false, activation: 'gelu_new', targets: out, seed: 500 + k,
     }),
-    'low-rank adapter (bottleneck 24) on c_proj': (k) => ({ id: `lowrank-${k}`, kind: 'low_rank_adapter', reductionFactor: 32, activation: 'gelu_new', targets: out, seed: 600 + k }),
+    [MULTIPLIED]: (k) => ({
+      id: `compacter-whole-${k}`, kind: 'compacter', reductionFactor: 16, n: 4, factorizedPhm: false, factorizedRule: false, activation: 'gelu_new', targets: out, seed: 800 + k,
+    }),
+    [LOW_RANK]: (k) => ({ id: `lowrank-${k}`, kind: 'low_rank_adapter', reductionFactor: 32, activation: 'gelu_new', targets: out, seed: 600 + k }),
+    [LOW_RANK_MULTIPLIED]: (k) => ({ id: `lowrank-product-${k}`, kind: 'adapter', bottleneck: 24, activation: 'gelu_new', targets: out, seed: 900 + k }),
     'parallel adapter (bottleneck 24) on c_proj': (k) => ({ id: `parallel-${k}`, kind: 'parallel_adapter', bottleneck: 24, scaled: 1, activation: 'gelu_new', targets: out, seed: 700 + k }),
   };
 }
@@ -128,7 +144,13 @@ export async function measureKinds(bb: Backbone, session: ort.InferenceSession, 
       { label: '31 r8 LoRA rows beside a rank-64 row (all fed rank 64)', group: 'fallback', rows: [...r8.slice(0, B - 1).map(long), long(r64)] },
       { label: '32 bare rows', group: 'kinds', rows: Array.from({ length: B }, () => long(null)) },
       ...labels.map((label): Config => ({ label: `32 rows: ${label}`, group: 'kinds', rows: Array.from({ length: B }, (_, r) => long(byKind.get(label)![r % 4])) })),
-      { label: '32 rows, every kind mixed row by row', group: 'kinds', rows: Array.from({ length: B }, (_, r) => long(byKind.get(labels[r % labels.length])![Math.floor(r / labels.length) % 4])) },
+      ...([[FACTORED, MULTIPLIED], [MULTIPLIED, FACTORED]] as const).map(([compacter, without]): Config => {
+        const mixed = labels.filter((l) => l !== without && l !== LOW_RANK_MULTIPLIED);
+        return {
+          label: `32 rows, every kind mixed row by row, the ${compacter === FACTORED ? 'factored' : 'multiplied-out'} compacter`,
+          group: 'kinds', rows: Array.from({ length: B }, (_, r) => long(byKind.get(mixed[r % mixed.length])![Math.floor(r / mixed.length) % 4])),
+        };
+      }),
     ];
 
     const engines = await Promise.all(configs.map(async (c, i) => {
@@ -177,68 +199,50 @@ export async function measureKinds(bb: Backbone, session: ort.InferenceSession, 
         }
       }
     }
-    const phm = await measurePhm(opts);
-    return { configs: results, phm, opts, seconds: (Date.now() - t0) / 1000 };
+    const lowRank = await measureLowRank(opts);
+    return { configs: results, lowRank, opts, seconds: (Date.now() - t0) / 1000 };
   } finally {
     await deltas.remove();
   }
 }
 
 /**
- * A compacter branch y + relu(y·H_d + b_d)·H_u + b_u at batch 32, H = Σᵢ ruleᵢ ⊗ (lᵢ·rᵢᵀ):
- * multiplied out, each row's [768, 48] and [48, 768] read from per-row banks; or factored, each
- * PHM product computed from its factors (x split into n blocks, ·l, mixed by the rule, ·r).
- * Run on 24 sets of banks in turn, as a step runs one per c_proj of GPT-2 small, so the banks
- * are read from memory, not from a cache that one set would fit in.
+ * A low-rank adapter branch y + relu(y·W_d + b_d)·W_u + b_u at batch 32, each W = l·rᵀ of rank 1
+ * (OpenDelta's LowRankLinear at low_rank_rank 1): multiplied out, each row's [768, 24] and
+ * [24, 768] read from per-row banks; or factored, (y·l_d)·r_dᵀ and (z·l_u)·r_uᵀ. Run on 24 sets
+ * of banks in turn, as a step runs one per c_proj of GPT-2 small, so the banks are read from
+ * memory, not from a cache that one set would fit in.
  */
-async function measurePhm(opts: KindsBenchOptions): Promise<PhmResult[]> {
-  const [hidden, bn, n] = [768, 48, 4];
+async function measureLowRank(opts: KindsBenchOptions): Promise<BranchResult[]> {
+  const [hidden, bn] = [768, 24];
   const MODULES = 24;
   const y = new ort.Tensor('float32', rand(B * hidden, 1, 1), [B, 1, hidden]);
   const floats = (dims: number[], seed: number) => new ort.Tensor('float32', rand(dims.reduce((a, b) => a * b, 1), seed, 0.1), dims);
   const input = (g: GraphBuilder, name: string, dims: number[]) => g.input(name, DataType.FLOAT, dims);
-
-  const dense = new GraphBuilder();
-  {
-    const g = dense;
+  const branch = (project: (g: GraphBuilder, x: string, prefix: string, inF: number, outF: number) => string) => {
+    const g = new GraphBuilder();
     const h = input(g, 'y', [B, 1, hidden]);
-    const z = g.op('Relu', [g.op('Add', [g.op('MatMul', [h, input(g, 'hd', [B, hidden, bn])]), input(g, 'bd', [B, 1, bn])])]);
-    g.output(g.opNamed('Add', [g.op('Add', [h, g.op('MatMul', [z, input(g, 'hu', [B, bn, hidden])])]), input(g, 'bu', [B, 1, hidden])], 'out'), DataType.FLOAT, [B, 1, hidden]);
-  }
-  const denseFeeds = (m: number) => ({
-    y, hd: floats([B, hidden, bn], 10 * m + 2), bd: floats([B, 1, bn], 10 * m + 3), hu: floats([B, bn, hidden], 10 * m + 4), bu: floats([B, 1, hidden], 10 * m + 5),
-  });
-
-  const factored = new GraphBuilder();
-  const factoredFeeds: Record<string, ort.Tensor>[] = Array.from({ length: MODULES }, () => ({ y }));
-  {
-    const g = factored;
-    // x [B, 1, inF] → blocks [B, n_a, 1, inF/n]; s = blocks·l [B, n_a, 1, n_i]; t = s·rule [B, n_i, 1, n_c]; out = t·r [B, n_c, 1, outF/n].
-    const phm = (x: string, prefix: string, inF: number, outF: number, seed: number) => {
-      const [ki, ko] = [inF / n, outF / n];
-      factoredFeeds.forEach((f, m) => {
-        f[`${prefix}_l`] = floats([B, 1, ki, n], 100 * m + seed);
-        f[`${prefix}_rule`] = floats([B, n, n, n], 100 * m + seed + 1);
-        f[`${prefix}_r`] = floats([B, 1, n, ko], 100 * m + seed + 2);
-      });
-      const blocks = g.op('Transpose', [g.op('Reshape', [x, g.ints([B, 1, n, ki])])], { perm: [0, 2, 1, 3] });
-      const sv = g.op('MatMul', [blocks, input(g, `${prefix}_l`, [B, 1, ki, n])]);
-      const t = g.op('MatMul', [g.op('Transpose', [sv], { perm: [0, 3, 2, 1] }), input(g, `${prefix}_rule`, [B, n, n, n])]);
-      const tc = g.op('Transpose', [t], { perm: [0, 3, 2, 1] });
-      return g.op('Reshape', [g.op('MatMul', [tc, input(g, `${prefix}_r`, [B, 1, n, ko])]), g.ints([B, 1, outF])]);
-    };
-    const h = input(g, 'y', [B, 1, hidden]);
-    factoredFeeds.forEach((f, m) => Object.assign(f, { bd: floats([B, 1, bn], 10 * m + 3), bu: floats([B, 1, hidden], 10 * m + 5) }));
-    const z = g.op('Relu', [g.op('Add', [phm(h, 'down', hidden, bn, 10), input(g, 'bd', [B, 1, bn])])]);
-    g.output(g.opNamed('Add', [g.op('Add', [h, phm(z, 'up', bn, hidden, 20)]), input(g, 'bu', [B, 1, hidden])], 'out'), DataType.FLOAT, [B, 1, hidden]);
-  }
-
+    const z = g.op('Relu', [g.op('Add', [project(g, h, 'down', hidden, bn), input(g, 'bd', [B, 1, bn])])]);
+    g.output(g.opNamed('Add', [g.op('Add', [h, project(g, z, 'up', bn, hidden)]), input(g, 'bu', [B, 1, hidden])], 'out'), DataType.FLOAT, [B, 1, hidden]);
+    return g;
+  };
+  const dense = branch((g, x, p, inF, outF) => g.op('MatMul', [x, input(g, `${p}_w`, [B, inF, outF])]));
+  const factored = branch((g, x, p, inF, outF) => g.op('Mul', [g.op('MatMul', [x, input(g, `${p}_l`, [B, inF, 1])]), input(g, `${p}_r`, [B, 1, outF])]));
+  const biases = (m: number) => ({ y, bd: floats([B, 1, bn], 10 * m + 3), bu: floats([B, 1, hidden], 10 * m + 5) });
   const cases = [
-    { label: 'multiplied out (as served: the adapter site)', graph: dense, feeds: Array.from({ length: MODULES }, (_, m) => denseFeeds(m)), floatsPerRow: 2 * hidden * bn + bn + hidden },
-    { label: 'factored (a PHM site of its own would run this)', graph: factored, feeds: factoredFeeds, floatsPerRow: 2 * (n * n * n) + (hidden / n) * n + (bn / n) * n + (bn / n) * n + (hidden / n) * n + bn + hidden },
+    {
+      label: 'multiplied out (the adapter site\'s products)', graph: dense, floatsPerRow: 2 * hidden * bn + bn + hidden,
+      feeds: Array.from({ length: MODULES }, (_, m) => ({ ...biases(m), down_w: floats([B, hidden, bn], 10 * m + 2), up_w: floats([B, bn, hidden], 10 * m + 4) })),
+    },
+    {
+      label: 'factored (the low-rank adapter site\'s products, as served)', graph: factored, floatsPerRow: 2 * (hidden + bn) + bn + hidden,
+      feeds: Array.from({ length: MODULES }, (_, m) => ({
+        ...biases(m), down_l: floats([B, hidden, 1], 10 * m + 2), down_r: floats([B, 1, bn], 10 * m + 6), up_l: floats([B, bn, 1], 10 * m + 4), up_r: floats([B, 1, hidden], 10 * m + 7),
+      })),
+    },
   ];
   const sessions = await Promise.all(cases.map((c) => createSession(c.graph.encode(c.label))));
-  const results: PhmResult[] = cases.map((c) => ({ label: c.label, floatsPerRow: c.floatsPerRow, runs: [] }));
+  const results: BranchResult[] = cases.map((c) => ({ label: c.label, floatsPerRow: c.floatsPerRow, runs: [] }));
   for (let round = 0; round < opts.rounds; round++) {
     for (const [i, s] of sessions.entries()) {
       await s.run(cases[i].feeds[0]);
@@ -270,10 +274,10 @@ export function kindsTables(res: KindsBenchResult): string {
     `the first two configurations' steps alternate one by one), KV capacity 64, ${PROMPT}-token prompts.`,
     table('fallback', find(res, '32 r8 LoRA rows from the start')),
     table('kinds', find(res, '32 bare rows')),
-    'A compacter branch alone (768 features, bottleneck 48, n 4, rank-1 factors; per-row banks, batch 32, one token per row), ' +
-    `run on 24 sets of banks in turn as a step runs it on each c_proj (ms for all 24), ${res.phm[0].runs.length} times each:`,
-    mdTable(['compacter branch × 24 modules', 'bank floats per row and module', 'ms (median)', 'ms (min)', '÷ multiplied out (median)'], res.phm.map((p) => [
-      p.label, p.floatsPerRow, fmt(median(p.runs), 3), fmt(minimum(p.runs), 3), fmt(median(p.runs) / median(res.phm[0].runs), 2),
+    'A low-rank adapter branch alone (768 features, bottleneck 24, rank-1 W = l·rᵀ; per-row banks, batch 32, one token per row), ' +
+    `run on 24 sets of banks in turn as a step runs it on each c_proj (ms for all 24), ${res.lowRank[0].runs.length} times each:`,
+    mdTable(['low-rank adapter branch × 24 modules', 'bank floats per row and module', 'ms (median)', 'ms (min)', '÷ multiplied out (median)'], res.lowRank.map((p) => [
+      p.label, p.floatsPerRow, fmt(median(p.runs), 3), fmt(minimum(p.runs), 3), fmt(median(p.runs) / median(res.lowRank[0].runs), 2),
     ])),
   ].join('\n\n');
 }
@@ -284,9 +288,21 @@ export function kindsGoals(res: KindsBenchResult) {
   // The two ran step by step in alternation: each step's ratio to its partner cancels the drift between them.
   const paired = median(after.steps.map((ms, k) => ms / fresh.steps[k]));
   const rn = minimum(after.steps) / minimum(fresh.steps);
+  const [fac, mul] = [find(res, '32 rows, every kind mixed row by row, the factored'), find(res, '32 rows, every kind mixed row by row, the multiplied-out')];
+  const compacter = {
+    what: 'Compacters served factored: batch-32 step, every kind mixed, factored ÷ multiplied-out compacter (issue 11; < 1 means factored is cheaper)',
+    measured: `${fmt(median(fac.steps))} vs ${fmt(median(mul.steps))} ms (minima ${fmt(minimum(fac.steps))} vs ${fmt(minimum(mul.steps))}); banks ${fmt(fac.bankBytes / 2 ** 20, 1)} vs ${fmt(mul.bankBytes / 2 ** 20, 1)} MiB`,
+    met: `${median(fac.steps) / median(mul.steps) < 1 ? 'yes' : '**no**'} (medians ${fmt(median(fac.steps) / median(mul.steps), 2)}), ${minimum(fac.steps) / minimum(mul.steps) < 1 ? 'yes' : '**no**'} (minima ${fmt(minimum(fac.steps) / minimum(mul.steps), 2)})`,
+  };
+  const [lr, lrm] = [find(res, `32 rows: ${LOW_RANK}`), find(res, `32 rows: ${LOW_RANK_MULTIPLIED}`)];
+  const lowRank = {
+    what: 'Low-rank adapters served factored: batch-32 step, 32 low-rank rows, factored ÷ multiplied out (issue 11; < 1 means factored is cheaper)',
+    measured: `${fmt(median(lr.steps))} vs ${fmt(median(lrm.steps))} ms (minima ${fmt(minimum(lr.steps))} vs ${fmt(minimum(lrm.steps))}); banks ${fmt(lr.bankBytes / 2 ** 20, 1)} vs ${fmt(lrm.bankBytes / 2 ** 20, 1)} MiB`,
+    met: `${median(lr.steps) / median(lrm.steps) < 1 ? 'yes' : '**no**'} (medians ${fmt(median(lr.steps) / median(lrm.steps), 2)}), ${minimum(lr.steps) / minimum(lrm.steps) < 1 ? 'yes' : '**no**'} (minima ${fmt(minimum(lr.steps) / minimum(lrm.steps), 2)})`,
+  };
   return [{
     what: 'Banks: decode step at batch 32, 32 r8 rows after a rank-64 row left ≤ 1.05× 32 r8 rows from the start (issue 11)',
     measured: `${fmt(median(after.steps))} vs ${fmt(median(fresh.steps))} ms; median of paired step ratios ${fmt(paired, 2)}, minima ${fmt(rn, 2)}; fed rank ${after.loraRank}`,
     met: `${paired <= 1.05 ? 'yes' : '**no**'} (paired medians), ${rn <= 1.05 ? 'yes' : '**no**'} (minima)`,
-  }];
+  }, compacter, lowRank];
 }

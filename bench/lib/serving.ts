@@ -245,7 +245,7 @@ export function attachMerged(bb: Backbone, sites: DeltaSite[]): () => void {
     // A copy of the weight's bytes. Not src's floatData(): for an initializer whose rawData is an
     // unaligned Node Buffer it reads from the start of the whole file (Buffer#slice does not copy).
     const W = new Float32Array(Uint8Array.prototype.slice.call(t.rawData!).buffer);
-    const R = site.rank;
+    const R = site.axes.rank;
     const { lora_a: a, lora_b: b } = site.data;
     const inF = lin.inFeatures;
     const outF = lin.outFeatures;

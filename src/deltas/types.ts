@@ -1,20 +1,23 @@
 /**
  * A delta after parsing and validation, in the layout the engine's banks
  * want: each module's parameters laid out as one row of its graph site's
- * banks (factors transposed to `x · A · B` order, scales folded in, compacter
- * and low-rank products multiplied out). What produced them is its kind's
+ * banks (factors transposed to `x · A · B` order, scales folded in,
+ * low-rank adapters' rank-1 factors and compacters' PHM factors laid out for
+ * their sites, or a compacter multiplied out). What produced them is its kind's
  * business (src/deltas/kinds); everything after validation is kind-agnostic.
  */
+import type { Axes } from '../backbone/rewrite/delta-sites.js';
+
 /** A kind's `type`: lora, adapter, bitfit, ia3, compacter, low_rank_adapter, parallel_adapter, prefix, prompt. */
 export type DeltaType = string;
 export type DeltaFormat = 'peft' | 'opendelta';
 
 export interface DeltaSite {
   module: string;
-  /** The graph site that applies it: lora, adapter, bias, ia3. */
+  /** The graph site that applies it: lora, adapter, bias, ia3, compacter, low_rank_adapter. */
   site: string;
-  /** On the site's rank axis (a LoRA's r, an adapter's bottleneck); 0 for sites without one. */
-  rank: number;
+  /** Sizes of the site's padded axes in its slices (a LoRA's `rank`; a compacter's `phm_rank` and `block`; a low-rank adapter's `bottleneck`); none for fixed-size sites. */
+  axes: Axes;
   /** One row's slice of each bank it writes, by bank key. */
   data: Record<string, Float32Array>;
 }

@@ -74,7 +74,7 @@ export function summarize(delta: ValidDelta, backbone: BackboneInfo): SiteSummar
     const shapes = graphSite(s.site).banks
       .filter((b) => !b.selector && s.data[b.key])
       .map((b) => {
-        const [a, c] = sliceDims(b, mod, s.rank);
+        const [a, c] = sliceDims(b, mod, s.axes);
         // A leading 1 is the bank's broadcast over positions, not part of the parameter.
         return b.dims(mod)[0] === 1 ? [c] : [a, c];
       });
@@ -147,7 +147,7 @@ export function validateDelta(
   const order = new Map(backbone.modules.map((m, i) => [m.name, i]));
   const sites: DeltaSite[] = [...placed.values()]
     .sort((x, y) => order.get(x.mod.name)! - order.get(y.mod.name)!)
-    .map(({ mod, rows }) => ({ module: mod.name, site: kind.site.name, rank: rows!.rank, data: rows!.data }));
+    .map(({ mod, rows }) => ({ module: mod.name, site: (rows!.site ?? kind.site).name, axes: rows!.axes ?? { rank: rows!.rank }, data: rows!.data }));
   const bytes = sites.reduce((n, s) => n + Object.values(s.data).reduce((m, d) => m + d.byteLength, 0), 0);
   return { type: kind.type, format: delta.format, rank: maxRank, sites, bytes };
 }

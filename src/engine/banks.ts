@@ -1,15 +1,16 @@
 /**
  * Delta banks in row order: for each graph site on each module, every bank
  * of the site laid out as [rows, a, b] so row r of the batch reads slice r;
- * ranks smaller than the site's are padded, and a row without a delta there
+ * a row's padded axes (a LoRA's rank, a compacter's PHM rank and bottleneck
+ * block) smaller than the site's are padded, and a row without a delta there
  * holds the bank's neutral value (0 added, 1 scaled). Nothing here knows a
  * kind: the sites declare their banks (src/deltas/kinds), validation laid
  * each delta out as bank rows.
  *
  * Banks change only when the batch does: `add` writes the joining row's
  * slices, `remove` moves the last row into the hole (as the KV pool does).
- * A site's rank follows the largest rank among its rows both ways: it grows
- * when a larger one joins and falls back when the largest leaves, so later
+ * Each padded axis of a site follows the largest size among its rows both
+ * ways: it grows when a larger one joins and falls back when it leaves, so later
  * steps never multiply a departed row's padding. Row capacity grows by
  * doubling and shrinks by half once a quarter is used, and a bank no row
  * writes holds no memory. Feeds are views over the buffers: on the CPU
@@ -21,7 +22,7 @@
  * (device/webgpu.ts) keeps a copy and uploads again only what changed.
  */
 import * as ort from 'onnxruntime-node';
-import { bankInput, gateInput, isRanked, sliceDims, type BankSpec, type GraphSite, type SiteLayout } from '../backbone/rewrite/delta-sites.js';
+import { bankInput, gateInput, paddedAxes, sliceDims, sliceShape, type Axes, type BankSpec, type GraphSite, type SiteLayout } from '../backbone/rewrite/delta-sites.js';
 import { graphSite } from '../deltas/kinds/index.js';
 import type { DeltaSite, LoadedDelta } from '../deltas/types.js';
 import type { StampedFeed } from './device/device.js';
@@ -42,11 +43,38 @@ const tensor = (data: Float32Array, dims: number[]) => new ort.Tensor('float32',
 /** Stamps of bank contents: every change takes a fresh one, so a device re-uploads a bank only when it changed. */
 let lastStamp = 0;
 
-/** One graph input of one module: [rowsCap, a, b] floats at the site's rank. */
+const sameShape = (a: readonly number[], b: readonly number[]) => a.length === b.length && a.every((d, i) => d === b[i]);
+
+/**
+ * Copies the block two slices share (each factor the smaller of the two) from
+ * `src` at `sOff`, laid out `sShape`, to `dst` at `dOff`, laid out `dShape`:
+ * a padded axis inside a product pads each block of it.
+ */
+function copyBlock(src: Float32Array, sOff: number, sShape: readonly number[], dst: Float32Array, dOff: number, dShape: readonly number[]): void {
+  if (sameShape(sShape, dShape)) {
+    dst.set(src.subarray(sOff, sOff + sShape.reduce((a, b) => a * b, 1)), dOff);
+    return;
+  }
+  const last = sShape.length - 1;
+  const common = sShape.map((d, i) => Math.min(d, dShape[i]));
+  if (common.includes(0)) return;
+  const stride = (shape: readonly number[]) => shape.map((_, i) => shape.slice(i + 1).reduce((a, b) => a * b, 1));
+  const [ss, ds] = [stride(sShape), stride(dShape)];
+  const walk = (axis: number, so: number, d: number): void => {
+    if (axis === last) {
+      dst.set(src.subarray(so, so + common[last]), d);
+      return;
+    }
+    for (let i = 0; i < common[axis]; i++) walk(axis + 1, so + i * ss[axis], d + i * ds[axis]);
+  };
+  walk(0, sOff, dOff);
+}
+
+/** One graph input of one module: [rowsCap, a, b] floats at the site's padded axes. */
 class Bank {
   private buf = new Float32Array(0);
   private rowsCap = 0;
-  private rank = 0;
+  private axes: Axes = {};
   /** Rows whose delta writes this bank; at 0 it holds no memory and is fed idle. */
   writers = 0;
   /** Changes with every write to the buffer. */
@@ -54,8 +82,8 @@ class Bank {
 
   constructor(readonly spec: BankSpec, private readonly layout: SiteLayout) {}
 
-  private floats(rank = this.rank): number {
-    const [a, b] = sliceDims(this.spec, this.layout, rank);
+  private floats(axes = this.axes): number {
+    const [a, b] = sliceDims(this.spec, this.layout, axes);
     return a * b;
   }
 
@@ -67,37 +95,33 @@ class Bank {
     return this.rowsCap > 0;
   }
 
-  /** Lays the first `rows` rows out again with room for `rowsCap` rows at `rank`, padding with the neutral value. */
-  reshape(rows: number, rowsCap: number, rank: number): void {
-    if (rowsCap === this.rowsCap && rank === this.rank) return;
-    const next = new Float32Array(rowsCap * this.floats(rank));
+  /** Lays the first `rows` rows out again with room for `rowsCap` rows at `axes`, padding with the neutral value. */
+  reshape(rows: number, rowsCap: number, axes: Axes): void {
+    if (rowsCap === this.rowsCap && sameShape(sliceShape(this.spec, this.layout, axes), sliceShape(this.spec, this.layout, this.axes))) {
+      this.axes = axes;
+      return;
+    }
+    const next = new Float32Array(rowsCap * this.floats(axes));
     if (this.spec.neutral !== 0) next.fill(this.spec.neutral);
-    if (this.allocated) for (let r = 0; r < rows; r++) this.copySlice(this.buf, r, this.rank, next, r, rank);
-    [this.buf, this.rowsCap, this.rank] = [next, rowsCap, rank];
+    if (this.allocated) for (let r = 0; r < rows; r++) this.copySlice(this.buf, r, this.axes, next, r, axes);
+    [this.buf, this.rowsCap, this.axes] = [next, rowsCap, axes];
     this.stamp = ++lastStamp;
   }
 
   free(): void {
-    [this.buf, this.rowsCap, this.rank] = [new Float32Array(0), 0, 0];
+    [this.buf, this.rowsCap, this.axes] = [new Float32Array(0), 0, {}];
     this.stamp = ++lastStamp;
   }
 
-  /** Copies row `sr` of `src` at rank `sRank` into row `dr` of `dst` at `dRank`, up to the smaller rank. */
-  private copySlice(src: Float32Array, sr: number, sRank: number, dst: Float32Array, dr: number, dRank: number): void {
-    const [sa, sb] = sliceDims(this.spec, this.layout, sRank);
-    const [da, db] = sliceDims(this.spec, this.layout, dRank);
-    const [sOff, dOff] = [sr * sa * sb, dr * da * db];
-    const [a, b] = [Math.min(sa, da), Math.min(sb, db)];
-    if (b === sb && b === db) {
-      dst.set(src.subarray(sOff, sOff + a * b), dOff);
-    } else {
-      for (let i = 0; i < a; i++) dst.set(src.subarray(sOff + i * sb, sOff + i * sb + b), dOff + i * db);
-    }
+  /** Copies row `sr` of `src` at `sAxes` into row `dr` of `dst` at `dAxes`, up to the smaller size of each axis. */
+  private copySlice(src: Float32Array, sr: number, sAxes: Axes, dst: Float32Array, dr: number, dAxes: Axes): void {
+    const [sShape, dShape] = [sliceShape(this.spec, this.layout, sAxes), sliceShape(this.spec, this.layout, dAxes)];
+    copyBlock(src, sr * this.floats(sAxes), sShape, dst, dr * this.floats(dAxes), dShape);
   }
 
-  /** Writes a row's slice, given at `rank` (≤ the bank's), into row `row`. */
-  write(row: number, data: Float32Array, rank: number): void {
-    this.copySlice(data, 0, rank, this.buf, row, this.rank);
+  /** Writes a row's slice, given at `axes` (each ≤ the bank's), into row `row`. */
+  write(row: number, data: Float32Array, axes: Axes): void {
+    this.copySlice(data, 0, axes, this.buf, row, this.axes);
     this.stamp = ++lastStamp;
   }
 
@@ -116,25 +140,35 @@ class Bank {
 
   /** The first `rows` rows as a feed: [rows, a, b]. */
   feed(rows: number): StampedFeed {
-    return { stamp: `bank:${this.stamp}:${rows}`, tensor: tensor(this.buf.subarray(0, rows * this.floats()), [rows, ...sliceDims(this.spec, this.layout, this.rank)]) };
+    return { stamp: `bank:${this.stamp}:${rows}`, tensor: tensor(this.buf.subarray(0, rows * this.floats()), [rows, ...sliceDims(this.spec, this.layout, this.axes)]) };
   }
 }
 
-/** One site on one module: its banks, the rank and site of each row. */
+/** One site on one module: its banks, the padded axes and the site of each row. */
 class SiteBanks {
   readonly banks: Bank[];
   /** Each row's site here, or null. */
   private readonly rows: (DeltaSite | null)[] = [];
   private rowsCap = 0;
-  rank = 0;
+  /** Each padded axis at the largest size among the rows (0 while no row uses the site). */
+  axes: Axes;
   used = 0;
 
   constructor(readonly site: GraphSite, readonly layout: SiteLayout, private readonly maxRows: number) {
     this.banks = site.banks.map((spec) => new Bank(spec, layout));
+    this.axes = Object.fromEntries(site.banks.flatMap((spec) => paddedAxes(spec, layout)).map((a) => [a, 0]));
   }
 
   private reshape(): void {
-    for (const b of this.banks) if (b.allocated) b.reshape(this.rows.length, this.rowsCap, this.rank);
+    for (const b of this.banks) if (b.allocated) b.reshape(this.rows.length, this.rowsCap, this.axes);
+  }
+
+  /** Each axis at the largest size among the rows; whether any changed. */
+  private fitAxes(): boolean {
+    const next = Object.fromEntries(Object.keys(this.axes).map((a) => [a, Math.max(0, ...this.rows.map((s) => s?.axes[a] ?? 0))]));
+    if (Object.keys(next).every((a) => next[a] === this.axes[a])) return false;
+    this.axes = next;
+    return true;
   }
 
   add(site: DeltaSite | null): void {
@@ -147,15 +181,12 @@ class SiteBanks {
     }
     if (!site) return;
     this.used++;
-    if (site.rank > this.rank) {
-      this.rank = site.rank;
-      this.reshape();
-    }
+    if (Object.entries(site.axes).some(([a, size]) => size > (this.axes[a] ?? 0)) && this.fitAxes()) this.reshape();
     for (const b of this.banks) {
       const data = site.data[b.spec.key];
       if (!data) continue;
-      if (b.writers++ === 0) b.reshape(rows - 1, this.rowsCap, this.rank);
-      b.write(rows - 1, data, site.rank);
+      if (b.writers++ === 0) b.reshape(rows - 1, this.rowsCap, this.axes);
+      b.write(rows - 1, data, site.axes);
     }
   }
 
@@ -181,13 +212,8 @@ class SiteBanks {
   private forget(site: DeltaSite): void {
     this.used--;
     for (const b of this.banks) if (site.data[b.spec.key] && --b.writers === 0) b.free();
-    if (site.rank < this.rank) return;
-    // The largest rank may have left: fall back to the largest that remains.
-    const rank = Math.max(0, ...this.rows.map((s) => s?.rank ?? 0));
-    if (rank < this.rank) {
-      this.rank = rank;
-      this.reshape();
-    }
+    // The largest size of an axis may have left: fall back to the largest that remains.
+    if (Object.entries(site.axes).some(([a, size]) => size >= (this.axes[a] ?? 0)) && this.fitAxes()) this.reshape();
   }
 
   get bytes(): number {
@@ -220,9 +246,9 @@ export class DeltaBanks {
     return n;
   }
 
-  /** The fed rank of a site on a module (0 while no row uses it). */
-  rankOf(module: string, site: string): number {
-    return this.groups.get(groupKey(module, site))?.rank ?? 0;
+  /** The fed size of a padded axis of a site on a module (0 while no row uses it). */
+  axisOf(module: string, site: string, axis = 'rank'): number {
+    return this.groups.get(groupKey(module, site))?.axes[axis] ?? 0;
   }
 
   /** Appends a row carrying `delta` (or none). */
@@ -256,12 +282,12 @@ export class DeltaBanks {
 
   /**
    * A bank's feed while none of its rows writes it: one slice of its neutral
-   * value, broadcast over the batch; a rank axis is 1, or 0 where `empty`
-   * allows (the site is unused and the provider takes zero-size tensors).
+   * value, broadcast over the batch; every padded axis is 1, or 0 where
+   * `empty` allows (the site is unused and the provider takes zero-size tensors).
    */
   private idleFeed(spec: BankSpec, layout: SiteLayout, empty: boolean): StampedFeed {
-    const rank = empty && isRanked(spec, layout) ? 0 : 1;
-    return this.constantFeed(`${spec.neutral}`, [1, ...sliceDims(spec, layout, rank)], spec.neutral);
+    const axes = Object.fromEntries(paddedAxes(spec, layout).map((a) => [a, empty ? 0 : 1]));
+    return this.constantFeed(`${spec.neutral}`, [1, ...sliceDims(spec, layout, axes)], spec.neutral);
   }
 
   /** The delta feeds for a step over every row. */

@@ -86,9 +86,9 @@ export class Batch<R extends BatchRow> {
     return this.banks.bytes;
   }
 
-  /** The fed rank of a site on a module (0 while no row uses it). */
-  rankOf(module: string, site: string): number {
-    return this.banks.rankOf(module, site);
+  /** The fed size of a padded axis (default the rank) of a site on a module (0 while no row uses it). */
+  axisOf(module: string, site: string, axis = 'rank'): number {
+    return this.banks.axisOf(module, site, axis);
   }
 
   /** Room for every row to hold `tokens` slots. */

@@ -161,9 +161,9 @@ export class Engine {
     return this.decoding.bankBytes + (this.group?.batch.bankBytes ?? 0);
   }
 
-  /** The rank the decode batch feeds a site on a module (0 while no row uses it). */
-  fedRank(module: string, site: string): number {
-    return this.decoding.rankOf(module, site);
+  /** The size the decode batch feeds a padded axis (default the rank) of a site on a module (0 while no row uses it). */
+  fedRank(module: string, site: string, axis = 'rank'): number {
+    return this.decoding.axisOf(module, site, axis);
   }
 
   async step(): Promise<StepResult> {

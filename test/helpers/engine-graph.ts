@@ -208,7 +208,7 @@ export function banksOf(sites: readonly SiteLayout[], rows: readonly (LoadedDelt
   return banks;
 }
 
-/** A delta of every kind for a demo family: several ranks, every activation, both PHM forms; each targets a few modules. */
+/** A delta of every kind for a demo family: several ranks, every activation, both PHM forms, compacters factored (two PHM ranks and bottlenecks) and multiplied out, low-rank adapters of two bottlenecks; each targets a few modules. */
 export function everyKind(bb: Backbone): TaskSpec[] {
   const gpt2 = bb.info.family === 'gpt2';
   const t = gpt2
@@ -224,8 +224,10 @@ export function everyKind(bb: Backbone): TaskSpec[] {
     { id: 'bitfit', kind: 'bitfit', targets: t.bias, seed: 7 },
     { id: 'ia3', kind: 'ia3', targets: t.ia3, feedforward: t.ff, seed: 8 },
     { id: 'compacter', kind: 'compacter', reductionFactor: 16, n: 4, factorizedPhm: true, factorizedRule: false, activation: 'gelu_new', targets: t.out, seed: 9 },
+    { id: 'compacter-r2', kind: 'compacter', reductionFactor: 8, n: 4, factorizedPhm: true, factorizedRule: true, phmRank: 2, activation: 'silu', targets: t.out.slice(0, 1), seed: 13 },
     { id: 'compacter-full', kind: 'compacter', reductionFactor: 8, n: 2, factorizedPhm: false, factorizedRule: true, activation: 'relu', targets: t.out.slice(1), seed: 10 },
     { id: 'low-rank', kind: 'low_rank_adapter', reductionFactor: 16, activation: 'silu', targets: t.out, seed: 11 },
+    { id: 'low-rank-wide', kind: 'low_rank_adapter', reductionFactor: 4, activation: 'gelu_new', targets: t.out.slice(0, 1), seed: 14 },
     { id: 'parallel', kind: 'parallel_adapter', bottleneck: 12, scaled: 0.5, activation: 'gelu', targets: t.out, seed: 12 },
   ];
 }

@@ -24,6 +24,8 @@ export type TaskSpec =
   | { id: string; kind: 'ia3'; targets: string[]; feedforward: string[]; seed: number }
   | {
     id: string; kind: 'compacter'; reductionFactor: number; n: number; factorizedPhm: boolean; factorizedRule: boolean;
+    /** phm_rank: the rank of each W = W_left·W_right (1 when absent). */
+    phmRank?: number;
     activation: Activation; targets: string[]; seed: number;
   }
   | { id: string; kind: 'low_rank_adapter'; reductionFactor: number; activation: Activation; targets: string[]; seed: number }
@@ -111,7 +113,7 @@ export function deltaFiles(info: BackboneInfo, spec: TaskSpec): DeltaFiles {
       return { 'adapter_config.json': config, 'adapter_model.safetensors': t };
     }
     case 'compacter': {
-      const n = spec.n;
+      const [n, r] = [spec.n, spec.phmRank ?? 1];
       for (const m of mods) {
         const hidden = m.outFeatures;
         const bn = Math.floor(hidden / spec.reductionFactor);
@@ -125,8 +127,8 @@ export function deltaFiles(info: BackboneInfo, spec: TaskSpec): DeltaFiles {
           }
           const [ki, ko] = [inF / n, outF / n];
           if (spec.factorizedPhm) {
-            t[`${p}.W_left`] = f32([n, ki, 1], rand(n * ki, 1));
-            t[`${p}.W_right`] = f32([n, 1, ko], rand(n * ko, gain / Math.sqrt(inF)));
+            t[`${p}.W_left`] = f32([n, ki, r], rand(n * ki * r, 1));
+            t[`${p}.W_right`] = f32([n, r, ko], rand(n * r * ko, gain / Math.sqrt(inF * r)));
           } else {
             t[`${p}.W`] = f32([n, ki, ko], rand(n * ki * ko, gain / Math.sqrt(inF)));
           }
@@ -135,7 +137,7 @@ export function deltaFiles(info: BackboneInfo, spec: TaskSpec): DeltaFiles {
       }
       return openDelta({
         delta_type: 'compacter', reduction_factor: spec.reductionFactor, hypercomplex_division: n, non_linearity: spec.activation,
-        factorized_phm: spec.factorizedPhm, factorized_phm_rule: spec.factorizedRule, phm_rank: 1,
+        factorized_phm: spec.factorizedPhm, factorized_phm_rule: spec.factorizedRule, phm_rank: r,
         use_bias_down_sampler: true, use_bias_up_sampler: true, shared_phm_rule: false, shared_W_phm: false,
       });
     }
@@ -219,7 +221,8 @@ export function phmWeight(t: Tensors, prefix: string, n: number, inF: number, ou
   const get = (name: string) => t[`${prefix}.${name}`]?.data as Float32Array | undefined;
   const rule = get('phm_rule') ?? bmm(get('phm_rule_left')!, get('phm_rule_right')!, n, n, 1, n);
   const [ki, ko] = [inF / n, outF / n];
-  const w = get('W') ?? bmm(get('W_left')!, get('W_right')!, n, ki, 1, ko);
+  const rank = t[`${prefix}.W_left`]?.shape[2] ?? 0;
+  const w = get('W') ?? bmm(get('W_left')!, get('W_right')!, n, ki, rank, ko);
   const h = new Float64Array(inF * outF);
   for (let i = 0; i < n; i++) {
     const k = kron(rule.subarray(i * n * n, (i + 1) * n * n), n, n, w.subarray(i * ki * ko, (i + 1) * ki * ko), ki, ko);

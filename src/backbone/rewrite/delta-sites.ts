@@ -25,14 +25,28 @@ import type { GraphEditor } from './editor.js';
 
 const GRAPH_ATTR = onnx.AttributeProto.AttributeType.GRAPH;
 
-/** A bank's per-row dimension: a size, or the site's padded rank. */
-export type BankDim = number | 'rank';
+/**
+ * One factor of a bank's per-row slice: a fixed size, or the name of one of
+ * the site's padded axes (a LoRA's `rank`, a compacter's `phm_rank`), whose
+ * size in a step is the largest among the step's rows.
+ */
+export type BankDim = number | string;
+
+/**
+ * One side of a row's slice: a factor, or the product of several, outermost
+ * first. A padded axis inside a product pads each block of it, so a slice
+ * laid out [(a, i, j), …] with j padded keeps every (a, i) block in place.
+ */
+export type BankSide = BankDim | readonly BankDim[];
+
+/** Sizes of a site's padded axes: one row's, or the largest over a batch's rows. */
+export type Axes = Readonly<Record<string, number>>;
 
 export interface BankSpec {
   /** The graph input is `delta.<module>.<key>`. */
   key: string;
   /** One row's slice [a, b] for a module of these features (the input is [rows|1, a, b]). */
-  dims(features: SiteFeatures): [BankDim, BankDim];
+  dims(features: SiteFeatures): [BankSide, BankSide];
   /** What a row without this delta holds: 0 for terms that are added, 1 for scales. */
   neutral: 0 | 1;
   /** A per-row switch the kinds fill in (an activation selector), not a parameter: left out of a delta's shapes. */
@@ -51,15 +65,19 @@ export interface SiteOps {
   /** The module's input, [batch, seq, in] (what its MatMul read before any site replaced it). */
   x: string;
   bank(key: string): string;
+  /** The module's features, for shapes the site's ops fix at build time. */
+  features: SiteFeatures;
 }
 
 /**
- * One kind of side branch on a linear module. Banks of rank-bearing sites
- * share one padded rank per module; a bank no row of a step writes is fed one
- * slice of neutral values of rank 1, which the site's ops must broadcast.
+ * One kind of side branch on a linear module. The banks of a site on a module
+ * share its padded axes (a LoRA's rank; a compacter's PHM rank and bottleneck
+ * block), each the largest among the step's rows; a bank no row of a step
+ * writes is fed one slice of neutral values with every axis 1, which the
+ * site's ops must broadcast.
  */
 export interface GraphSite {
-  /** Its name in DELTASERVE_SITES, in plans and in `inspect` (lora, adapter, bias, ia3). */
+  /** Its name in DELTASERVE_SITES, in plans and in `inspect` (lora, adapter, bias, ia3, compacter). */
   readonly name: string;
   readonly banks: readonly BankSpec[];
   /** Its output ops sit in an If on `delta.<name>.on`, skipped whole in a step no row uses the site. */
@@ -81,14 +99,31 @@ export interface SiteLayout extends SiteFeatures {
 
 export const bankInput = (module: string, key: string) => `delta.${module}.${key}`;
 
-/** One row's slice of a bank at a rank: [a, b]. */
-export function sliceDims(spec: BankSpec, features: SiteFeatures, rank: number): [number, number] {
-  const [a, b] = spec.dims(features);
-  return [a === 'rank' ? rank : a, b === 'rank' ? rank : b];
+const factors = (side: BankSide): readonly BankDim[] => (Array.isArray(side) ? side : [side as BankDim]);
+
+/** A row's slice of a bank at these axis sizes, every factor of both sides resolved, outermost first (an axis not given is 0). */
+export function sliceShape(spec: BankSpec, features: SiteFeatures, axes: Axes): number[] {
+  return spec.dims(features).flatMap(factors).map((d) => (typeof d === 'number' ? d : axes[d] ?? 0));
 }
 
-/** Whether the bank has a rank axis (its slices grow and shrink with the site's rank). */
-export const isRanked = (spec: BankSpec, features: SiteFeatures) => spec.dims(features).includes('rank');
+/** One row's slice of a bank at these axis sizes: [a, b]. */
+export function sliceDims(spec: BankSpec, features: SiteFeatures, axes: Axes): [number, number] {
+  const side = (s: BankSide) => factors(s).reduce<number>((n, d) => n * (typeof d === 'number' ? d : axes[d] ?? 0), 1);
+  const [a, b] = spec.dims(features);
+  return [side(a), side(b)];
+}
+
+/** The padded axes a bank's slices grow and shrink with (none for a bank of fixed size). */
+export function paddedAxes(spec: BankSpec, features: SiteFeatures): string[] {
+  return spec.dims(features).flatMap(factors).filter((d): d is string => typeof d === 'string');
+}
+
+/** A graph input's symbolic name for a side with padded axes (e.g. `compacter_4*phm_rank`). */
+const symbolicSide = (site: string, side: BankSide): number | string => {
+  const fs = factors(side);
+  return fs.every((d) => typeof d === 'number') ? fs.reduce<number>((n, d) => n * (d as number), 1) : `${site}_${fs.join('*')}`;
+};
+
 export const gateInput = (site: string) => `delta.${site}.on`;
 
 /**
@@ -124,7 +159,7 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Rea
     layouts.push({ module: m, inFeatures: inF, outFeatures: outF, sites: sites.map((s) => s.name) });
     for (const s of sites) {
       for (const spec of s.banks) {
-        const dims = spec.dims(site).map((d) => (d === 'rank' ? `${s.name}_rank` : d));
+        const dims = spec.dims(site).map((side) => symbolicSide(s.name, side));
         g.input(bankInput(m, spec.key), DataType.FLOAT, ['delta_batch', ...dims]);
       }
     }
@@ -145,14 +180,14 @@ export function insertDeltaSites(g: GraphEditor, linear: LinearSite[], plan: Rea
       const flat = site.twoD !== false;
       const x = toFloat(flat ? g.op('Reshape', [input, shape3d(inF)]) : input);
       let xIn = x;
-      for (const s of sites) if (s.input) xIn = s.input({ g, x: xIn, bank });
+      for (const s of sites) if (s.input) xIn = s.input({ g, x: xIn, bank, features: site });
       if (xIn !== x) node.input![0] = toGraph(flat ? g.op('Reshape', [xIn, site.twoD ? g.ints([-1, inF]) : g.op('Shape', [input])]) : xIn);
 
       let y = toFloat(flat ? g.op('Reshape', [base, shape3d(outF)]) : base);
       for (const s of sites) {
         if (!s.output) continue;
         const h = y;
-        const ops = (b: GraphBuilder) => ({ g: b, x, y: h, bank });
+        const ops = (b: GraphBuilder) => ({ g: b, x, y: h, bank, features: site });
         if (!s.gated) {
           y = s.output(ops(g));
           continue;

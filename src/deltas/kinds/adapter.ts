@@ -1,8 +1,8 @@
 /**
  * Bottleneck adapters (OpenDelta `adapter`, Houlsby-style, on a module's
  * output): h + up(act(down(h))). Also the home of the adapter graph site,
- * which the other bottleneck kinds (compacter, low-rank adapter, parallel
- * adapter) are served through:
+ * which the other bottleneck kinds (parallel adapter, and compacters the
+ * compacter site does not serve) are served through:
  *
  *   y' = y + act(y·D + x·P + d)·U + u      D: [out, R] from the output (sequential kinds)
  *                                          P: [in, R] from the input (parallel adapters)
@@ -44,7 +44,8 @@ export function activationOf(name: string, problems: Problems): Activation {
   return act ?? ACTIVATIONS[0];
 }
 
-function activationMix(g: GraphBuilder, z: string, selector: string): string {
+/** The per-row activation: each of ACTIVATIONS of `z`, weighted by the row's one-hot `selector` ([rows|1, 1, 4]). */
+export function activationMix(g: GraphBuilder, z: string, selector: string): string {
   const picks = g.nodeN('Split', [selector], ACTIVATIONS.length, { axis: 2 });
   const acts = [g.op('Relu', [z]), geluErf(g, z), geluNew(g, z), silu(g, z)];
   return acts.map((a, i) => g.op('Mul', [a, picks[i]])).reduce((acc, p) => g.op('Add', [acc, p]));

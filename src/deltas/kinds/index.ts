@@ -32,7 +32,7 @@ export const PREFIX_KINDS: readonly PrefixKind[] = [prefix, promptTuning, pTunin
 export const ALL_KINDS: readonly AnyKind[] = [...DELTA_KINDS, ...PREFIX_KINDS];
 
 /** The graph sites the kinds are served through, in the order a module's chain applies them. */
-export const GRAPH_SITES: readonly GraphSite[] = [...new Set(DELTA_KINDS.map((k) => k.site))];
+export const GRAPH_SITES: readonly GraphSite[] = [...new Set(DELTA_KINDS.flatMap((k) => [k.site, ...(k.otherSites ?? [])]))];
 
 export function graphSite(name: string): GraphSite {
   const site = GRAPH_SITES.find((s) => s.name === name);

@@ -7,7 +7,7 @@
  * Formats, validation, banks, the rewrite and the API iterate over kinds
  * (index.ts registers them); none of them branches on one.
  */
-import type { GraphSite } from '../../backbone/rewrite/delta-sites.js';
+import type { Axes, GraphSite } from '../../backbone/rewrite/delta-sites.js';
 import type { BackboneInfo, LinearModule } from '../../backbone/types.js';
 import type { Tensor } from '../candidate.js';
 import type { Problems } from '../problems.js';
@@ -32,8 +32,12 @@ export interface FormatBinding<S> {
 
 /** One module's parameters, laid out as one row of its graph site's banks. */
 export interface SiteRows {
-  /** On the site's rank axis (a LoRA's r, an adapter's bottleneck); 0 for sites without one. */
+  /** The rank the delta reports and the server's maximum rank bounds (a LoRA's r, an adapter's bottleneck); 0 for none. */
   rank: number;
+  /** Sizes of the site's padded axes in these slices; `{ rank }` when absent (a site whose one padded axis is the rank). */
+  axes?: Axes;
+  /** The site serving this module when it is not the kind's own `site` (one of the kind's `otherSites`). */
+  site?: GraphSite;
   /** A row's slice per bank key, in the bank's layout ([in, rank], [1, out], …), scales folded in. */
   data: Record<string, Float32Array>;
 }
@@ -52,6 +56,8 @@ export interface DeltaKind<S = unknown> {
   readonly type: string;
   /** The graph site that applies it. */
   readonly site: GraphSite;
+  /** Sites `build` may place a module on instead (SiteRows.site), e.g. where the kind's own site cannot serve it. */
+  readonly otherSites?: readonly GraphSite[];
   readonly peft?: FormatBinding<S>;
   readonly opendelta?: FormatBinding<S>;
   /**
