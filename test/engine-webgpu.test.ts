@@ -2,7 +2,8 @@
  * The engine on the WebGPU execution provider (KV cache and delta banks on
  * the device) against the same engine on the CPU provider: greedy tokens are
  * equal on the demo backbones, bare rows and LoRA, adapter, BitFit and IA³
- * rows mixed in one batch, as rows join and leave mid-stream; rows that
+ * rows mixed in one batch, as rows join and leave mid-stream (a prefill
+ * group's rows joining the decode batch's cache in one device run); rows that
  * sample (their logits fetched alone) and rows asking for logprobs agree too.
  * The bare rows are also checked against a full forward pass of the original
  * graph, so the pair is not only equal to each other. And a decode step
@@ -25,6 +26,7 @@ import { Registry } from '../src/deltas/registry.js';
 import { encodeSafetensors } from '../src/deltas/safetensors.js';
 import type { LoadedDelta } from '../src/deltas/types.js';
 import { deviceFor, outputLocations } from '../src/engine/device/index.js';
+import { WebGpuDevice } from '../src/engine/device/webgpu.js';
 import { Engine } from '../src/engine/engine.js';
 import type { RowRequest, StepResult } from '../src/engine/protocol.js';
 import { randomFloats, writeDelta } from './helpers/deltas.js';
@@ -75,9 +77,12 @@ for (const model of FAMILIES) {
     let cases: KindCase[];
     const engines = (prefillChunkTokens = 64) => {
       const opts = { maxBatch: 16, prefillChunkTokens, eosTokenIds: [], maxPositions: bb.info.maxPositions };
+      const device = deviceFor('webgpu', bb.io.layers);
+      assert.ok(device instanceof WebGpuDevice);
       return {
         cpu: new Engine(cpu, bb.io, sites, opts),
-        gpu: new Engine(gpu, bb.io, sites, { ...opts, zeroSizeTensors: false, device: deviceFor('webgpu', bb.io.layers) }),
+        gpu: new Engine(gpu, bb.io, sites, { ...opts, zeroSizeTensors: false, device }),
+        device,
       };
     };
     const prompt = (i: number, n = 3 + (i % 5)) => tokens(n, 900 + i, bb.io.vocabSize);
@@ -101,10 +106,21 @@ for (const model of FAMILIES) {
         at: [0, 0, 0, 0, 2, 2, 3, 5, 5, 6][i], ...(i === 2 ? { cancelAt: 3 } : {}),
       }));
       const e = engines();
+      // The device's own graph runs that write joining rows into the decode batch's cache, counted as they are made.
+      let joinRuns = 0;
+      const runOwn = e.device.runOwn.bind(e.device);
+      e.device.runOwn = (name, feeds, transfer) => {
+        if (name === 'join' || name === 'joinFirst') joinRuns++;
+        return runOwn(name, feeds, transfer);
+      };
       const want = await serve(e.cpu, plan);
       const got = await serve(e.gpu, plan);
       assert.deepEqual(got.tokens, want.tokens, 'WebGPU tokens differ from the CPU path\'s');
       assert.ok(got.steps.some((s) => s.stats.decodeRows > 0 && s.stats.prefillRows > 0), 'rows joined while others decoded');
+      // Every prefill here finishes its group in one step (prompts < the chunk), and all of a group's rows join in one run.
+      const groups = got.steps.filter((s) => s.stats.prefillRows > 0);
+      assert.ok(groups.some((s) => s.stats.prefillRows > 1), 'a group of several rows joined');
+      assert.equal(joinRuns, groups.length, 'one join run per prefill group, not one per row');
       // The bare rows, run to the end, against an independent full forward of the original graph.
       for (const [i, p] of plan.entries()) {
         if (p.delta || p.cancelAt !== undefined) continue;
@@ -199,7 +215,7 @@ for (const model of FAMILIES) {
       assert.deepEqual(got.tokens, want.tokens, 'WebGPU tokens differ from the CPU path\'s on the quantized backbone');
     });
 
-    test('a decode step moves O(batch) bytes: ids, positions, lengths in, argmax ids and finite checks out; the CPU provider counts none', async () => {
+    test('a decode step moves O(batch) bytes: ids, positions, lengths in, argmax ids and finite checks out (and the logits of sampling rows only); the CPU provider counts none', async () => {
       const plan: Planned[] = Array.from({ length: 8 }, (_, i) => ({ delta: i % 2 ? cases[i % cases.length].delta : null, promptIds: prompt(i, 6), maxNewTokens: 8, at: 0 }));
       const e = engines();
       const onCpu = await serve(e.cpu, plan);
@@ -211,6 +227,16 @@ for (const model of FAMILIES) {
         // int64 ids and positions, float32 lengths for the mask and for the append (or a few offsets), one bool.
         assert.ok(s.stats.transfer.toDevice <= 8 * (8 + 8 + 4 + 4) + 100, `to the device: ${s.stats.transfer.toDevice} bytes`);
         assert.equal(s.stats.transfer.toHost, 8 * (8 + 4), 'to the host: the argmax ids and the finite check only');
+      }
+      // Two of the 8 rows sample: their logits come back, and only theirs (the other rows read the argmax).
+      const sampling = { temperature: 1, topK: 0, topP: 1, repetitionPenalty: 1, seed: 3 };
+      const mixed = await serve(engines().gpu, plan.map((p, i) => (i < 2 ? { ...p, sampling: { ...sampling, seed: i } } : p)));
+      const sampled = mixed.steps.filter((s) => s.stats.decodeRows === 8 && s.stats.prefillRows === 0).slice(1);
+      assert.ok(sampled.length >= 4);
+      for (const s of sampled) {
+        // The sampling rows' order (int64) besides the greedy step's feeds.
+        assert.ok(s.stats.transfer.toDevice <= 8 * (8 + 8 + 4 + 4) + 100 + 2 * 8, `to the device, 2 rows sampling: ${s.stats.transfer.toDevice} bytes`);
+        assert.equal(s.stats.transfer.toHost, 8 * (8 + 4) + 2 * bb.io.vocabSize * 4, 'to the host: the argmax ids, the finite check and 2 rows of logits');
       }
     });
   });

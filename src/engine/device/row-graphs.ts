@@ -36,21 +36,31 @@ export const gatherGraph = (n: number) =>
   build('gather', n, (g, i) => g.op('Gather', [T(i), 'order'], { axis: 0 }), (g) => g.input('order', DataType.INT64, ['rows_out']));
 
 /**
- * A row joining: row `row` of src (`src.i`), the slots listed in `slots`
- * (int64 [k]: its segments' slots one after another), padded with `pads` to
- * the batch's capacity, appended after t's rows (or alone, with no t).
+ * Rows joining, all in one run (a prefill group's rows move into the decode
+ * batch together, so the batch's cache is written once, not once a row): new
+ * row j takes the source slots listed in `index` (int64 [k, capacity]: row r's
+ * slot s of `src.i` is r · srcCapacity + s, its segments' slots one after
+ * another), and slot s is kept where its position (`slots`, as in
+ * append-one) is below `lengths[j]`, zero after. The new rows are appended
+ * after t's rows (or alone, with no t).
  */
 export function joinGraph(n: number, first: boolean): Uint8Array {
   const g = new GraphBuilder();
   if (!first) for (let i = 0; i < n; i++) g.input(T(i), DataType.FLOAT, kvDims);
   for (let i = 0; i < n; i++) g.input(`src.${i}`, DataType.FLOAT, kvDims);
-  g.input('row', DataType.INT64, [1]);
-  g.input('slots', DataType.INT64, ['k']);
-  g.input('pads', DataType.INT64, [8]);
+  g.input('index', DataType.INT64, ['k', 'capacity']);
+  g.input('lengths', DataType.FLOAT, ['k']);
+  g.input('slots', DataType.FLOAT, ['slots_plus_one']);
+  const cap = g.op('Shape', ['index'], { start: 1, end: 2 });
+  const slot = g.op('Reshape', [g.op('Slice', ['slots', g.ints([0]), cap, g.ints([0])]), g.ints([1, 1, -1, 1])]);
+  const keep = g.op('Less', [slot, g.op('Reshape', ['lengths', g.ints([-1, 1, 1, 1])])]);
+  // [k, capacity, heads, D] from rows of [srcRows · srcCapacity, heads · D]: one Gather takes every new row's slots.
+  const shape = g.op('Concat', [g.ints([0, 0]), g.op('Shape', ['src.0'], { start: 1, end: 2 }), g.ints([-1])], { axis: 0 });
   for (let i = 0; i < n; i++) {
-    const picked = g.op('Gather', [`src.${i}`, 'row'], { axis: 0 });
-    const slots = g.op('Pad', [g.op('Gather', [picked, 'slots'], { axis: 2 }), 'pads']);
-    g.opNamed(first ? 'Identity' : 'Concat', first ? [slots] : [T(i), slots], OUT(i), first ? {} : { axis: 0 });
+    const flat = g.op('Flatten', [g.op('Transpose', [`src.${i}`], { perm: [0, 2, 1, 3] })], { axis: 2 });
+    const picked = g.op('Reshape', [g.op('Gather', [flat, 'index'], { axis: 0 }), shape]);
+    const rows = g.op('Where', [keep, g.op('Transpose', [picked], { perm: [0, 2, 1, 3] }), g.scalar(0)]);
+    g.opNamed(first ? 'Identity' : 'Concat', first ? [rows] : [T(i), rows], OUT(i), first ? {} : { axis: 0 });
     g.output(OUT(i), DataType.FLOAT, kvDims);
   }
   return g.encode(first ? 'join-first' : 'join');

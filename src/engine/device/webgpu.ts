@@ -184,8 +184,14 @@ class DeviceKv implements KvStore {
   }
 
   private queue(op: () => Promise<void>): void {
-    this.flushOrder();
+    this.flush();
     this.work = this.work.then(op);
+  }
+
+  /** Queues the pending row moves: at most one of the two kinds is pending at a time. */
+  private flush(): void {
+    this.flushOrder();
+    this.flushJoins();
   }
 
   /**
@@ -218,6 +224,8 @@ class DeviceKv implements KvStore {
   ensure(_rows: number, tokens: number): void {
     const next = Math.max(this.capacity, capacityBucket(tokens, this.maxTokens));
     if (next === this.capacity) return;
+    // Rows waiting to join are written at the capacity they were counted in, before the growth.
+    this.flush();
     const from = this.capacity;
     this.capacity = next;
     this.queue(async () => {
@@ -230,24 +238,57 @@ class DeviceKv implements KvStore {
   /** Growth is one device copy, not a host pause: nothing to spread. */
   growAhead(): void {}
 
+  /**
+   * Rows joining are written in one run, however many joined since the last
+   * device work (a prefill group's rows join together): a join per row would
+   * write the whole cache once a row, as many caches as rows in all.
+   */
+  private joins: { src: DeviceKv; row: number; slots: number[] }[] = [];
+
   addRow(from: KvRowSource): void {
-    const src = from.store as DeviceKv;
+    this.flushOrder();
     // The slots of the row's segments, one after another (its KV prefix, then its prompt).
     const slots = from.segments.flatMap((s) => Array.from({ length: s.tokens }, (_, i) => s.start + i));
     this.ensure(this.rows + 1, slots.length + 1);
-    const capacity = this.capacity;
     this.len.push(slots.length);
-    this.queue(async () => {
-      await src.settle();
-      if (!src.tensors) throw new Error('a joining row\'s K/V are not on the device');
-      const feeds: Record<string, ort.Tensor> = {
-        ...this.feedsOf((i) => `src.${i}`, src.tensors),
-        row: i64([from.row]), slots: i64(slots), pads: slotPads(0, capacity - slots.length),
-      };
-      const out = this.tensors
-        ? await this.device.runOwn('join', { ...feeds, ...this.feedsOf(rowGraphNames.input, this.tensors) }, this.moved)
-        : await this.device.runOwn('joinFirst', feeds, this.moved);
-      this.swap(out);
+    this.joins.push({ src: from.store as DeviceKv, row: from.row, slots });
+  }
+
+  private flushJoins(): void {
+    const joins = this.joins;
+    if (joins.length === 0) return;
+    this.joins = [];
+    const capacity = this.capacity;
+    // One run per source batch (rows from one prefill group: one run), in the order the rows joined.
+    const runs: (typeof joins)[] = [];
+    for (const j of joins) {
+      if (runs.at(-1)?.[0].src === j.src) runs.at(-1)!.push(j);
+      else runs.push([j]);
+    }
+    this.work = this.work.then(async () => {
+      for (const run of runs) {
+        const src = run[0].src;
+        await src.settle();
+        if (!src.tensors) throw new Error('a joining row\'s K/V are not on the device');
+        const srcCapacity = src.tensors[0].dims[2];
+        const index = new BigInt64Array(run.length * capacity);
+        run.forEach(({ row, slots }, j) => {
+          const base = row * srcCapacity;
+          // Slots past the row's length read its slot 0 (any slot would do): the graph zeroes them.
+          index.fill(BigInt(base), j * capacity, (j + 1) * capacity);
+          slots.forEach((s, k) => { index[j * capacity + k] = BigInt(base + s); });
+        });
+        const feeds: Record<string, ort.Tensor> = {
+          ...this.feedsOf((i) => `src.${i}`, src.tensors),
+          index: new ort.Tensor('int64', index, [run.length, capacity]),
+          lengths: f32(run.map((j) => j.slots.length)),
+          slots: await this.device.slotsFor(capacity, this.moved),
+        };
+        const out = this.tensors
+          ? await this.device.runOwn('join', { ...feeds, ...this.feedsOf(rowGraphNames.input, this.tensors) }, this.moved)
+          : await this.device.runOwn('joinFirst', feeds, this.moved);
+        this.swap(out);
+      }
     });
   }
 
@@ -283,6 +324,7 @@ class DeviceKv implements KvStore {
   }
 
   removeRow(i: number): void {
+    this.flushJoins();
     const last = this.rows - 1;
     this.len[i] = this.len[last];
     this.len.pop();
@@ -356,7 +398,7 @@ class DeviceKv implements KvStore {
 
   /** Waits for queued device work, adding what it moved to `transfer`; a failure surfaces once, then the queue starts clean. */
   async settle(transfer?: Transfer): Promise<void> {
-    this.flushOrder();
+    this.flush();
     const work = this.work;
     this.work = Promise.resolve();
     try {
