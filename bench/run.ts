@@ -138,6 +138,7 @@ async function main(): Promise<number> {
     '',
   ].join('\n');
   if (WRITE) {
+    mkdirSync(dirname(OUT), { recursive: true });
     writeFileSync(OUT, `${header}\n## Goals\n\n${goalTable}\n\n${parts.join('\n')}`);
     progress(`wrote ${OUT}`);
     if (ctx.plots.size) {
