@@ -19,6 +19,7 @@ import { buildEngineGraph } from '../src/backbone/rewrite/index.js';
 import { planSites } from '../src/deltas/kinds/index.js';
 import { createSession } from '../src/backbone/session.js';
 import { Engine } from '../src/engine/engine.js';
+import type { Lease } from '../src/deltas/cache.js';
 import { ServeError } from '../src/errors.js';
 import { generate, mixedTasks, params, prompt, registerDelta, startStack, type Stack } from './helpers/engine-stack.js';
 
@@ -26,6 +27,38 @@ import { generate, mixedTasks, params, prompt, registerDelta, startStack, type S
 interface Observed {
   step: StepResult;
   schedulerRows: number[];
+}
+
+/**
+ * The worker's engine built in-process (same graph, CPU session), with leases on `task` and on a second
+ * mixed-kind delta, for tests that drive it step by step; everything is released after `body`.
+ */
+async function withInProcessEngine(stack: Stack, task: string, body: (h: {
+  make: () => Engine;
+  lease: Lease;
+  other: Lease;
+  enc: (text: string) => number[];
+  greedy: { temperature: number; topK: number; topP: number; repetitionPenalty: number; seed: null };
+}) => Promise<void>): Promise<void> {
+  const { backbone, registry } = stack.services;
+  const graph = buildEngineGraph(backbone, planSites(backbone));
+  const session = await createSession(graph.bytes, { ep: 'cpu' });
+  const make = () => new Engine(session, backbone.io, graph.sites, {
+    maxBatch: 4, prefillChunkTokens: 32, eosTokenIds: backbone.tokenizer.eosTokenIds, maxPositions: backbone.info.maxPositions,
+  });
+  const lease = await registry.acquire(task);
+  const other = await registry.acquire(mixedTasks(backbone.info)[4].id);
+  try {
+    await body({
+      make, lease, other,
+      enc: (t) => backbone.tokenizer.encode(t, { addSpecialTokens: true }),
+      greedy: { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, seed: null },
+    });
+  } finally {
+    lease.release();
+    other.release();
+    await session.release();
+  }
 }
 
 /**
@@ -136,17 +169,7 @@ describe('request control on demo:llama', () => {
 
   test('in-process engine: a row cancelled mid-prefill leaves its prefill group at the next step; its group-mate is unaffected', async () => {
     // The worker's engine, built the same way but driven step by step, so "the next step" is exact.
-    const { backbone, registry } = stack.services;
-    const graph = buildEngineGraph(backbone, planSites(backbone));
-    const session = await createSession(graph.bytes, { ep: 'cpu' });
-    const make = () => new Engine(session, backbone.io, graph.sites, {
-      maxBatch: 4, prefillChunkTokens: 32, eosTokenIds: backbone.tokenizer.eosTokenIds, maxPositions: backbone.info.maxPositions,
-    });
-    const lease = await registry.acquire(task);
-    const other = await registry.acquire(mixedTasks(backbone.info)[4].id);
-    try {
-      const enc = (t: string) => backbone.tokenizer.encode(t, { addSpecialTokens: true });
-      const greedy = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, seed: null };
+    await withInProcessEngine(stack, task, async ({ make, lease, other, enc, greedy }) => {
       const mateReq = (rowId: number) => ({ rowId, promptIds: enc(prompt(150, 21)), sampling: greedy, maxNewTokens: 10, delta: lease.delta });
       const drain = async (e: Engine, rowId: number) => {
         const tokens: number[] = [];
@@ -179,26 +202,12 @@ describe('request control on demo:llama', () => {
       assert.ok(!s.stats.runningDeltas.includes(other.delta.id), 'the cancelled row\'s delta still counted as running');
       const rest = await drain(e, 3);
       assert.deepEqual([...s.tokens.map((t) => t.token), ...rest], mateAlone, 'the group-mate changed when the target left its prefill group');
-    } finally {
-      lease.release();
-      other.release();
-      await session.release();
-    }
+    });
   });
 
   test('in-process engine: a failed run fails exactly its rows (engine_error), frees their KV and bank slices; the rows beside and after it are unchanged', async () => {
     // The fault hook (DELTASERVE_FAULTS=engine-step) feeds the next run of a phase an int32 input_ids: onnxruntime rejects it for real.
-    const { backbone, registry } = stack.services;
-    const graph = buildEngineGraph(backbone, planSites(backbone));
-    const session = await createSession(graph.bytes, { ep: 'cpu' });
-    const make = () => new Engine(session, backbone.io, graph.sites, {
-      maxBatch: 4, prefillChunkTokens: 32, eosTokenIds: backbone.tokenizer.eosTokenIds, maxPositions: backbone.info.maxPositions,
-    });
-    const lease = await registry.acquire(task);
-    const other = await registry.acquire(mixedTasks(backbone.info)[4].id);
-    try {
-      const enc = (t: string) => backbone.tokenizer.encode(t, { addSpecialTokens: true });
-      const greedy = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, seed: null };
+    await withInProcessEngine(stack, task, async ({ make, lease, other, enc, greedy }) => {
       const reqA = (rowId: number) => ({ rowId, promptIds: enc(prompt(20, 31)), sampling: greedy, maxNewTokens: 12, delta: lease.delta });
       const reqB = (rowId: number) => ({ rowId, promptIds: enc(prompt(24, 32)), sampling: greedy, maxNewTokens: 12, delta: other.delta });
       const tokensOf = (steps: StepResult[], rowId: number) => steps.flatMap((st) => st.tokens.filter((t) => t.rowId === rowId).map((t) => t.token));
@@ -250,11 +259,7 @@ describe('request control on demo:llama', () => {
       const again = await drain(e);
       assert.deepEqual(tokensOf(again, 14), refA);
       assert.deepEqual(tokensOf(again, 15), refB);
-    } finally {
-      lease.release();
-      other.release();
-      await session.release();
-    }
+    });
   });
 
   test('a client that closes its SSE connection mid-stream frees its row within one step', async () => {
