@@ -6,6 +6,7 @@
 import { createHash } from 'node:crypto';
 import { GraphIndex, modulePathOf } from './onnx/graph-index.js';
 import { attrInt, DataType, dimsOf, floatData, type GraphProto, type NodeProto } from './onnx/proto.js';
+import { matmulIntegerChain } from './quant/matmul-integer.js';
 import type { LinearModule, Quantization } from './types.js';
 
 export interface LinearSite extends LinearModule {
@@ -113,15 +114,10 @@ function integerShape(node: NodeProto, index: GraphIndex): LinearShape | null {
   if (!weight || dimsOf(weight).length !== 2 || (weight.dataType !== DataType.INT8 && weight.dataType !== DataType.UINT8)) return null;
   const quantize = index.producer.get(node.input![0]);
   if (quantize?.opType !== 'DynamicQuantizeLinear' || node.input?.[2] !== quantize.output?.[2]) return null;
-  const only = (tensor: string, opType: string) => {
-    const next = index.consumersOf(tensor);
-    return next.length === 1 && next[0].opType === opType ? next[0] : null;
-  };
-  const cast = only(node.output![0], 'Cast');
-  const mul = cast && only(cast.output![0], 'Mul');
-  const scalesMul = mul && index.producer.get(mul.input!.find((i) => i !== cast.output![0])!);
-  if (!mul || scalesMul?.opType !== 'Mul' || !scalesMul.input!.includes(quantize.output![1])) return null;
-  const weightScale = index.initializers.get(scalesMul.input!.find((i) => i !== quantize.output![1])!);
+  const chain = matmulIntegerChain(index, node, quantize.output![1]);
+  if (!chain) return null;
+  const { mul, scalesMul } = chain;
+  const weightScale = index.initializers.get(chain.weightScale);
   const [K, N] = dimsOf(weight);
   return {
     inFeatures: K, outFeatures: N, output: mul.output![0], dynamic: { quantize, scalesMul },

@@ -16,6 +16,10 @@
  *   the zero point, clipped to the type's full range.
  */
 
+import type { GraphIndex } from '../onnx/graph-index.js';
+import type { NodeProto } from '../onnx/proto.js';
+
+
 export type IntegerWeightType = 'int8' | 'uint8';
 
 export interface IntegerWeightOptions {
@@ -99,4 +103,21 @@ export function quantizeInteger(weight: (k: number, n: number) => number, K: num
     }
   }
   return { K, N, codes, scales, zeroPoints };
+}
+
+/**
+ * The Cast → Mul chain quantize_dynamic puts after a MatMulInteger: the int32 product cast to float and
+ * multiplied by a Mul of the activation's scale (`activationScale`) and the weight's; null when the graph
+ * is not in that layout.
+ */
+export function matmulIntegerChain(index: GraphIndex, matmul: NodeProto, activationScale: string) {
+  const only = (tensor: string, opType: string) => {
+    const next = index.consumersOf(tensor);
+    return next.length === 1 && next[0].opType === opType ? next[0] : null;
+  };
+  const cast = only(matmul.output![0], 'Cast');
+  const mul = cast && only(cast.output![0], 'Mul');
+  const scalesMul = mul && index.producer.get(mul.input!.find((i) => i !== cast.output![0])!);
+  if (!cast || !mul || scalesMul?.opType !== 'Mul' || !scalesMul.input!.includes(activationScale)) return null;
+  return { cast, mul, scalesMul, weightScale: scalesMul.input!.find((i) => i !== activationScale)! };
 }

@@ -17,6 +17,7 @@
 import { DataType } from '../onnx/graph-builder.js';
 import { dimsOf, tensorBytes, type NodeProto, type TensorProto } from '../onnx/proto.js';
 import type { GraphIndex } from '../onnx/graph-index.js';
+import { matmulIntegerChain } from '../quant/matmul-integer.js';
 import type { GraphEditor } from './editor.js';
 
 /** Ops between a DynamicQuantizeLinear's codes and a MatMulInteger that keep each row's codes (lm_head's last-position slice). */
@@ -123,19 +124,6 @@ export class RowQuantizer {
   }
 }
 
-/** The MatMulInteger → Cast → Mul chain a quantized code tensor feeds, or null when it is not quantize_dynamic's. */
-function integerChain(idx: GraphIndex, matmul: NodeProto, scale: string) {
-  const only = (t: string, op: string) => {
-    const next = idx.consumersOf(t);
-    return next.length === 1 && next[0].opType === op ? next[0] : null;
-  };
-  const cast = only(matmul.output![0], 'Cast');
-  const mul = cast && only(cast.output![0], 'Mul');
-  const scalesMul = mul && idx.producer.get(mul.input!.find((i) => i !== cast.output![0])!);
-  if (!cast || !mul || scalesMul?.opType !== 'Mul' || !scalesMul.input!.includes(scale)) return null;
-  return { cast, mul, scalesMul, wScale: scalesMul.input!.find((i) => i !== scale)! };
-}
-
 /**
  * Replaces every top-level DynamicQuantizeLinear that feeds MatMulIntegers
  * (directly or through lm_head's slice) with the per-row quantization above.
@@ -162,7 +150,7 @@ export function quantizeActivationsPerRow(g: GraphEditor, opset: number, baseDir
     // One a site's requantization left unread (pruned later).
     if (!matmuls.length) continue;
     const chains = matmuls.map((mm) => {
-      const chain = integerChain(idx, mm, scale);
+      const chain = matmulIntegerChain(idx, mm, scale);
       if (!chain || mm.input![2] !== zeroPoint) throw new Error(`MatMulInteger ${mm.name} is not followed by quantize_dynamic's Cast → Mul by (x_scale · w_scale); cannot quantize per row`);
       return { mm, ...chain };
     });
@@ -171,7 +159,7 @@ export function quantizeActivationsPerRow(g: GraphEditor, opset: number, baseDir
       // The codes keep their tensor name, so lm_head's views still read them.
       g.opNamed('Identity', [row.q], codes);
       for (const c of chains) {
-        rq.product(idx, c.mm, row, c.wScale, c.mul.output![0]);
+        rq.product(idx, c.mm, row, c.weightScale, c.mul.output![0]);
         dead.add(c.mm).add(c.cast).add(c.mul);
       }
     });
