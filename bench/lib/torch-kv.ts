@@ -22,7 +22,7 @@ import { planSites } from '../../src/deltas/kinds/index.js';
 import { Engine } from '../../src/engine/engine.js';
 import { capacityBucket, GROWTH_LEAD } from '../../src/engine/kv-pool.js';
 import { fmt, mdTable, median, minimum, rand, ratio } from './common.js';
-import { buildFloorGraph } from './kv-floor.js';
+import { buildFloorGraph, type KvFloorOptions } from './kv-floor.js';
 
 const SCRIPT = fileURLToPath(new URL('../../scripts/export-fixtures.py', import.meta.url));
 const PYTHON = '/usr/bin/python3';
@@ -40,14 +40,8 @@ export function torchGpt2Small(cacheDir: string): { dir: string } | { skipped: s
   return { dir };
 }
 
-export interface TorchKvOptions {
-  batch: number;
-  contexts: number[];
-  rounds: number;
-  perBlock: number;
-  prefillChunkTokens: number;
-  log?: (msg: string) => void;
-}
+/** The KV floor's options, without the original graph's runs (this section times the split and Concat graphs). */
+export type TorchKvOptions = Omit<KvFloorOptions, 'originalRuns'>;
 
 export interface TorchKvRow {
   ctx: number;

@@ -18,7 +18,7 @@ import { yes } from './goals.js';
 export const LORA_RANK = 16;
 /** A CPU on a shared 2-core VM: what a chat user would still call responsive there. */
 export const SLO: Slo = { ttftMs: 2000, tpotMs: 250 };
-const PROMPTS = [
+export const PROMPTS = [
   'The river carries light over the stones while',
   'Once upon a time, in a city of glass towers,',
   'Here is a short list of things to pack for a trip:',

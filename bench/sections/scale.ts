@@ -16,17 +16,13 @@ import { closedLoop, stats, type LoadRequest } from '../lib/load.js';
 import { check, type BenchContext, type BenchSection, type Goal } from '../lib/runner.js';
 import { backboneModules, gauge, getText, loraBytes, makeScratch, peftLora, startServer, uploadDelta } from '../lib/server-process.js';
 import { yes } from './goals.js';
-import { LORA_RANK, references, SLO, verify } from './http.js';
+import { LORA_RANK, PROMPTS as HTTP_PROMPTS, references, SLO, verify } from './http.js';
 
 const HOT = 100;
 /** Room for 32 of the 100 hot LoRAs: Zipf traffic then misses now and then, as a real cache does. */
 const CACHED = 32;
-const PROMPTS = [
-  'The river carries light over the stones while',
-  'Once upon a time, in a city of glass towers,',
-  'Here is a short list of things to pack for a trip:',
-  'The committee met on Tuesday to discuss the budget',
-];
+/** The first four of the http section's prompts. */
+const PROMPTS = HTTP_PROMPTS.slice(0, 4);
 const hotId = (k: number) => `hot-${String(k).padStart(3, '0')}`;
 const coldId = (k: number) => `cold-${String(k).padStart(5, '0')}`;
 /** The Zipf-rare hot deltas the pinning check uses: one pinned, one not, equally rare. */
