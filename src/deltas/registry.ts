@@ -13,6 +13,7 @@
  * `get`/`current` always read the one manifest asked for.
  */
 import { readFile } from 'node:fs/promises';
+import pMap from 'p-map';
 import type { BackboneInfo } from '../backbone/types.js';
 import type { Logger } from '../log.js';
 import { badRequest, ServeError } from '../errors.js';
@@ -60,20 +61,6 @@ const FULL_SYNC_MS = 30_000;
 /** Manifests read at once while the index is built at startup. */
 const STARTUP_READS = 64;
 
-/** `fn` over `items`, at most `limit` calls in flight, results in the items' order. */
-async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T) => Promise<R>): Promise<R[]> {
-  const out = new Array<R>(items.length);
-  let next = 0;
-  const worker = async () => {
-    while (next < items.length) {
-      const i = next++;
-      out[i] = await fn(items[i]!);
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-  return out;
-}
-
 const notFound = (id: string) => new ServeError(404, 'delta_not_found', `no delta '${id}' is registered`);
 
 /** The file's own name, whatever folder a browser or client put in front of it. */
@@ -119,7 +106,7 @@ export class Registry implements DeltaRegistry {
     const listed = { mtimeMs: await registry.store.folderMtimeMs(), at: Date.now() };
     const ids = await registry.store.ids();
     // Many manifests in flight at once: read one after another, 10,000 of them took 10–16 s on a busy 2-core VM.
-    const manifests = await mapLimit(ids, STARTUP_READS, (id) => registry.store.read(id));
+    const manifests = await pMap(ids, (id) => registry.store.read(id), { concurrency: STARTUP_READS });
     for (const [i, id] of ids.entries()) {
       const stored = manifests[i];
       if (!stored) continue;
